@@ -1,0 +1,27 @@
+"""Errors that the CLI turns into a clear message and an exit code."""
+
+
+class DalleError(Exception):
+    """A runtime failure the user can act on (exit code 1)."""
+
+    exit_code = 1
+
+
+class UsageError(DalleError):
+    """Bad command-line use, a bad recipe or a bad file (exit code 2)."""
+
+    exit_code = 2
+
+
+class RegistryError(UsageError):
+    """Unknown, duplicate or malformed component."""
+
+
+class RecipeError(UsageError):
+    """A recipe that does not validate; ``problems`` holds one line per mistake."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        lines = "\n".join(f"  {p}" for p in problems)
+        super().__init__(f"{source}: {len(problems)} problem(s)\n{lines}")

@@ -1,0 +1,46 @@
+"""pluggy hook specifications: one hook per component kind, each handed a typed registry."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import pluggy
+
+PROJECT = "dalle_framework"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def dalle_register_tokenizers(registry) -> None:
+    """Register Tokenizer classes: ``registry.register(MyTokenizer)``."""
+
+
+@hookspec
+def dalle_register_codecs(registry) -> None:
+    """Register ImageCodec classes."""
+
+
+@hookspec
+def dalle_register_priors(registry) -> None:
+    """Register Prior classes."""
+
+
+@hookspec
+def dalle_register_rerankers(registry) -> None:
+    """Register Reranker classes."""
+
+
+@hookspec
+def dalle_register_datasources(registry) -> None:
+    """Register DataSource classes."""
+
+
+@hookspec
+def dalle_register_engines(registry) -> None:
+    """Register Engine classes."""
+
+
+@hookspec
+def dalle_register_recipe_dirs(register: Callable[[str], None]) -> None:
+    """Call ``register(path)`` for each directory of YAML recipes the plugin ships."""

@@ -1,0 +1,97 @@
+"""Typed registries: one per component kind, filled by plugins."""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+from typing import Any, Generic, Iterable, Optional, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import RegistryError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Named classes of one kind (``codec``, ``prior``...), all subclasses of ``base``.
+
+    ``register`` checks the base class and that ``cls.Params`` is a pydantic model
+    that forbids unknown keys, and records which plugin registered the class.
+    """
+
+    def __init__(self, kind: str, base: type[T]) -> None:
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type[T]] = {}
+        self._aliases: dict[str, str] = {}
+        self.current_plugin: str = "<inline>"  # set by the plugin manager while a plugin registers
+
+    def register(self, cls: type[T], name: Optional[str] = None, aliases: Iterable[str] = ()) -> type[T]:
+        name = name or getattr(cls, "name", "") or cls.__name__
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise RegistryError(f"{self.kind} {name!r}: {cls!r} is not a subclass of {self.base.__name__}")
+        params = getattr(cls, "Params", None)
+        if not (isinstance(params, type) and issubclass(params, BaseModel)):
+            raise RegistryError(f"{self.kind} {name!r}: {cls.__name__}.Params must be a pydantic BaseModel")
+        if params.model_config.get("extra") != "forbid":
+            raise RegistryError(
+                f"{self.kind} {name!r}: {cls.__name__}.Params must set extra='forbid' "
+                "(subclass dalle_framework.Params) so typos in recipes are caught"
+            )
+        for key in (name, *aliases):
+            if key in self._classes or key in self._aliases:
+                owner = self._classes.get(key) or self._classes[self._aliases[key]]
+                raise RegistryError(
+                    f"{self.kind} {key!r} is already registered by plugin {owner.plugin!r}; "
+                    f"plugin {self.current_plugin!r} cannot register it again"
+                )
+        # Each registration gets its own subclass-free record of name and owner.
+        cls.name = name  # type: ignore[attr-defined]
+        cls.plugin = self.current_plugin  # type: ignore[attr-defined]
+        self._classes[name] = cls
+        for alias in aliases:
+            self._aliases[alias] = name
+        return cls
+
+    def unregister(self, name: str) -> None:
+        self._classes.pop(name, None)
+        for alias in [a for a, target in self._aliases.items() if target == name]:
+            del self._aliases[alias]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes or name in self._aliases
+
+    def get(self, name: str) -> type[T]:
+        name = self._aliases.get(name, name)
+        if name not in self._classes:
+            raise RegistryError(self.unknown_message(name))
+        return self._classes[name]
+
+    def unknown_message(self, name: str) -> str:
+        known = sorted(self._classes) + sorted(self._aliases)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        listing = ", ".join(sorted(self._classes)) or "none registered"
+        return f"unknown {self.kind} {name!r}{hint} (known: {listing})"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        return sorted(n for n in self._classes if fnmatch.fnmatchcase(n, pattern))
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        return sorted(self._classes.items())
+
+    def validate_params(self, name: str, params: dict[str, Any]) -> BaseModel:
+        """Validate ``params`` against the named class's ``Params`` (raises ValidationError)."""
+        return self.get(name).Params.model_validate(params or {})
+
+    def build(self, spec: Any, **runtime: Any) -> T:
+        """Construct from a spec with ``name`` and ``params`` (a recipe block or dict)."""
+        name = spec["name"] if isinstance(spec, dict) else spec.name
+        raw = spec.get("params", {}) if isinstance(spec, dict) else spec.params
+        cls = self.get(name)
+        params = raw if isinstance(raw, BaseModel) else cls.Params.model_validate(raw or {})
+        return cls(params, **runtime)
+
+
+__all__ = ["Registry", "ValidationError"]
