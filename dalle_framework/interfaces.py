@@ -222,6 +222,7 @@ class EngineRun(abc.ABC):
     module: nn.Module
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")
 
     @property
     def is_main(self) -> bool:

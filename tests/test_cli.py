@@ -1,0 +1,131 @@
+"""The command line as a user meets it: exit codes, messages, plugins, recipes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, run_cli
+
+FIXTURE = ROOT / "tests" / "fixtures" / "dalle-example-plugin"
+
+
+@pytest.fixture(scope="module")
+def example_site(tmp_path_factory) -> Path:
+    """The example third-party plugin installed as a real distribution into its own directory."""
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(target), str(FIXTURE)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    return target
+
+
+def plugins_json(**env) -> dict:
+    result = run_cli("plugins", "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    return {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+
+
+def test_plugins_lists_builtins_with_components():
+    plugins = plugins_json()
+    assert plugins["dvae"]["components"].get("codec") == ["gumbel-dvae"]
+    assert plugins["vqvae"]["components"].get("codec") == ["vq-vae"]
+    assert set(plugins["transformer"]["components"].get("prior", [])) == {"dense-transformer", "sparse-transformer"}
+    assert plugins["clip"]["components"].get("reranker") == ["clip"]
+    assert set(plugins["engines"]["components"].get("engine", [])) == {"torch", "deepspeed"}
+    assert {"shapes", "emoji", "fashion-mnist", "folder", "webdataset"} <= set(plugins["data"]["components"]["data"])
+    assert all(p["error"] is None for p in plugins.values())
+
+
+def test_example_plugin_is_found_disabled_and_usable_in_recipes(example_site, tmp_path):
+    env = {"PYTHONPATH": str(example_site)}
+    plugins = plugins_json(**env)
+    example = plugins["example"]
+    assert example["distribution"] == "dalle-example-plugin" and example["version"] == "0.3.0"
+    assert example["components"] == {"codec": ["palette-codec"], "prior": ["unigram-prior"]}
+
+    hidden = plugins_json(DALLE_DISABLE_PLUGINS="example", **env)
+    assert hidden["example"]["disabled"] and hidden["example"]["components"] == {}
+
+    recipe = tmp_path / "example.yaml"
+    recipe.write_text(
+        "extends: shapes-demo\nname: example\ncodec: {name: palette-codec, params: {image_size: 32, cells: 4}}\n"
+        "prior: {name: unigram-prior}\n"
+    )
+    ok = run_cli("recipes", "validate", str(recipe), env=env)
+    assert ok.returncode == 0, ok.stderr
+    refused = run_cli("recipes", "validate", str(recipe), env={**env, "DALLE_DISABLE_PLUGINS": "example"})
+    assert refused.returncode == 2 and "unknown codec 'palette-codec'" in refused.stderr
+
+
+def test_broken_plugin_is_reported_and_cli_still_works(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "dalle_broken").mkdir(parents=True)
+    (pkg / "dalle_broken" / "__init__.py").write_text("raise ImportError('missing dependency foo')\n")
+    dist = pkg / "dalle_broken-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dalle-broken\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dalle_framework]\nbroken = dalle_broken\n")
+    plugins = plugins_json(PYTHONPATH=str(pkg))
+    assert "ImportError: missing dependency foo" in plugins["broken"]["error"]
+    assert plugins["dvae"]["components"]["codec"] == ["gumbel-dvae"]
+    text = run_cli("plugins", env={"PYTHONPATH": str(pkg)})
+    assert text.returncode == 0 and "error: ImportError" in text.stdout
+
+
+def test_validate_reports_three_mistakes_and_exits_2(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(
+        "extends: shapes-demo\n"
+        "codec: {name: gumbel-dvea}\n"  # unknown component
+        "prior: {params: {depth: four}}\n"  # wrong type
+        "reranker: {params: {batch_sise: 8}}\n"  # unknown key
+    )
+    result = run_cli("recipes", "validate", str(recipe))
+    assert result.returncode == 2
+    err = result.stderr
+    assert "3 problem(s)" in err
+    assert "codec.name: unknown codec 'gumbel-dvea'; did you mean 'gumbel-dvae'" in err
+    assert "prior.params.depth: Input should be a valid integer" in err
+    assert "reranker.params.batch_sise: unknown key" in err
+    assert "Traceback" not in err
+
+
+def test_every_recipe_validates():
+    recipes = sorted((ROOT / "recipes").glob("*.yaml"))
+    assert len(recipes) >= 4
+    result = run_cli("recipes", "validate", *map(str, recipes))
+    assert result.returncode == 0, result.stderr
+
+
+def test_recipes_ls_and_show_resolved():
+    listing = run_cli("recipes", "ls")
+    assert listing.returncode == 0 and "shapes-demo" in listing.stdout
+    shown = run_cli("recipes", "show", "shapes-demo", "--resolved")
+    assert shown.returncode == 0
+    import yaml
+
+    resolved = yaml.safe_load(shown.stdout)
+    assert resolved["codec"]["train"]["engine"]["name"] in {"torch", "deepspeed"}
+    assert "params" in resolved["prior"] and resolved["prior"]["params"]
+
+
+def test_usage_errors_exit_2_without_traceback():
+    for args in (["recipes", "show", "no-such-recipe"], ["train"], ["generate", "/nonexistent/run", "a cat"], ["frobnicate"]):
+        result = run_cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert "Traceback" not in result.stderr and result.stderr.startswith("error:"), result.stderr
+
+
+def test_components_lists_a_kind():
+    result = run_cli("components", "prior", "--json")
+    assert result.returncode == 0
+    names = [row["name"] for row in json.loads(result.stdout)["prior"]]
+    assert names == ["dense-transformer", "sparse-transformer"]

@@ -1,0 +1,264 @@
+"""The core: registries, the plugin manager, recipes."""
+
+from __future__ import annotations
+
+import textwrap
+import types
+
+import pytest
+import torch
+from pydantic import BaseModel, Field
+
+from dalle_framework import ImageCodec, Params, RecipeError, RegistryError, Tokenizer, UsageError, hookimpl
+from dalle_framework.recipe import apply_overrides, deep_merge, load_raw, load_recipe, validate
+from dalle_framework.registry import Registry
+
+
+class TinyTokenizer(Tokenizer):
+    """Characters as ids."""
+
+    class Params(Params):
+        text_len: int = Field(8, gt=0)
+
+    def __init__(self, params):
+        self.text_len, self.vocab_size = params.text_len, 128
+
+    def encode(self, texts):
+        out = torch.zeros(len(texts), self.text_len, dtype=torch.long)
+        for i, t in enumerate(texts):
+            ids = [ord(c) % 127 + 1 for c in t[: self.text_len]]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+    def decode(self, ids):
+        return ["".join(chr(i - 1) for i in row if i) for row in ids.tolist()]
+
+
+class TinyCodec(ImageCodec):
+    """A 1x1-conv codec used only to exercise the registry."""
+
+    class Params(Params):
+        vocab_size: int = Field(16, gt=0)
+        image_size: int = Field(8, gt=0)
+
+    def __init__(self, params):
+        super().__init__()
+        self.vocab_size, self.image_size, self.grid = params.vocab_size, params.image_size, (2, 2)
+        self.proj = torch.nn.Conv2d(3, params.vocab_size, 1)
+
+    def encode(self, images):
+        return self.proj(torch.nn.functional.adaptive_avg_pool2d(images, 2)).flatten(2).argmax(1)
+
+    def decode(self, tokens):
+        return torch.zeros(len(tokens), 3, self.image_size, self.image_size)
+
+    def loss(self, images, step=0):
+        return {"loss": self.proj(images).pow(2).mean()}
+
+
+def inline_plugin(**hooks):
+    module = types.ModuleType("inline_plugin")
+    for name, fn in hooks.items():
+        setattr(module, name, hookimpl(fn))
+    return module
+
+
+@pytest.fixture
+def tiny(bare_manager):
+    plugin = inline_plugin(
+        dalle_register_tokenizers=lambda registry: registry.register(TinyTokenizer, name="tiny-text"),
+        dalle_register_codecs=lambda registry: registry.register(TinyCodec, name="tiny-codec", aliases=("tc",)),
+    )
+    bare_manager.add_plugin(plugin, name="tiny")
+    return bare_manager
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+def test_registry_checks_base_class_and_params():
+    reg = Registry("codec", ImageCodec)
+    with pytest.raises(RegistryError, match="not a subclass of ImageCodec"):
+        reg.register(TinyTokenizer, name="x")
+
+    class Loose(TinyCodec):
+        class Params(BaseModel):  # extra keys would be silently ignored
+            size: int = 1
+
+    with pytest.raises(RegistryError, match="extra='forbid'"):
+        reg.register(Loose, name="loose")
+
+
+def test_registry_refuses_duplicates_naming_both_owners():
+    reg = Registry("codec", ImageCodec)
+    reg.current_plugin = "first"
+    reg.register(TinyCodec, name="tiny")
+    reg.current_plugin = "second"
+
+    class Other(TinyCodec):
+        pass
+
+    with pytest.raises(RegistryError) as info:
+        reg.register(Other, name="tiny")
+    assert "'first'" in str(info.value) and "'second'" in str(info.value)
+
+
+def test_registry_did_you_mean_glob_and_build():
+    reg = Registry("codec", ImageCodec)
+    reg.register(TinyCodec, name="gumbel-dvae", aliases=("dvae",))
+    with pytest.raises(RegistryError, match="did you mean 'gumbel-dvae'"):
+        reg.get("gumbel-dave")
+    assert reg.get("dvae") is TinyCodec
+    assert reg.names("gumbel-*") == ["gumbel-dvae"]
+    assert reg.names("vq-*") == []
+    codec = reg.build({"name": "gumbel-dvae", "params": {"vocab_size": 32}})
+    assert codec.vocab_size == 32 and isinstance(codec, TinyCodec)
+
+
+# ----------------------------------------------------------------------------- plugin manager
+
+
+def test_broken_plugins_are_reported_and_others_keep_working(tiny):
+    def explode(registry):
+        raise RuntimeError("boom")
+
+    info = tiny.add_plugin(inline_plugin(dalle_register_priors=explode), name="broken")
+    assert "RuntimeError: boom" in info.error
+    assert tiny.errors == {"broken": info.error}
+    assert tiny.registry("codec").names() == ["tiny-codec"]
+    assert tiny.registry("tokenizer").get("tiny-text") is TinyTokenizer
+
+
+def test_plugin_that_half_registers_leaves_nothing_behind(tiny):
+    class Half(TinyCodec):
+        pass
+
+    def half(registry):
+        registry.register(Half, name="half-codec")
+        raise ValueError("second registration failed")
+
+    info = tiny.add_plugin(inline_plugin(dalle_register_codecs=half), name="half")
+    assert info.error and "half-codec" not in tiny.registry("codec")
+
+
+def test_components_remember_their_plugin_and_can_be_removed(tiny):
+    assert tiny.registry("codec").get("tiny-codec").plugin == "tiny"
+    assert tiny.plugins["tiny"].components == {"codec": ["tiny-codec"], "tokenizer": ["tiny-text"]}
+    tiny.remove_plugin("tiny")
+    assert "tiny-codec" not in tiny.registry("codec")
+
+
+def test_disabled_plugins_are_not_loaded(monkeypatch):
+    from dalle_framework.plugins import PluginManager
+
+    monkeypatch.setenv("DALLE_DISABLE_PLUGINS", "tiny, other")
+    manager = PluginManager(load_entry_points=False)
+    info = manager.add_plugin(inline_plugin(dalle_register_codecs=lambda registry: registry.register(TinyCodec)), name="tiny")
+    assert info.disabled and manager.registry("codec").names() == []
+
+
+def test_builtin_plugins_come_from_entry_points(manager):
+    builtins = {"tokenizers", "data", "dvae", "vqvae", "transformer", "clip", "engines"}
+    assert builtins <= set(manager.plugins)
+    for name in builtins:
+        assert manager.plugins[name].distribution == "dalle-framework"
+
+
+# ----------------------------------------------------------------------------- recipes
+
+BASE = {
+    "name": "t",
+    "data": {"name": "tiny-data", "params": {}},
+    "tokenizer": {"name": "tiny-text", "params": {"text_len": 4}},
+    "codec": {"name": "tiny-codec", "params": {"vocab_size": 8}, "train": {"steps": 3}},
+}
+
+
+@pytest.fixture
+def with_data(tiny):
+    from dalle_framework import DataSource, Sample
+
+    class TinyData(DataSource):
+        class Params(Params):
+            n: int = 4
+
+        def __init__(self, params):
+            self.n = params.n
+
+        def samples(self, split):
+            for i in range(self.n):
+                yield Sample(image=torch.full((8, 8, 3), i * 30, dtype=torch.uint8), caption=f"grey {i}")
+
+    tiny.add_plugin(inline_plugin(dalle_register_datasources=lambda registry: registry.register(TinyData, name="tiny-data")), name="tiny-data")
+    return tiny
+
+
+def test_recipe_validates_and_fills_defaults(with_data):
+    recipe = validate(BASE)
+    assert recipe.codec.params == {"vocab_size": 8, "image_size": 8}
+    assert recipe.codec.train.steps == 3 and recipe.codec.train.engine.name == "torch"
+
+
+def test_recipe_reports_all_mistakes_with_paths(with_data):
+    bad = deep_merge(BASE, {"codec": {"name": "tiny-codex"}, "tokenizer": {"params": {"text_len": "long"}}, "colour": "red"})
+    with pytest.raises(RecipeError) as info:
+        validate(bad)
+    problems = info.value.problems
+    assert len(problems) == 3, problems
+    text = "\n".join(problems)
+    assert "codec.name: unknown codec 'tiny-codex'; did you mean 'tiny-codec'" in text
+    assert "tokenizer.params.text_len: Input should be a valid integer" in text
+    assert "colour: unknown key" in text
+
+
+def test_unknown_param_key_is_an_error(with_data):
+    with pytest.raises(RecipeError, match=r"codec.params.vocab: unknown key"):
+        validate(deep_merge(BASE, {"codec": {"params": {"vocab": 3}}}))
+
+
+def test_extends_and_overrides(with_data, tmp_path):
+    import yaml
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "child.yaml").write_text(
+        textwrap.dedent(
+            """
+            extends: base.yaml
+            name: child
+            codec:
+              params: {image_size: 16}
+            """
+        )
+    )
+    raw = load_raw(tmp_path / "child.yaml")
+    assert raw["codec"]["params"] == {"vocab_size": 8, "image_size": 16}
+    recipe = load_recipe(tmp_path / "child.yaml", ["codec.train.steps=7", "seed=3"])
+    assert (recipe.name, recipe.seed, recipe.codec.train.steps, recipe.codec.params["image_size"]) == ("child", 3, 7, 16)
+
+
+def test_changing_a_component_name_drops_inherited_params():
+    merged = deep_merge({"codec": {"name": "a", "params": {"x": 1}}}, {"codec": {"name": "b"}})
+    assert merged["codec"] == {"name": "b"}
+    overridden = apply_overrides({"codec": {"name": "a", "params": {"x": 1}}}, ["codec.name=b"])
+    assert overridden["codec"] == {"name": "b"}
+
+
+def test_extends_cycle_is_an_error(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(UsageError, match="extends itself"):
+        load_raw(tmp_path / "a.yaml")
+
+
+def test_recipes_are_data_not_code(with_data, tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UsageError, match="not valid YAML"):
+        load_raw(path)
+    with pytest.raises(RecipeError, match="unknown codec 'os.path'"):
+        validate(deep_merge(BASE, {"codec": {"name": "os.path"}}))
+
+
+def test_bad_override_syntax_is_a_usage_error():
+    with pytest.raises(UsageError, match="key.path=value"):
+        apply_overrides({}, ["codec.train.steps"])
