@@ -395,10 +395,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _strip_launcher_args(argv: list[str]) -> list[str]:
+    """The deepspeed launcher appends ``--local_rank=N``; move it into LOCAL_RANK."""
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg.startswith(("--local_rank", "--local-rank")):
+            value = arg.partition("=")[2] or next(it, "0")
+            os.environ.setdefault("LOCAL_RANK", value)
+            continue
+        out.append(arg)
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if getattr(args, "action", None) == "shards" and not args.out:
             raise UsageError("dalle data shards SOURCE OUT")

@@ -8,12 +8,13 @@ stages own data and metrics.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 
@@ -88,7 +89,10 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
             eval_module = eval_module or copy.deepcopy(run.module)
             eval_module.load_state_dict(ema.weights(run.module))
             module_for_eval = eval_module
-        return stage.evaluate(module_for_eval, run.device)
+        # Evaluation draws noise too (Gumbel, dropout): keep it off the training RNG stream
+        # so a resumed run and an uninterrupted one see the same random numbers.
+        with _isolated_rng(pipe.recipe.seed, run.device):
+            return stage.evaluate(module_for_eval, run.device)
 
     module.train()
     while step < train.steps:
@@ -109,7 +113,8 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
                 for key, value in metrics.items():
                     writer.add_scalar(f"eval/{key}", value, step)
         if main and step % train.image_every == 0:
-            _log_images(writer, stage, eval_module or run.module, run.device, step)
+            with _isolated_rng(pipe.recipe.seed, run.device):
+                _log_images(writer, stage, eval_module or run.module, run.device, step)
         if step % train.ckpt_every == 0 and step < train.steps:
             save_state()
         if train.max_minutes and _out_of_time(started, train.max_minutes, run):
@@ -145,6 +150,14 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
         pipe._cache.pop(stage_name, None)  # the next access loads the new weights
     run.barrier()
     return metrics
+
+
+@contextlib.contextmanager
+def _isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
+    """Run a block with a fixed seed and restore the RNG state afterwards."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _out_of_time(started: float, minutes: float, run) -> bool:

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or refresh) the project's virtual environment in .venv.
+# Sourced by the other scripts; safe to run again: it reinstalls only when
+# pyproject.toml changed since the last install.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${DALLE_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$STAMP" ]; then
+  echo "setting up $VENV (first run installs torch, DeepSpeed, open_clip...; a few minutes)" >&2
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  "$VENV/bin/python" -m pip install --quiet --upgrade pip >&2
+  # torch 2.14.1 + torchvision 0.29.1 is the pair that imports together on these machines.
+  "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" >&2 \
+    || "$VENV/bin/python" -m pip install --quiet torch torchvision >&2
+  "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" >&2
+  rm -f "$VENV"/.installed-*
+  touch "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export DS_ACCELERATOR="${DS_ACCELERATOR:-$("$VENV/bin/python" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')}"
