@@ -1,0 +1,151 @@
+"""Image conversions and in-memory splits.
+
+Conventions: a *sample image* is uint8 ``[H, W, 3]`` (numpy, PIL or tensor); a
+*model image* is float ``[3, H, W]`` in ``[0, 1]``; batches add a leading ``B``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any, Iterator, Optional, Union
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..errors import UsageError
+
+ImageLike = Union[np.ndarray, Image.Image, torch.Tensor]
+
+
+def _as_uint8_hwc(img: ImageLike) -> np.ndarray:
+    """Any sample image -> numpy uint8 ``[H, W, 3]``."""
+    if isinstance(img, Image.Image):
+        return np.asarray(img.convert("RGB"))
+    if isinstance(img, torch.Tensor):
+        img = img.detach().cpu()
+        if img.dtype != torch.uint8:
+            raise TypeError(f"expected a uint8 HWC tensor, got {img.dtype}; float CHW images are model images")
+        img = img.numpy()
+    arr = np.asarray(img)
+    assert arr.dtype == np.uint8, f"expected uint8 image, got {arr.dtype}"
+    if arr.ndim == 2:
+        arr = np.repeat(arr[:, :, None], 3, axis=2)
+    assert arr.ndim == 3 and arr.shape[2] in (3, 4), f"expected [H, W, 3], got {tuple(arr.shape)}"
+    return arr[:, :, :3]
+
+
+def to_tensor(img: ImageLike) -> torch.Tensor:
+    """uint8 ``[H, W, 3]`` (numpy / PIL / tensor) -> float ``[3, H, W]`` in ``[0, 1]``."""
+    arr = _as_uint8_hwc(img)
+    return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def to_pil(img: Union[ImageLike, torch.Tensor]) -> Image.Image:
+    """A sample image, or a model image ``[3, H, W]`` float in ``[0, 1]``, as a PIL RGB image."""
+    if isinstance(img, torch.Tensor) and img.dtype != torch.uint8:
+        assert img.ndim == 3 and img.shape[0] == 3, f"expected [3, H, W], got {tuple(img.shape)}"
+        img = img.detach().cpu().clamp(0, 1).mul(255).round().to(torch.uint8).permute(1, 2, 0)
+    return Image.fromarray(_as_uint8_hwc(img), "RGB")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded bytes (png, jpg, webp...) -> uint8 ``[H, W, 3]``; alpha is composited on white."""
+    with Image.open(io.BytesIO(data)) as im:
+        im.load()
+        if im.mode in ("RGBA", "LA", "P", "PA"):
+            im = im.convert("RGBA")
+            white = Image.new("RGBA", im.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, im)
+        return np.array(im.convert("RGB"))
+
+
+def square_resize(img: ImageLike, size: Optional[int]) -> np.ndarray:
+    """Centre-crop to a square, then resize (LANCZOS; BOX when shrinking by an integer) to ``size``.
+
+    ``size=None`` only crops. Returns uint8 ``[size, size, 3]``.
+    """
+    arr = _as_uint8_hwc(img)
+    h, w = arr.shape[:2]
+    if h != w:
+        side = min(h, w)
+        top, left = (h - side) // 2, (w - side) // 2
+        arr = arr[top : top + side, left : left + side]
+    if size is None or arr.shape[0] == size:
+        return np.ascontiguousarray(arr)
+    resample = Image.BOX if arr.shape[0] % size == 0 else Image.LANCZOS
+    return np.array(Image.fromarray(arr, "RGB").resize((size, size), resample))
+
+
+def load_split(
+    source: Any, split: str, *, limit: Optional[int] = None, progress: bool = True
+) -> tuple[torch.Tensor, list[str]]:
+    """Materialise a split in memory: ``(uint8 [N, 3, H, W], captions list[str] of N)``.
+
+    Reads at most ``limit`` samples. All images of a split must share one size
+    (every image source resizes to its ``image_size``).
+    """
+    from tqdm.auto import tqdm
+
+    total = source.size(split)
+    if limit is not None:
+        total = limit if total is None else min(total, limit)
+    images: list[np.ndarray] = []
+    captions: list[str] = []
+    bar = tqdm(
+        total=total, desc=f"{getattr(source, 'name', 'data') or 'data'}/{split}", disable=not progress, unit="img"
+    )
+    try:
+        for sample in source.samples(split):
+            if limit is not None and len(images) >= limit:
+                break
+            arr = _as_uint8_hwc(sample.image)
+            if images and arr.shape != images[0].shape:
+                raise UsageError(
+                    f"{split} sample {sample.key!r} has shape {arr.shape}, expected {images[0].shape}: "
+                    "set the data source's image_size so all images share one size"
+                )
+            images.append(arr)
+            captions.append(sample.caption)
+            bar.update(1)
+    finally:
+        bar.close()
+    if not images:
+        return torch.empty(0, 3, 0, 0, dtype=torch.uint8), []
+    batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return batch, captions
+
+
+def batches(
+    source: Any, split: str, batch_size: int, *, limit: Optional[int] = None, drop_last: bool = False
+) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """Stream a split as ``(uint8 [B, 3, H, W], captions)`` batches, without holding it all in memory."""
+    assert batch_size >= 1, f"batch_size must be >= 1, got {batch_size}"
+    images: list[np.ndarray] = []
+    captions: list[str] = []
+    for i, sample in enumerate(source.samples(split)):
+        if limit is not None and i >= limit:
+            break
+        images.append(_as_uint8_hwc(sample.image))
+        captions.append(sample.caption)
+        if len(images) == batch_size:
+            yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+            images, captions = [], []
+    if images and not drop_last:
+        yield torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(), captions
+
+
+def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: int = 8, padding: int = 2) -> Path:
+    """Write ``images[B, 3, H, W]`` (float in ``[0, 1]`` or uint8) as one PNG grid; returns the path."""
+    from torchvision.utils import make_grid
+
+    assert images.ndim == 4 and images.shape[1] == 3, f"expected [B, 3, H, W], got {tuple(images.shape)}"
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=padding)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(grid).save(path, format="PNG")
+    return path
