@@ -46,3 +46,27 @@ def run_cli(*args: str, env: dict | None = None, cwd: Path | None = None, timeou
         cwd=cwd or ROOT,
         timeout=timeout,
     )
+
+
+# Real data from Debian packages (../shared/DATA.md). On a machine without them
+# these tests skip with the install command; CI (.ci/run) installs them and sets
+# DALLE_REQUIRE_DATA=1 so that a missing package fails instead of skipping.
+DEBIAN_DATA = {
+    "emoji": ("fonts-noto-color-emoji unicode-data", ["/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf", "/usr/share/unicode/emoji/emoji-test.txt"]),
+    "fashion-mnist": ("dataset-fashion-mnist", ["/usr/share/datasets/fashion-mnist"]),
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "debian_data(name): needs the Debian package holding data source `name`")
+
+
+def pytest_runtest_setup(item):
+    for marker in item.iter_markers("debian_data"):
+        packages, paths = DEBIAN_DATA[marker.args[0]]
+        missing = [p for p in paths if not Path(p).exists()]
+        if missing:
+            message = f"{marker.args[0]} data missing ({missing[0]}); apt-get install {packages}"
+            if os.environ.get("DALLE_REQUIRE_DATA") == "1":
+                pytest.fail(message)
+            pytest.skip(message)

@@ -179,6 +179,7 @@ def emoji(data_registry):
     return build(data_registry, "emoji")
 
 
+@pytest.mark.debian_data("emoji")
 def test_emoji_split_and_captions(emoji):
     assert emoji.size("train") == 3289 and emoji.size("heldout") == 366
     first = list(itertools.islice(emoji.samples("heldout"), 3))
@@ -192,6 +193,7 @@ def test_emoji_split_and_captions(emoji):
     assert emoji.skipped == 0
 
 
+@pytest.mark.debian_data("emoji")
 def test_emoji_filters_keep_the_split(data_registry):
     src = build(
         data_registry, "emoji", subgroups=["face-smiling"], caption_template="an emoji of {name}", image_size=32
@@ -211,6 +213,7 @@ def test_emoji_missing_files_name_the_package(data_registry, tmp_path):
         build(data_registry, "emoji", font_path=str(tmp_path / "nope.ttf"))
 
 
+@pytest.mark.debian_data("emoji")
 @pytest.mark.slow
 def test_emoji_all_render(emoji):
     images, captions = load_split(emoji, "train", progress=False)
@@ -266,6 +269,7 @@ def test_batches_stream_a_split(data_registry):
 # --------------------------------------------------------------------------- fashion-mnist
 
 
+@pytest.mark.debian_data("fashion-mnist")
 def test_fashion_mnist(data_registry):
     src = build(data_registry, "fashion-mnist", limit=50)
     assert src.size("train") == 50 and src.size("heldout") == 50

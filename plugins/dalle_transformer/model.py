@@ -1,0 +1,422 @@
+"""The stage-2 prior: a decoder-only transformer over ``[text tokens | image tokens]``.
+
+Reads like the paper (Ramesh et al. 2021, section 2.2 and appendix B):
+
+1. Embed. Text ids get a token embedding plus a position embedding; where a text id
+   is padding (``PAD_ID``), the token embedding is replaced by a learned vector *per
+   position*, so padding still says where it is. Image codes get a code embedding
+   plus row and column embeddings (optionally rotary on top).
+2. A stack of pre-norm blocks (LayerNorm -> attention -> residual, LayerNorm -> MLP ->
+   residual). The dense prior attends causally (SDPA ``is_causal``); the sparse prior
+   gives each layer a mask pattern from :mod:`dalle_framework.attention`.
+3. Two heads so text and image logits never mix: the output at position ``p``
+   predicts token ``p + 1``; text positions ``0..T-2`` predict text, positions
+   ``T-1..L-2`` predict the ``h*w`` image codes (the last text position sees the whole
+   caption and predicts the first image code). ``loss = w_text * text + w_image * image``
+   with the paper's 1/8 and 7/8 by default.
+
+Sampling draws image codes one at a time. With ``use_cache`` each step computes
+q/k/v only for the newest token and attends over a key/value cache (sparse layers
+use the mask row of the current position). Classifier-free guidance batches the
+conditional and the all-padding (unconditional) captions together as ``2B`` rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field, field_validator
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from dalle_framework import PAD_ID, Params, Prior, Sampling, UsageError
+from dalle_framework.attention import PATTERNS, Backend, Layout, causal_attention, pattern_attention
+from dalle_framework.sampling import sample_tokens, split_guidance
+
+AttentionKernel = Callable[..., Tensor]  # (q, k, v, *, q_start, dropout_p) -> out
+
+
+class TransformerParams(Params):
+    dim: int = Field(512, ge=8, description="model width; the paper's 12B model uses 3968")
+    depth: int = Field(8, ge=1, description="number of transformer blocks (paper: 64)")
+    heads: int = Field(8, ge=1, description="attention heads (paper: 62)")
+    head_dim: Optional[int] = Field(None, ge=2, description="per-head width; null = dim // heads (paper: 64)")
+    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / dim (GEGLU uses 2/3 of it per branch to match params)")
+    mlp: Literal["gelu", "geglu"] = Field("gelu", description="MLP nonlinearity; GEGLU often trains a bit better per parameter")
+    rotary: bool = Field(False, description="add rotary position embeddings to q/k on top of the learned ones")
+    emb_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the summed input embeddings")
+    attn_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights (SDPA only; flex has none)")
+    resid_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each residual branch output")
+    text_loss_weight: float = Field(
+        1 / 8, ge=0, description="weight of the text cross-entropy (paper: 1/8); 0 skips its backward (cheaper with a 49k BPE vocab)"
+    )
+    image_loss_weight: float = Field(7 / 8, ge=0, description="weight of the image cross-entropy (paper: 7/8)")
+    caption_dropout: float = Field(
+        0.0, ge=0, lt=1, description="training-only probability of an all-padding caption; enables classifier-free guidance"
+    )
+    tie_image_embedding: bool = Field(False, description="share the image code embedding with the image output head")
+    grad_checkpointing: bool = Field(False, description="recompute blocks in backward to save activation memory")
+    init_std: float = Field(0.02, gt=0, description="std of the normal init of weights (GPT-2 style)")
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over sequence positions ``0..max_len-1`` (half-split form)."""
+
+    def __init__(self, head_dim: int, max_len: int, base: float = 10000.0) -> None:
+        super().__init__()
+        assert head_dim % 2 == 0, f"rotary needs an even head_dim, got {head_dim}"
+        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(max_len).float(), inv_freq)  # [L, D/2]
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor, start: int) -> Tensor:
+        """x ``[B, H, n, D]`` at positions ``start..start+n-1`` -> rotated, same shape."""
+        n = x.shape[-2]
+        cos, sin = self.cos[start : start + n].to(x.dtype), self.sin[start : start + n].to(x.dtype)
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class KVCache:
+    """Keys and values of one layer for ``rows`` sequences, preallocated to ``max_len``.
+
+    Storage is allocated on the first write with that write's dtype, so sampling under
+    autocast (bf16 keys) works as well as in fp32.
+    """
+
+    def __init__(self, rows: int, heads: int, max_len: int, head_dim: int) -> None:
+        self.shape = (rows, heads, max_len, head_dim)
+        self.k: Optional[Tensor] = None
+        self.v: Optional[Tensor] = None
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write ``k/v [B, H, n, D]`` at ``start``; return the whole buffers ``[B, H, max_len, D]``.
+
+        Every step attends over all ``max_len`` slots (the causal mask hides the unwritten
+        ones) so attention shapes never change while decoding: on GPU a new key length
+        per step would rebuild SDPA's cuDNN graph (tens of ms) at every token.
+        """
+        if self.k is None:
+            self.k = k.new_zeros(self.shape)
+            self.v = v.new_zeros(self.shape)
+        end = start + k.shape[-2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k, self.v
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, *, dim: int, heads: int, head_dim: int, kernel: AttentionKernel, dropout: float, rotary: Optional[Rotary]):
+        super().__init__()
+        self.heads, self.head_dim, self.kernel, self.dropout = heads, head_dim, kernel, dropout
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.rotary = rotary
+
+    def forward(self, x: Tensor, start: int = 0, cache: Optional[KVCache] = None) -> Tensor:
+        """x ``[B, n, dim]`` holding positions ``start..start+n-1`` -> ``[B, n, dim]``."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        if cache is not None:
+            k, v = cache.update(k, v, start)
+        out = self.kernel(q, k, v, q_start=start, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+class GeluMLP(nn.Module):
+    def __init__(self, dim: int, ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+class GegluMLP(nn.Module):
+    def __init__(self, dim: int, ratio: float) -> None:
+        super().__init__()
+        hidden = int(dim * ratio * 2 / 3)  # two input branches: keep the parameter count of GELU
+        self.up, self.down = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.up(x).chunk(2, dim=-1)
+        return self.down(value * F.gelu(gate))
+
+
+MLPS: dict[str, type[nn.Module]] = {"gelu": GeluMLP, "geglu": GegluMLP}
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, p: TransformerParams, *, head_dim: int, kernel: AttentionKernel, rotary: Optional[Rotary]):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(p.dim), nn.LayerNorm(p.dim)
+        self.attn = SelfAttention(dim=p.dim, heads=p.heads, head_dim=head_dim, kernel=kernel, dropout=p.attn_dropout, rotary=rotary)
+        self.mlp = MLPS[p.mlp](p.dim, p.mlp_ratio)
+        self.drop = nn.Dropout(p.resid_dropout)
+
+    def forward(self, x: Tensor, start: int = 0, cache: Optional[KVCache] = None) -> Tensor:
+        x = x + self.drop(self.attn(self.norm1(x), start, cache))
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+# ----------------------------------------------------------------------------- the prior
+
+
+class TransformerPrior(Prior):
+    """Shared body of the dense and sparse priors; subclasses choose each layer's attention.
+
+    ``loss(text[B,T], image_tokens[B,h*w]) -> {loss, text_loss, image_loss}`` (nats/token);
+    ``generate(text[B,T], sampling, prime[B,n]=None, generator=None) -> LongTensor[B,h*w]``.
+    """
+
+    Params = TransformerParams
+
+    def __init__(self, params: TransformerParams, *, text_vocab_size: int, text_len: int, image_vocab_size: int, grid: tuple[int, int]):
+        super().__init__()
+        p = self.params = params
+        assert text_len >= 1 and image_vocab_size >= 2, f"bad runtime shapes: text_len={text_len}, image_vocab={image_vocab_size}"
+        self.text_vocab_size, self.image_vocab_size = text_vocab_size, image_vocab_size
+        self.layout = Layout(text_len, (int(grid[0]), int(grid[1])))
+        self.text_len, self.grid = text_len, self.layout.grid
+        head_dim = p.head_dim or p.dim // p.heads
+        if head_dim * p.heads != p.dim and p.head_dim is None:
+            raise UsageError(f"prior.params.dim ({p.dim}) must be divisible by heads ({p.heads}), or set head_dim")
+        if p.rotary and head_dim % 2:
+            raise UsageError(f"prior.params.rotary needs an even head_dim, got {head_dim}")
+        self.heads, self.head_dim = p.heads, head_dim
+        L = self.layout.seq_len
+
+        # 1. embeddings
+        self.text_emb = nn.Embedding(text_vocab_size, p.dim)
+        self.text_pad_emb = nn.Parameter(torch.zeros(text_len, p.dim))  # one learned padding token per position
+        self.text_pos = nn.Parameter(torch.zeros(text_len, p.dim))
+        self.image_emb = nn.Embedding(image_vocab_size, p.dim)
+        self.image_row = nn.Parameter(torch.zeros(self.grid[0], p.dim))
+        self.image_col = nn.Parameter(torch.zeros(self.grid[1], p.dim))
+        self.emb_drop = nn.Dropout(p.emb_dropout)
+
+        # 2. blocks, each with the attention its subclass chose
+        rotary = Rotary(head_dim, L) if p.rotary else None
+        kernels = self.attention_kernels()
+        assert len(kernels) == p.depth, f"{type(self).__name__} gave {len(kernels)} attention kernels for depth {p.depth}"
+        self.blocks = nn.ModuleList(Block(p, head_dim=head_dim, kernel=k, rotary=rotary) for k in kernels)
+
+        # 3. separate heads: text logits cover only text ids, image logits only image codes
+        self.norm = nn.LayerNorm(p.dim)
+        self.text_head = nn.Linear(p.dim, text_vocab_size, bias=False)
+        self.image_head = nn.Linear(p.dim, image_vocab_size, bias=False)
+        self.apply(self._init_weights)
+        for name, param in self.named_parameters():
+            if name.endswith(("out.weight", "down.weight")):  # GPT-2: scale residual projections by depth
+                nn.init.normal_(param, std=p.init_std / math.sqrt(2 * p.depth))
+        for param in (self.text_pad_emb, self.text_pos, self.image_row, self.image_col):
+            nn.init.normal_(param, std=p.init_std)
+        if p.tie_image_embedding:
+            self.image_head.weight = self.image_emb.weight
+
+    def attention_kernels(self) -> list[AttentionKernel]:
+        """One attention function per layer: ``f(q, k, v, *, q_start, dropout_p)``."""
+        raise NotImplementedError
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=self.params.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    # -- 1. embeddings ----------------------------------------------------------------------
+
+    def embed(self, tokens: Tensor, start: int = 0) -> Tensor:
+        """tokens ``[B, n]`` at sequence positions ``start..start+n-1`` -> ``[B, n, dim]``."""
+        T, w = self.text_len, self.grid[1]
+        n_text = max(0, min(T - start, tokens.shape[1]))
+        parts = []
+        if n_text:
+            ids = tokens[:, :n_text]
+            pos = slice(start, start + n_text)
+            word = torch.where((ids == PAD_ID)[..., None], self.text_pad_emb[pos], self.text_emb(ids))
+            parts.append(word + self.text_pos[pos])
+        if tokens.shape[1] > n_text:
+            codes = tokens[:, n_text:]
+            idx = torch.arange(start + n_text - T, start + tokens.shape[1] - T, device=tokens.device)
+            pos = self.image_row[idx // w] + self.image_col[idx % w]
+            parts.append(self.image_emb(codes) + pos)
+        return self.emb_drop(torch.cat(parts, dim=1))
+
+    # -- 2. the stack -----------------------------------------------------------------------
+
+    def hidden(self, tokens: Tensor, start: int = 0, caches: Optional[list[KVCache]] = None) -> Tensor:
+        """tokens ``[B, n]`` (positions ``start..``) -> final-normed states ``[B, n, dim]``."""
+        x = self.embed(tokens, start)
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            if self.params.grad_checkpointing and self.training and cache is None:
+                x = checkpoint(block, x, start, None, use_reentrant=False)
+            else:
+                x = block(x, start, cache)
+        return self.norm(x)
+
+    # -- 3. loss ----------------------------------------------------------------------------
+
+    def states(self, text: Tensor, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """-> states predicting text ``1..T-1`` ``[B, T-1, dim]`` and image ``0..N-1`` ``[B, N, dim]``."""
+        T = self.text_len
+        h = self.hidden(torch.cat([text, image_tokens], dim=1)[:, :-1])  # the last token predicts nothing
+        return h[:, : T - 1], h[:, T - 1 :]
+
+    def logits(self, text: Tensor, image_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """-> text logits ``[B, T-1, text_vocab]`` (for text ``1..T-1``), image logits ``[B, N, image_vocab]``."""
+        text_states, image_states = self.states(text, image_tokens)
+        return self.text_head(text_states), self.image_head(image_states)
+
+    def loss(self, text: Tensor, image_tokens: Tensor) -> dict[str, Any]:
+        """text ``[B, T]``, image_tokens ``[B, N]`` -> ``loss`` (weighted), ``text_loss``, ``image_loss`` (nats)."""
+        B, T, N = text.shape[0], self.text_len, self.layout.image_len
+        assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
+        assert image_tokens.shape == (B, N), f"image_tokens must be [B, {N}], got {tuple(image_tokens.shape)}"
+        if self.training and self.params.caption_dropout > 0:
+            drop = torch.rand(B, device=text.device) < self.params.caption_dropout
+            text = torch.where(drop[:, None], torch.full_like(text, PAD_ID), text)
+        text_states, image_states = self.states(text, image_tokens)
+        image_logits = self.image_head(image_states)
+        image_loss = F.cross_entropy(image_logits.float().reshape(-1, self.image_vocab_size), image_tokens.reshape(-1))
+        # a large text vocabulary (BPE: 49k) makes the text head costly: with weight 0 it is
+        # only measured, without a backward pass
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.params.text_loss_weight > 0):
+            text_loss = self.text_loss(self.text_head(text_states), text)
+        loss = self.params.text_loss_weight * text_loss + self.params.image_loss_weight * image_loss
+        return {"loss": loss, "text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
+
+    def text_loss(self, text_logits: Tensor, text: Tensor) -> Tensor:
+        """Mean nats over real words and the first padding (the end of the caption); later pads are trivial."""
+        target, previous = text[:, 1:], text[:, :-1]
+        keep = (target != PAD_ID) | (previous != PAD_ID)
+        per_token = F.cross_entropy(
+            text_logits.float().reshape(-1, self.text_vocab_size), target.reshape(-1), reduction="none"
+        ).reshape(target.shape)
+        return (per_token * keep).sum() / keep.sum().clamp(min=1)
+
+    # -- sampling ---------------------------------------------------------------------------
+
+    def new_caches(self, rows: int) -> list[KVCache]:
+        """One empty key/value cache per block for ``rows`` sequences of the full length."""
+        return [KVCache(rows, self.heads, self.layout.seq_len, self.head_dim) for _ in self.blocks]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        text: Tensor,
+        sampling: Sampling,
+        prime: Optional[Tensor] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tensor:
+        """text ``[B, T]`` (+ ``prime[B, n]`` kept as the first image codes) -> codes ``[B, h*w]``.
+
+        ``use_cache=False`` recomputes the whole prefix at every step (the reference the
+        cache must match). Guidance runs ``[text; all-padding]`` as one ``2B`` batch.
+        """
+        B, T, N = text.shape[0], self.text_len, self.layout.image_len
+        assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
+        guided = sampling.guidance_scale != 1.0
+        rows = 2 * B if guided else B
+        seq = torch.zeros(rows, T + N, dtype=torch.long, device=text.device)
+        seq[:B, :T] = text
+        seq[B:, :T] = PAD_ID  # the unconditional branch sees an all-padding caption
+        n0 = 0
+        if prime is not None:
+            n0 = prime.shape[1]
+            assert prime.shape[0] == B and n0 <= N, f"prime must be [B={B}, n<={N}], got {tuple(prime.shape)}"
+            seq[:, T : T + n0] = prime.repeat(rows // B, 1)
+        was_training = self.training
+        self.eval()  # dropout off: cached and recomputed sampling must agree
+        try:
+            caches = self.new_caches(rows) if sampling.use_cache else None
+            for i in range(n0, N):
+                end = T + i  # positions 0..end-1 are known; position end-1 predicts image code i
+                if caches is None:
+                    h = self.hidden(seq[:, :end])
+                elif i == n0:  # prefill: caption and prime in one pass
+                    h = self.hidden(seq[:, :end], 0, caches)
+                else:
+                    h = self.hidden(seq[:, end - 1 : end], end - 1, caches)
+                logits = self.image_head(h[:, -1]).float()
+                if guided:
+                    logits = split_guidance(logits, sampling.guidance_scale)
+                token = sample_tokens(logits, sampling, generator)
+                seq[:, end] = token.repeat(rows // B)
+        finally:
+            self.train(was_training)
+        return seq[:B, T:]
+
+
+# ----------------------------------------------------------------------------- the two priors
+
+
+class DenseTransformer(TransformerPrior):
+    """Every layer attends causally to all earlier tokens (SDPA ``is_causal``)."""
+
+    def attention_kernels(self) -> list[AttentionKernel]:
+        return [causal_attention] * self.params.depth
+
+
+PAPER_LAYERS = ["row", "column", "row", "row"]
+
+
+class SparseParams(TransformerParams):
+    layers: list[str] = Field(
+        default_factory=lambda: list(PAPER_LAYERS),
+        min_length=1,
+        description="attention pattern per layer, cycled over depth (paper: row, column, row, row)",
+    )
+    final_layer: Optional[str] = Field("conv", description="pattern forced on the last layer (paper: conv); null = keep the cycle")
+    attention_backend: Backend = Field(
+        "auto", description="auto = block-sparse flex_attention on GPU, masked SDPA on CPU; flex | sdpa forces one"
+    )
+
+    @field_validator("layers")
+    @classmethod
+    def _known_layers(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in PATTERNS]
+        if unknown:
+            raise ValueError(f"unknown attention pattern(s) {unknown}; known: {sorted(PATTERNS)}")
+        return value
+
+    @field_validator("final_layer")
+    @classmethod
+    def _known_final(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and value not in PATTERNS:
+            raise ValueError(f"unknown attention pattern {value!r}; known: {sorted(PATTERNS)}")
+        return value
+
+
+class SparseTransformer(TransformerPrior):
+    """Each layer uses a sparse mask pattern from :mod:`dalle_framework.attention`."""
+
+    Params = SparseParams
+
+    def layer_patterns(self) -> list[str]:
+        p = self.params
+        names = [p.layers[i % len(p.layers)] for i in range(p.depth)]
+        if p.final_layer is not None:
+            names[-1] = p.final_layer
+        return names
+
+    def attention_kernels(self) -> list[AttentionKernel]:
+        backend = self.params.attention_backend
+        return [
+            functools.partial(pattern_attention, pattern=name, layout=self.layout, backend=backend)
+            for name in self.layer_patterns()
+        ]
