@@ -12,6 +12,7 @@ that come from other components (vocabulary sizes, grid, text length).
 from __future__ import annotations
 
 import abc
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator, Literal, Optional
 
@@ -256,3 +257,7 @@ class Engine(Component, abc.ABC):
 
     @abc.abstractmethod
     def prepare(self, module: nn.Module, train: Any) -> EngineRun: ...
+
+    def model_context(self, train: Any) -> contextlib.AbstractContextManager:
+        """Context the module is built in (ZeRO-3 shards weights as they are created)."""
+        return contextlib.nullcontext()

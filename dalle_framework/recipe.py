@@ -50,9 +50,8 @@ class TrainConfig(Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec)
     max_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
     log_every: int = Field(10, ge=1)
-    eval_every: int = Field(200, ge=1)
+    eval_every: int = Field(200, ge=1, description="held-out metrics and a preview image grid every N steps")
     ckpt_every: int = Field(500, ge=1)
-    image_every: int = Field(500, ge=1, description="write an image grid to TensorBoard")
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
     num_workers: int = Field(0, ge=0)
 

@@ -32,7 +32,7 @@ def tiny_recipe(run_dir: Path, **changes) -> dict:
         "codec": {
             "name": "gumbel-dvae",
             "params": {"image_size": 16, "vocab_size": 32, "width": 16, "channel_mults": [1, 1], "blocks_per_group": 1, "decoder_stem_width": 16},
-            "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "ckpt_every": 3, "eval_every": 3, "eval_batches": 1, "image_every": 3},
+            "train": {"steps": 6, "batch_size": 8, "lr": 1e-3, "ckpt_every": 3, "eval_every": 3, "eval_batches": 1},
         },
         "prior": {
             "name": "dense-transformer",

@@ -9,7 +9,6 @@ stages own data and metrics.
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from datetime import datetime, timezone
@@ -43,15 +42,16 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
     state_dir = stage_dir / STATE_DIR
 
     torch.manual_seed(pipe.recipe.seed + list(("codec", "prior", "reranker")).index(stage_name))
-    module = stage.build()
     engine = pipe.build("engine", train.engine)
+    with engine.model_context(train):
+        module = stage.build()
     run = engine.prepare(module, train)
     main = run.is_main
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt.write_text(run_dir / ckpt.RECIPE_FILE, dump(pipe.recipe))
     batches = stage.batches(rank=run.rank, world_size=run.world_size)
-    ema = EMA(run.module, train.ema) if train.ema else None
+    ema = _ema(run, train.ema) if train.ema else None
 
     step = 0
     if resume and state_dir.is_dir():
@@ -72,7 +72,7 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
 
     bar = tqdm(total=train.steps, initial=step, desc=f"train {stage_name}", disable=not (main and progress), dynamic_ncols=True)
     started = time.monotonic()
-    eval_module = None
+    eval_module: Optional[torch.nn.Module] = None
     metrics: dict[str, float] = {}
     stopped_early = False
 
@@ -82,17 +82,28 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
             client["ema"] = ema.state_dict()
         run.save(str(state_dir), client)
 
-    def evaluate() -> dict[str, float]:
+    def export_weights() -> dict[str, torch.Tensor]:
+        """Full fp32 weights (EMA when enabled); collective, so every rank calls it."""
+        return ema.weights(run.module) if ema is not None else run.full_state_dict()
+
+    def evaluate(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out metrics and a preview, on rank 0, from a plain fp32 copy of the weights.
+
+        A separate module keeps evaluation independent of how the engine holds the
+        model (bf16, sharded by ZeRO-3, wrapped by DDP) and of the training RNG.
+        """
         nonlocal eval_module
-        module_for_eval = run.module
-        if ema is not None:
-            eval_module = eval_module or copy.deepcopy(run.module)
-            eval_module.load_state_dict(ema.weights(run.module))
-            module_for_eval = eval_module
-        # Evaluation draws noise too (Gumbel, dropout): keep it off the training RNG stream
-        # so a resumed run and an uninterrupted one see the same random numbers.
+        if not main:
+            return {}
         with _isolated_rng(pipe.recipe.seed, run.device):
-            return stage.evaluate(module_for_eval, run.device)
+            if eval_module is None:
+                eval_module = stage.build().to(run.device)
+            eval_module.load_state_dict(weights)
+            result = stage.evaluate(eval_module, run.device)
+            for key, value in result.items():
+                writer.add_scalar(f"eval/{key}", value, step)
+            _log_images(writer, stage, eval_module, run.device, step)
+        return result
 
     module.train()
     while step < train.steps:
@@ -108,13 +119,7 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
             for key, value in out.items():
                 writer.add_scalar(f"train/{key}", value, step)
         if step % train.eval_every == 0 and step < train.steps:
-            metrics = evaluate()
-            if main:
-                for key, value in metrics.items():
-                    writer.add_scalar(f"eval/{key}", value, step)
-        if main and step % train.image_every == 0:
-            with _isolated_rng(pipe.recipe.seed, run.device):
-                _log_images(writer, stage, eval_module or run.module, run.device, step)
+            metrics = evaluate(export_weights())
         if step % train.ckpt_every == 0 and step < train.steps:
             save_state()
         if train.max_minutes and _out_of_time(started, train.max_minutes, run):
@@ -123,12 +128,9 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
     bar.close()
 
     save_state()
-    metrics = evaluate()
-    weights = ema.weights(run.module) if ema is not None else run.full_state_dict()
+    weights = export_weights()
+    metrics = evaluate(weights)
     if main:
-        for key, value in metrics.items():
-            writer.add_scalar(f"eval/{key}", value, step)
-        _log_images(writer, stage, eval_module or run.module, run.device, step)
         writer.close()
         block = pipe.block(stage_name)
         ckpt.save_weights(stage_dir / ckpt.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage_name})
@@ -158,6 +160,13 @@ def _isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def _ema(run, decay: float) -> EMA:
+    try:
+        return EMA(run.module, decay)
+    except ValueError as exc:
+        raise UsageError(f"train.ema: {exc}; drop `ema` or use ZeRO stage 0-2") from None
 
 
 def _out_of_time(started: float, minutes: float, run) -> bool:

@@ -224,6 +224,7 @@ class TransformerPrior(Prior):
                 nn.init.normal_(param, std=p.init_std / math.sqrt(2 * p.depth))
         for param in (self.text_pad_emb, self.text_pos, self.image_row, self.image_col):
             nn.init.normal_(param, std=p.init_std)
+            param.no_weight_decay = True  # embeddings held as bare parameters: engines skip decay
         if p.tie_image_embedding:
             self.image_head.weight = self.image_emb.weight
 

@@ -1,0 +1,139 @@
+"""Process-group helpers shared by the training engines and the training loop.
+
+A job is described by the environment variables that ``torchrun`` and the
+``deepspeed`` launcher both set: ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``. Without a launcher the job is one process
+(rank 0 of 1). The backend is ``nccl`` when CUDA is available, else ``gloo``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+# Single-process defaults: DeepSpeed reads these (LOCAL_RANK above all) even for one
+# process, and without them it falls back to discovering an MPI launcher.
+_SINGLE_PROCESS_ENV = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (for ``MASTER_PORT``)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    return int(value) if value.strip().lstrip("-").isdigit() else default
+
+
+def is_initialized() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """Global rank: from the process group when there is one, else ``RANK`` (0)."""
+    return dist.get_rank() if is_initialized() else _env_int("RANK", 0)
+
+
+def world_size() -> int:
+    """Number of processes: from the process group when there is one, else ``WORLD_SIZE`` (1)."""
+    return dist.get_world_size() if is_initialized() else _env_int("WORLD_SIZE", 1)
+
+
+def local_rank() -> int:
+    """Rank on this node (``LOCAL_RANK``), which picks the GPU."""
+    return _env_int("LOCAL_RANK", 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def default_device() -> torch.device:
+    """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
+    return torch.device("cpu")
+
+
+def set_single_process_env() -> None:
+    """Fill in ``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` of a one-process job where they are unset.
+
+    ``MASTER_ADDR``/``MASTER_PORT`` are deliberately not written: this process
+    listens on that port while its group lives, and a child process (a
+    ``dalle train`` started by a test, say) inheriting it would collide with it.
+    A one-process group is rendezvoused on a fresh port instead.
+    """
+    for key, value in _SINGLE_PROCESS_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def init_distributed(
+    *, backend: Optional[str] = None, always: bool = False, timeout_minutes: float = 30
+) -> tuple[int, int, int]:
+    """Join the process group described by the environment; returns ``(rank, world_size, local_rank)``.
+
+    With ``WORLD_SIZE`` > 1 (under ``torchrun`` or ``deepspeed``) this initialises
+    ``torch.distributed`` from the launcher's variables. A single process gets a
+    group only when ``always`` is true (DeepSpeed needs one): rank 0 of 1 on
+    ``127.0.0.1`` at a free port (``MASTER_ADDR``/``MASTER_PORT`` when set).
+    Calling it again once initialised is a no-op.
+    """
+    if not is_initialized():
+        set_single_process_env()
+        multi = _env_int("WORLD_SIZE", 1) > 1
+        if multi or always:
+            backend = backend or default_backend()
+            extra: dict = {}
+            if not multi:
+                addr = os.environ.get("MASTER_ADDR") or "127.0.0.1"
+                port = os.environ.get("MASTER_PORT") or free_port()
+                extra.update(init_method=f"tcp://{addr}:{port}", rank=0, world_size=1)
+            if backend == "nccl":
+                # Bind this rank to its GPU up front: NCCL otherwise guesses from the global rank.
+                torch.cuda.set_device(default_device())
+                extra["device_id"] = default_device()
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **extra)
+    return rank(), world_size(), local_rank()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op for a single process)."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` from rank ``src`` on every rank (identity for a single process)."""
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+__all__ = [
+    "barrier",
+    "broadcast_object",
+    "default_backend",
+    "default_device",
+    "free_port",
+    "init_distributed",
+    "is_initialized",
+    "is_main",
+    "local_rank",
+    "rank",
+    "set_single_process_env",
+    "world_size",
+]

@@ -1,0 +1,285 @@
+"""The DeepSpeed engine: ZeRO stages 0-3, bf16/fp16, optional CPU/NVMe offload.
+
+The DeepSpeed config is built from the stage's ``TrainConfig`` and this
+engine's ``Params``; ``Params.config`` (a raw DeepSpeed config dict) is merged
+last so power users can set anything DeepSpeed knows. The optimizer is always
+torch's AdamW with the project's parameter groups (no decay on biases, norms
+and embeddings); the schedule is a torch ``LambdaLR`` (identical to the torch
+engine's) unless ``scheduler: deepspeed`` asks for DeepSpeed's own
+``WarmupCosineLR`` / ``WarmupLR``.
+
+Checkpoints are DeepSpeed's own (``save_checkpoint`` / ``load_checkpoint``
+with tag ``state``), written by all ranks into a temporary directory that rank
+0 renames into place; a shared file system is assumed, as DeepSpeed does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import importlib
+import logging
+import os
+import warnings
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+import dalle_framework
+from dalle_framework import Engine, EngineRun, UsageError, distributed
+
+from . import common
+
+TAG = "state"  # one checkpoint per directory; the training loop names the directories
+PRECISION_CONFIG = {
+    "fp32": {},
+    "bf16": {"bf16": {"enabled": True}},
+    "fp16": {"fp16": {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}},
+}
+FLOAT_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def import_deepspeed():
+    """Import DeepSpeed quietly and ready for this machine.
+
+    - ``DS_ACCELERATOR=cpu`` when there is no CUDA silences the accelerator
+      detection warning.
+    - On the CPU, DeepSpeed's communication backend JIT-compiles the
+      ``deepspeed_shm_comm`` C++ op with g++ the first time in every fresh
+      environment (~55 s, and it fails without a compiler). It only speeds up
+      collectives between processes of one node; plain gloo works, so
+      ``build_shm_op`` is replaced by a function returning None (DeepSpeed's
+      own "op not available" answer).
+    - DeepSpeed's INFO logging is turned down to warnings, and torch's
+      per-step deprecation warnings about DeepSpeed's collectives are hidden.
+    """
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    from deepspeed.utils import logger
+
+    # Not ``import deepspeed.comm.torch as m``: ``deepspeed.comm`` has an attribute
+    # ``torch`` (the torch package) that such an import would bind instead.
+    ds_comm_torch = importlib.import_module("deepspeed.comm.torch")
+
+    logger.setLevel(logging.WARNING)
+    # DeepSpeed still calls collectives torch 2.14 renamed; the warning repeats every step.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    if cpu:
+        ds_comm_torch.build_shm_op = lambda: None
+    return deepspeed
+
+
+def deep_merge(base: dict, extra: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+class DeepSpeedRun(EngineRun):
+    """A module inside ``deepspeed.initialize``; ``module`` is the bare model."""
+
+    def __init__(self, module: nn.Module, train, params: "DeepSpeedEngine.Params") -> None:
+        deepspeed = import_deepspeed()
+        self.device = distributed.default_device()
+        if train.precision == "fp16" and self.device.type != "cuda":
+            raise common.fp16_on_cpu(self.device, "train.precision (deepspeed engine)")
+        self.rank, self.world_size, _ = distributed.init_distributed(always=True)
+        deepspeed.init_distributed(dist_backend=distributed.default_backend())
+        self.train = train
+        self.params = params
+        self.config = build_config(train, params)
+        optimizer = common.adamw(module, train)
+        scheduler = SCHEDULERS[params.scheduler](train)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
+        )
+        self.module = self.engine.module
+        self.device = self.engine.device
+        self.stage = self.engine.zero_optimization_stage()
+        self.float_dtype = FLOAT_DTYPES[train.precision]  # inputs follow the (cast) weights
+        self.last_grad_norm = 0.0
+
+    # ------------------------------------------------------------------ training
+
+    def step(self, *batch: Any) -> dict[str, float]:
+        """One micro-batch; DeepSpeed scales the loss by 1/grad_accum and steps at the boundary.
+
+        Returns the loss terms as floats plus ``lr`` (of this step),
+        ``grad_norm`` (at the latest optimizer step) and ``optimizer_step`` (0/1).
+        """
+        self.engine.train()
+        lr = self.lr()
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        out = self.engine(*common.to_device(batch, self.device, self.float_dtype))
+        self.engine.backward(out["loss"])
+        self.engine.step()
+        if boundary:
+            norm = self.engine.get_global_grad_norm()
+            self.last_grad_norm = float(norm) if norm is not None else float("nan")
+        return {**common.as_floats(out), "lr": lr, "grad_norm": self.last_grad_norm, "optimizer_step": float(boundary)}
+
+    def lr(self) -> float:
+        return float(self.engine.get_lr()[0])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save(self, directory: str, client_state: dict) -> None:
+        """All ranks write their shards with DeepSpeed's ``save_checkpoint``."""
+        client = {"client_state": client_state, "last_grad_norm": self.last_grad_norm}
+        with common.atomic_directory(directory, collective=True) as tmp:
+            self.engine.save_checkpoint(str(tmp), tag=TAG, client_state=client)
+
+    def load(self, directory: str) -> dict:
+        where = common.checkpoint_path(directory)
+        if not (where / TAG).is_dir():
+            raise UsageError(f"{directory}: not a deepspeed-engine checkpoint (no {TAG}/ directory)")
+        path, client = self.engine.load_checkpoint(str(where), tag=TAG)
+        if path is None:
+            raise UsageError(f"{directory}: DeepSpeed could not load this checkpoint")
+        self.last_grad_norm = float(client.get("last_grad_norm", 0.0))
+        return client.get("client_state", {})
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU, keyed like ``module.state_dict()``.
+
+        Collective at ZeRO-1/2/3 and with bf16/fp16: all ranks call it. A
+        trainable parameter comes from the fp32 master copy held by the
+        optimizer (``safe_get_full_fp32_param`` gathers its shards); one without
+        such a copy (fp32 at stage 0, a frozen one) is read from the module,
+        gathered first under ZeRO-3. Buffers are never partitioned. A tied
+        weight appears under each of its state-dict names.
+        """
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        full: dict[int, torch.Tensor] = {}
+        for param in self.module.parameters():  # each tensor once, in a fixed order on every rank
+            value = safe_get_full_fp32_param(param) if param.requires_grad else None
+            full[id(param)] = (value if value is not None else self._gathered(param)).detach().to("cpu", torch.float32).clone()
+        state = {}
+        for key, tensor in self.module.state_dict(keep_vars=True).items():
+            if id(tensor) in full:
+                state[key] = full[id(tensor)]
+            else:  # a buffer
+                dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
+                state[key] = tensor.detach().to("cpu", dtype).clone()
+        return state
+
+    def _gathered(self, param: nn.Parameter) -> torch.Tensor:
+        if self.stage < 3:
+            return param.data
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=None):
+            return param.data.clone()
+
+
+def build_config(train, params: "DeepSpeedEngine.Params") -> dict:
+    """The DeepSpeed config dict for a stage (``params.config`` merged last)."""
+    zero: dict[str, Any] = {"stage": params.zero_stage}
+    if params.offload_optimizer != "none":
+        zero["offload_optimizer"] = {"device": params.offload_optimizer, **_nvme(params, params.offload_optimizer)}
+    if params.offload_param != "none":
+        zero["offload_param"] = {"device": params.offload_param, **_nvme(params, params.offload_param)}
+    config = {
+        "train_micro_batch_size_per_gpu": params.micro_batch_size or train.batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # a torch AdamW is passed in
+        # Offload normally insists on DeepSpeedCPUAdam (a C++ build); torch AdamW works too.
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the training loop does the logging
+        "wall_clock_breakdown": False,
+        **PRECISION_CONFIG[train.precision],
+    }
+    if params.scheduler == "deepspeed":
+        config["scheduler"] = DS_SCHEDULERS[train.lr_schedule](train)
+    return deep_merge(config, params.config)
+
+
+def _nvme(params, device: str) -> dict:
+    return {"nvme_path": params.nvme_path} if device == "nvme" else {}
+
+
+def _torch_scheduler(train):
+    # A callable: DeepSpeed builds it on the optimizer it actually steps (after wrapping).
+    return lambda optimizer: common.lambda_lr(optimizer, train)
+
+
+SCHEDULERS = {"torch": _torch_scheduler, "deepspeed": lambda train: None}
+DS_SCHEDULERS = {
+    "cosine": lambda t: {
+        "type": "WarmupCosineLR",
+        "params": {
+            "total_num_steps": max(1, t.steps),
+            "warmup_num_steps": max(1, t.warmup_steps),
+            "warmup_type": "linear",
+            "cos_min_ratio": t.min_lr_ratio,
+        },
+    },
+    "constant": lambda t: {
+        "type": "WarmupLR",
+        "params": {"warmup_min_lr": 0.0, "warmup_max_lr": t.lr, "warmup_num_steps": max(1, t.warmup_steps), "warmup_type": "linear"},
+    },
+}
+
+
+class DeepSpeedEngine(Engine):
+    """DeepSpeed ZeRO (stage 0-3), launched with ``deepspeed`` or ``torchrun`` (or one process)."""
+
+    class Params(dalle_framework.Params):
+        zero_stage: int = Field(2, ge=0, le=3, description="0 = DDP-like, 1 = shard optimizer, 2 = + gradients, 3 = + weights")
+        offload_optimizer: Literal["none", "cpu", "nvme"] = Field(
+            "none", description="keep optimizer states off the GPU (ZeRO-Offload; stage >= 1)"
+        )
+        offload_param: Literal["none", "cpu", "nvme"] = Field(
+            "none", description="keep weights off the GPU between uses (ZeRO-Infinity; stage 3 only)"
+        )
+        nvme_path: Optional[str] = Field(None, description="local NVMe directory for nvme offload")
+        micro_batch_size: Optional[int] = Field(
+            None, ge=1, description="train_micro_batch_size_per_gpu; default: the stage's train.batch_size"
+        )
+        scheduler: Literal["torch", "deepspeed"] = Field(
+            "torch", description="torch = the project's LambdaLR (same as the torch engine); deepspeed = WarmupCosineLR/WarmupLR"
+        )
+        config: dict[str, Any] = Field(
+            default_factory=dict, description="raw DeepSpeed config merged last (power users; wins over everything)"
+        )
+
+        @model_validator(mode="after")
+        def _consistent(self):
+            if self.offload_param != "none" and self.zero_stage != 3:
+                raise ValueError("offload_param needs zero_stage: 3 (only stage 3 partitions the weights)")
+            if self.offload_optimizer != "none" and self.zero_stage == 0:
+                raise ValueError("offload_optimizer needs zero_stage >= 1")
+            if "nvme" in (self.offload_optimizer, self.offload_param) and not self.nvme_path:
+                raise ValueError("nvme offload needs nvme_path (a directory on a local NVMe drive)")
+            return self
+
+    def __init__(self, params: Optional[Params] = None) -> None:
+        self.params = params or self.Params()
+
+    def prepare(self, module: nn.Module, train) -> DeepSpeedRun:
+        return DeepSpeedRun(module, train, self.params)
+
+    def model_context(self, train):
+        """Build the module inside this to shard it while it is created (ZeRO-3 only).
+
+        ``with engine.model_context(train): module = build()`` makes each rank
+        hold only its partition from the start (``deepspeed.zero.Init``), so a
+        model larger than one GPU or host can be built; other stages need nothing.
+        """
+        if self.params.zero_stage != 3:
+            return contextlib.nullcontext()
+        deepspeed = import_deepspeed()
+        distributed.init_distributed(always=True)
+        deepspeed.init_distributed(dist_backend=distributed.default_backend())
+        return deepspeed.zero.Init(config_dict_or_path=build_config(train, self.params))
