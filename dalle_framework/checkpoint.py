@@ -140,6 +140,10 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(old)
 
 
-def stage_complete(run_dir: Path, stage: str) -> bool:
-    meta = run_dir / stage / META_FILE
-    return meta.is_file() and (run_dir / stage / WEIGHTS_FILE).is_file() and json.loads(meta.read_text()).get("complete", False)
+def stage_complete(run_dir: Path, stage: str, block: Optional[dict] = None) -> bool:
+    """True when ``stage`` finished training, with the same recipe block if one is given."""
+    meta_path = run_dir / stage / META_FILE
+    if not (meta_path.is_file() and (run_dir / stage / WEIGHTS_FILE).is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    return bool(meta.get("complete")) and (block is None or meta.get("block") == block)

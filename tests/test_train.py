@@ -162,3 +162,28 @@ def test_untrained_stage_is_a_clear_error(manager, tmp_path):
     pipe = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "run")))
     with pytest.raises(UsageError, match="codec is not trained yet"):
         pipe.generate(["a red circle in the top left"])
+
+
+def test_changed_recipe_block_retrains_and_stale_checkpoint_is_not_resumed(manager, tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.log_every": 1})
+    train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], progress=False)
+    assert train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], progress=False) == {"codec": {"reused": True}}
+
+    # other params: the finished stage is not reused and its checkpoint is not resumed into the new shapes
+    recipe["codec"]["params"]["vocab_size"] = 48
+    results = train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], resume=True, progress=False)
+    assert "psnr" in results["codec"]
+    assert ckpt.load_weights(tmp_path / "run" / "codec" / "model.safetensors")["encoder.blocks.5.bias"].shape == (48,)
+
+    # more steps with the same params: resumed from the last checkpoint, not restarted
+    recipe["codec"]["train"]["steps"] = 8
+    train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], resume=True, progress=False)
+    meta = json.loads((tmp_path / "run" / "codec" / "meta.json").read_text())
+    assert meta["step"] == 8
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    newest = max((tmp_path / "run" / "tb" / "codec").glob("events.*"), key=lambda p: p.stat().st_mtime_ns)
+    events = EventAccumulator(str(newest))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [7, 8]

@@ -26,6 +26,7 @@ from .stages import make_stage
 
 log = logging.getLogger(__name__)
 STATE_DIR = "state"
+RESUME_FILE = "resume.json"  # which component and params the state/ checkpoint belongs to
 
 
 def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -54,6 +55,11 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
     ema = _ema(run, train.ema) if train.ema else None
 
     step = 0
+    identity = {"name": pipe.block(stage_name).name, "params": pipe.block(stage_name).params}
+    if resume and state_dir.is_dir() and _state_identity(stage_dir) not in (None, identity):
+        if main:
+            log.warning("%s: the checkpoint was made with other %s params; starting from scratch", state_dir, stage_name)
+        resume = False
     if resume and state_dir.is_dir():
         client = run.load(str(state_dir))
         step = int(client["step"])
@@ -81,6 +87,8 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
         if ema is not None:
             client["ema"] = ema.state_dict()
         run.save(str(state_dir), client)
+        if main:
+            ckpt.write_json(stage_dir / RESUME_FILE, {"step": step, **identity})
 
     def export_weights() -> dict[str, torch.Tensor]:
         """Full fp32 weights (EMA when enabled); collective, so every rank calls it."""
@@ -140,6 +148,7 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
                 "complete": True,
                 "stage": stage_name,
                 "component": block.name,
+                "block": block.model_dump(mode="json"),
                 "plugin": pipe.manager.registry(stage_name).get(block.name).plugin,
                 "step": step,
                 "stopped_early": stopped_early,
@@ -160,6 +169,14 @@ def _isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         yield
+
+
+def _state_identity(stage_dir: Path) -> Optional[dict]:
+    path = stage_dir / RESUME_FILE
+    if not path.is_file():
+        return None
+    data = ckpt.read_json(path)
+    return {"name": data.get("name"), "params": data.get("params")}
 
 
 def _ema(run, decay: float) -> EMA:
@@ -200,10 +217,12 @@ def _log_images(writer, stage, module, device, step: int) -> None:
 def train_all(pipe: Pipeline, stages: Optional[list[str]] = None, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the named stages in order, skipping those already complete unless ``force``."""
     stages = stages or [s for s in ("codec", "prior", "reranker") if getattr(pipe.recipe, s) is not None]
+    # A stage is reused only if it finished with the same recipe block; a changed block retrains.
     results: dict[str, Any] = {}
     stale: set[str] = set()
     for name in stages:
-        if not force and name not in stale and ckpt.stage_complete(pipe.run_dir, name):
+        block = pipe.block(name).model_dump(mode="json")
+        if not force and name not in stale and ckpt.stage_complete(pipe.run_dir, name, block):
             log.info("%s already trained in %s; reusing it (use --force to retrain)", name, pipe.run_dir)
             results[name] = {"reused": True}
             continue

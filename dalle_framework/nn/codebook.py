@@ -1,0 +1,33 @@
+"""Codebook helpers: nearest-code lookup and sampling of vectors for (re-)initialisation."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def nearest_code(vectors: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest code (squared L2) for each row.
+
+    vectors ``[N, D]``, codebook ``[K, D]`` -> LongTensor ``[N]``.
+    Uses ``|v|^2 - 2 v.c + |c|^2`` (one matmul, no ``[N, K, D]`` tensor).
+    """
+    assert vectors.dim() == 2 and codebook.dim() == 2, "nearest_code wants [N, D] and [K, D]"
+    assert vectors.shape[1] == codebook.shape[1], f"dims differ: {vectors.shape[1]} vs {codebook.shape[1]}"
+    distance = (
+        vectors.pow(2).sum(1, keepdim=True)
+        - 2 * vectors @ codebook.t()
+        + codebook.pow(2).sum(1)[None, :]
+    )
+    return distance.argmin(dim=1)
+
+
+def sample_rows(vectors: torch.Tensor, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``n`` rows drawn from ``vectors [N, D]`` (without replacement when N >= n) -> ``[n, D]``."""
+    assert vectors.shape[0] > 0, "need at least one vector to sample from"
+    if vectors.shape[0] >= n:
+        idx = torch.randperm(vectors.shape[0], generator=generator, device="cpu")[:n]
+    else:
+        idx = torch.randint(vectors.shape[0], (n,), generator=generator, device="cpu")
+    return vectors[idx.to(vectors.device)]
