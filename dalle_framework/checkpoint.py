@@ -125,21 +125,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu())
 
 
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Swap a fully written directory into place; the old one is removed only after."""
-    import shutil
-
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def stage_complete(run_dir: Path, stage: str, block: Optional[dict] = None) -> bool:
     """True when ``stage`` finished training, with the same recipe block if one is given."""
     meta_path = run_dir / stage / META_FILE
