@@ -411,7 +411,12 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
-        args = parser.parse_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+        args, extra = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+        # Overrides may also follow options: `dalle train R --stage prior prior.train.steps=10`.
+        if extra and hasattr(args, "recipe_and_overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.recipe_and_overrides += extra
+        elif extra:
+            raise UsageError(f"dalle: unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         if getattr(args, "action", None) == "shards" and not args.out:
             raise UsageError("dalle data shards SOURCE OUT")
