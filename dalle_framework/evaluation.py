@@ -78,7 +78,10 @@ def generation_metrics(
         after = pipe.data.judge(result.images[:, 0], captions)
         out["faithfulness_before_rerank"] = judge_rates(before)
         out["faithfulness_after_rerank"] = judge_rates(after)
-        out["per_caption_after"] = {c: bool(ok) for c, ok in zip(captions, after["all"])}
+        per_caption: dict[str, list[bool]] = {}
+        for caption, ok in zip(captions, after["all"]):
+            per_caption.setdefault(caption, []).append(bool(ok))
+        out["per_caption_after"] = {c: f"{sum(v)}/{len(v)}" for c, v in per_caption.items()}
     if grid_path is not None:
         from .data.images import save_grid
 
@@ -114,7 +117,12 @@ def evaluate_run(pipe: Pipeline, stages: Optional[list[str]] = None, *, progress
     if "generation" in wanted and pipe.recipe.prior is not None and pipe.has_weights("prior"):
         captions = pipe.data.captions("heldout")[: cfg.captions]
         report["generation"] = generation_metrics(
-            pipe, captions, candidates=cfg.candidates, seed=pipe.recipe.seed, grid_path=eval_dir / "generated.png", progress=progress
+            pipe,
+            captions * cfg.rounds,
+            candidates=cfg.candidates,
+            seed=pipe.recipe.seed,
+            grid_path=eval_dir / "generated.png",
+            progress=progress,
         )
     return _finite(report)
 

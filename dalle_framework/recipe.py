@@ -76,6 +76,7 @@ class GenerateConfig(Strict):
 class EvaluateConfig(Strict):
     captions: int = Field(16, ge=1, description="held-out captions generated for")
     candidates: int = Field(16, ge=1, description="samples per caption before reranking")
+    rounds: int = Field(1, ge=1, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
     batches: int = Field(8, ge=1, description="held-out batches for losses and PSNR")
     batch_size: int = Field(64, ge=1)
 

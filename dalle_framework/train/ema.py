@@ -7,7 +7,10 @@ from torch import nn
 
 
 class EMA:
-    """Shadow copy of ``module.state_dict()``; float entries are averaged, others copied.
+    """Shadow copy of ``module.state_dict()``: parameters are averaged, buffers copied.
+
+    Buffers are copied, not averaged: they are running statistics that are
+    already averages (a VQ codebook's EMA) or discrete state (restarted codes).
 
     The decay ramps up as ``min(decay, (1 + n) / (10 + n))`` so the average is not
     anchored to the random initialisation during the first hundred updates.
@@ -16,7 +19,8 @@ class EMA:
     def __init__(self, module: nn.Module, decay: float) -> None:
         self.decay = decay
         self.updates = 0
-        self.shadow = {k: v.detach().clone().float() if v.is_floating_point() else v.detach().clone() for k, v in module.state_dict().items()}
+        self.averaged = {name for name, _ in module.named_parameters()}
+        self.shadow = {k: v.detach().clone().float() if k in self.averaged else v.detach().clone() for k, v in module.state_dict().items()}
         empty = [k for k, v in self.shadow.items() if v.numel() == 0 and k]
         if empty:
             raise ValueError(f"EMA needs full weights on every rank; {empty[0]!r} is sharded (ZeRO-3?)")
@@ -27,7 +31,7 @@ class EMA:
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for key, value in module.state_dict().items():
             shadow = self.shadow[key]
-            if shadow.is_floating_point():
+            if key in self.averaged:
                 shadow.lerp_(value.detach().to(shadow.device, shadow.dtype), 1 - decay)
             else:
                 shadow.copy_(value)
