@@ -21,7 +21,8 @@ def codec_metrics(codec, images: torch.Tensor, *, batch_size: int = 64, device: 
     """Hard-token reconstruction of uint8 ``images[N,3,H,W]``.
 
     ``mse`` and ``psnr`` (mean of per-image PSNR in dB, pixels in [0,1]) come from
-    argmax codes decoded; ``codebook_usage`` is the share of codes used at least
+    argmax codes decoded; ``psnr_of_mean_mse`` is the stricter split-level figure
+    ``10 log10(1 / mse)``. ``codebook_usage`` is the share of codes used at least
     once and ``perplexity`` the exponentiated entropy of the code histogram.
     """
     mse_sum, psnr_sum, n = 0.0, 0.0, 0
@@ -40,6 +41,8 @@ def codec_metrics(codec, images: torch.Tensor, *, batch_size: int = 64, device: 
     return {
         "mse": mse_sum / max(n, 1),
         "psnr": psnr_sum / max(n, 1),
+        "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse_sum / max(n, 1), 1e-10)),
+        "images": n,
         "codebook_usage": float((counts > 0).float().mean()),
         "perplexity": float(entropy.exp()),
     }
