@@ -102,6 +102,7 @@ class Recipe(Strict):
 
 # Recipe block -> registry kind. Only these blocks name components.
 COMPONENT_BLOCKS = {"data": "data", "tokenizer": "tokenizer", "codec": "codec", "prior": "prior", "reranker": "reranker"}
+TRAINED_KINDS = {"codec", "prior", "reranker"}
 
 
 # ----------------------------------------------------------------------------- finding and reading
@@ -251,9 +252,11 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
         if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
             continue  # phase 1 already reported it (or the block is optional and absent)
         problems += _check_component(manager.registry(kind), raw, block, resolved_params)
-        train = raw.get("train")
-        if isinstance(train, dict) and isinstance(train.get("engine"), dict) and isinstance(train["engine"].get("name"), str):
-            problems += _check_component(manager.registry("engine"), train["engine"], f"{block}.train.engine", resolved_params)
+        if kind in TRAINED_KINDS:
+            train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
+            engine = train.get("engine", EngineSpec().model_dump())  # the default engine's params get filled in too
+            if isinstance(engine, dict) and isinstance(engine.get("name"), str):
+                problems += _check_component(manager.registry("engine"), engine, f"{block}.train.engine", resolved_params)
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None

@@ -70,6 +70,9 @@ def tiny(bare_manager):
         dalle_register_codecs=lambda registry: registry.register(TinyCodec, name="tiny-codec", aliases=("tc",)),
     )
     bare_manager.add_plugin(plugin, name="tiny")
+    import dalle_engines  # the real engines: every trained block has one (torch by default)
+
+    bare_manager.add_plugin(dalle_engines, name="engines")
     return bare_manager
 
 
@@ -197,6 +200,7 @@ def test_recipe_validates_and_fills_defaults(with_data):
     recipe = validate(BASE)
     assert recipe.codec.params == {"vocab_size": 8, "image_size": 8}
     assert recipe.codec.train.steps == 3 and recipe.codec.train.engine.name == "torch"
+    assert recipe.codec.train.engine.params == {"device": "auto", "find_unused_parameters": False}
 
 
 def test_recipe_reports_all_mistakes_with_paths(with_data):

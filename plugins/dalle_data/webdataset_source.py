@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 from pydantic import Field
 
-from dalle_framework import DataSource, Params, Sample, UsageError
+from dalle_framework import DataSource, Params, Sample, UsageError, distributed
 from dalle_framework.data import decode_image, square_resize
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ class WebDatasetSource(DataSource):
         return wds.WebDataset(
             self.urls(split),
             shardshuffle=False,
-            nodesplitter=wds.split_by_node,
+            nodesplitter=split_by_rank,
             workersplitter=wds.split_by_worker,
             empty_check=False,
             handler=handler or WarnAndContinue(),
@@ -175,3 +176,14 @@ class WebDatasetSource(DataSource):
                 yield item
         finally:
             self.skipped += handler.count
+
+
+def split_by_rank(urls: Iterable[Any]) -> Iterator[Any]:
+    """Every ``world_size``-th shard, starting at this process's rank.
+
+    webdataset's own ``split_by_node`` trusts the RANK / WORLD_SIZE variables
+    before the process group; a stale pair left in the environment (say by a
+    single-process DeepSpeed run earlier in the same interpreter) would give
+    every rank all shards. The process group, when there is one, is the truth.
+    """
+    yield from itertools.islice(urls, distributed.rank(), None, distributed.world_size())
