@@ -221,13 +221,16 @@ class Pipeline:
         tokens_t = torch.cat(tokens).view(len(captions), n, -1)
         images_t = torch.cat(images).view(len(captions), n, *images[0].shape[1:])
         scores_t = torch.cat(scores).view(len(captions), n)
-        order = scores_t.argsort(dim=1, descending=True, stable=True) if not scores_t.isnan().all() else torch.arange(n).expand(len(captions), n)
-        best = order[:, :keep].to(images_t.device)
-        pick = lambda t: torch.stack([t[i, best[i]] for i in range(len(captions))])  # noqa: E731
+        if scores_t.isnan().all():  # no reranker: keep the first candidates drawn
+            order = torch.arange(n, device=scores_t.device).expand(len(captions), n)
+        else:
+            order = scores_t.argsort(dim=1, descending=True, stable=True)
+        best = order[:, :keep]
+        rows = torch.arange(len(captions), device=best.device)[:, None]
         return Generation(
             captions=list(captions),
-            images=pick(images_t).cpu(),
-            scores=pick(scores_t).cpu(),
+            images=images_t[rows, best].cpu(),
+            scores=scores_t.gather(1, best).cpu(),
             candidates=images_t.cpu(),
             candidate_scores=scores_t.cpu(),
             tokens=tokens_t.cpu(),
