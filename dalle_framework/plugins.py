@@ -7,7 +7,6 @@ or to register is recorded in ``errors`` and left out; the others keep working.
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata as md
 import os
 import traceback

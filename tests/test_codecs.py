@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from dalle_framework import ImageCodec, UsageError
+from dalle_framework import ImageCodec
 from dalle_framework.metrics import codebook_usage, psnr
 from dalle_framework.nn import ConvCodecParams, LogitLaplace, cosine_schedule, nearest_code
 from dalle_framework.plugins import registry

@@ -48,7 +48,7 @@ def test_generate_cli_is_deterministic_and_reranked(trained_run, tmp_path):
     args = ["generate", str(trained_run), *CAPTIONS, "-n", "4", "--keep", "2", "--seed", "3", "--quiet"]
     first = run_cli(*args, "--out", str(tmp_path / "a.png"))
     second = run_cli(*args, "--out", str(tmp_path / "b.png"))
-    assert first.returncode == 0, first.stderr
+    assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
     rows = json.loads(first.stdout)["rows"]
     assert [r["caption"] for r in rows] == CAPTIONS
