@@ -11,6 +11,17 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# One intra-op thread, here and in every subprocess a test starts: the models are
+# tiny, and on a 2-core machine two OpenMP threads that share a core with anything
+# else spin-wait and run 10-40x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -27,14 +27,6 @@ ALL = sorted(PATTERNS)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Small tensors: a second thread only adds spin-wait contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def image_keys(mask: torch.Tensor, layout: Layout, j: int) -> set[int]:
     """Image-relative keys that image query ``j`` may attend to."""

@@ -30,14 +30,6 @@ _spec.loader.exec_module(worker)
 TinyModel, batch = worker.TinyModel, worker.batch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is fastest, and the machine is shared."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def prepare(engine: str = "torch", params: dict | None = None, seed: int = 0, **train):
     torch.manual_seed(seed)

@@ -17,14 +17,6 @@ N = GRID[0] * GRID[1]
 TINY = dict(dim=32, depth=3, heads=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds spin-wait contention on shared cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def build(cls=DenseTransformer, **params):
     torch.manual_seed(0)
