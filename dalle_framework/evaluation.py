@@ -13,6 +13,7 @@ from typing import Any, Optional
 
 import torch
 
+from .metrics import codebook_usage
 from .pipeline import Pipeline, _fit
 
 
@@ -26,7 +27,7 @@ def codec_metrics(codec, images: torch.Tensor, *, batch_size: int = 64, device: 
     once and ``perplexity`` the exponentiated entropy of the code histogram.
     """
     mse_sum, psnr_sum, n = 0.0, 0.0, 0
-    counts = torch.zeros(codec.vocab_size, dtype=torch.long)
+    codes: list[torch.Tensor] = []
     for start in range(0, len(images), batch_size):
         batch = _fit(images[start : start + batch_size].to(device).float() / 255.0, codec.image_size)
         tokens = codec.encode(batch)
@@ -35,16 +36,15 @@ def codec_metrics(codec, images: torch.Tensor, *, batch_size: int = 64, device: 
         mse_sum += float(per_image.sum())
         psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum())
         n += len(batch)
-        counts += torch.bincount(tokens.flatten().cpu(), minlength=codec.vocab_size)
-    probs = counts.float() / counts.sum().clamp_min(1)
-    entropy = -(probs[probs > 0] * probs[probs > 0].log()).sum()
+        codes.append(tokens.cpu())
+    usage = codebook_usage(torch.cat(codes), codec.vocab_size)
     return {
         "mse": mse_sum / max(n, 1),
         "psnr": psnr_sum / max(n, 1),
         "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse_sum / max(n, 1), 1e-10)),
         "images": n,
-        "codebook_usage": float((counts > 0).float().mean()),
-        "perplexity": float(entropy.exp()),
+        "codebook_usage": usage["usage"],
+        "perplexity": usage["perplexity"],
     }
 
 

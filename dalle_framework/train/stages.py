@@ -140,9 +140,6 @@ class PriorStage(Stage):
     def step_args(self, batch, step, device):
         return (batch[0].to(device).long(), batch[1].to(device).long())
 
-    def extra_metrics(self, module, device, limit):
-        return {}
-
     def evaluate(self, module, device, *, limit=None):
         metrics = super().evaluate(module, device, limit=limit)
         if "image_loss" in metrics:
