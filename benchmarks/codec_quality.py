@@ -7,7 +7,7 @@ Prints one JSON object: held-out hard-token PSNR (argmax / nearest codes decoded
 pixels in [0, 1]; PSNR of the mean squared error over the whole split, and the mean
 of per-image PSNRs), codebook usage and perplexity of the held-out tokens, the
 steps done and the wall time. The loop is deliberately minimal and self-contained
-(AdamW, linear warmup then cosine decay, optional weight EMA, horizontal flips) so
+(AdamW, linear warmup then cosine decay, optional weight EMA and horizontal flips) so
 the benchmark runs without the framework's trainer.
 """
 
@@ -62,7 +62,7 @@ def train(
     warmup: int,
     ema: Optional[float] = None,
     weight_decay: float = 0.0,
-    flip: bool = True,
+    flip: bool = False,
     seed: int = 0,
     log_every: int = 0,
     device: str = "cpu",
@@ -154,11 +154,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     ap.add_argument("--data", default="emoji", help="registered data source (needs train / heldout splits)")
     ap.add_argument("--steps", type=int, default=None, help="optimizer steps (default: fill --minutes)")
     ap.add_argument("--minutes", type=float, default=None, help="wall-time budget for training")
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--ema", type=float, default=None, help="weight EMA decay for evaluation (off by default)")
-    ap.add_argument("--no-flip", action="store_true", help="disable horizontal-flip augmentation")
+    ap.add_argument("--flip", action="store_true", help="mirror half of each batch (cost ~0.4 dB on emoji, where codecs underfit)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the target machine has 2 cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
@@ -183,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         lr=args.lr,
         warmup=args.warmup,
         ema=args.ema,
-        flip=not args.no_flip,
+        flip=args.flip,
         seed=args.seed,
         log_every=args.log_every,
         device=args.device,
@@ -201,8 +201,11 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "threads": torch.get_num_threads(),
         "train_images": len(train_images),
         "heldout": evaluate(model, held_images, device=args.device),
-        "train_subset": evaluate(model, train_images[: len(held_images)], device=args.device),
+        # spread over the split: sources list similar images together (emoji: all faces first)
+        "train_subset": evaluate(model, train_images[:: max(1, len(train_images) // len(held_images))][: len(held_images)], device=args.device),
     }
+    if args.ema:  # the live weights too, to show what the EMA adds
+        result["heldout_live_weights"] = evaluate(log["live"], held_images, device=args.device)
     print(json.dumps(result))
     return result
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import RecipeError, UsageError
 from .interfaces import Sampling
@@ -53,6 +53,9 @@ class TrainConfig(Strict):
     eval_every: int = Field(200, ge=1, description="held-out metrics and a preview image grid every N steps")
     ckpt_every: int = Field(500, ge=1)
     eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
+    hflip: bool = Field(
+        False, description="mirror each training image left-right with probability 1/2 (codec stage only: captions name directions)"
+    )
     num_workers: int = Field(0, ge=0)
 
 
@@ -98,6 +101,17 @@ class Recipe(Strict):
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name or "run"))
+
+    @model_validator(mode="after")
+    def _augment_images_only(self) -> "Recipe":
+        for block in ("prior", "reranker"):
+            config = getattr(self, block)
+            if config is not None and config.train.hflip:
+                raise ValueError(
+                    f"{block}.train.hflip: only the codec stage mirrors images "
+                    "(the prior trains on tokens, and captions such as 'arrow pointing left' name directions); remove it"
+                )
+        return self
 
 
 # Recipe block -> registry kind. Only these blocks name components.
@@ -231,6 +245,8 @@ def _format(prefix: str, err: dict) -> str:
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
         msg = "unknown key (not a field of this block)"
+    elif err["type"] == "value_error":
+        msg = msg.removeprefix("Value error, ")
     return f"{path}: {msg}" if path else msg
 
 

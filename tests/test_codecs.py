@@ -87,6 +87,22 @@ def test_bad_params_are_reported_with_the_field():
     assert ConvCodecParams(image_size=64, channel_mults=[1, 2], stem_downsample=4).grid == (8, 8)
 
 
+def test_activation_and_decoder_depth_options_shape_the_networks():
+    from dalle_framework.nn import BottleneckBlock
+
+    codec = build("vq-vae", image_size=32, vocab_size=16, width=16, channel_mults=[1], blocks_per_group=1,
+                  decoder_blocks_per_group=3, stem_downsample=4, activation="silu")
+    enc = [m for m in codec.encoder.modules() if isinstance(m, BottleneckBlock)]
+    dec = [m for m in codec.decoder.modules() if isinstance(m, BottleneckBlock)]
+    assert (len(enc), len(dec)) == (1, 3)
+    assert not any(isinstance(m, torch.nn.ReLU) for m in codec.modules())
+    assert sum(isinstance(m, torch.nn.SiLU) for m in codec.decoder.modules()) == 3 * 4 + 1
+    images = torch.rand(2, 3, 32, 32)
+    assert codec.decode(codec.encode(images)).shape == images.shape
+    with pytest.raises(ValidationError, match="activation"):
+        registry("codec").validate_params("vq-vae", {"activation": "tanh"})
+
+
 def test_paper_configuration_builds():
     """256x256 images, 8192 codes, 32x32 grid, n_hid 256: the paper's dVAE (defaults)."""
     codec = build("gumbel-dvae")

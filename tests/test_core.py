@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import textwrap
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -220,6 +221,14 @@ def test_unknown_param_key_is_an_error(with_data):
         validate(deep_merge(BASE, {"codec": {"params": {"vocab": 3}}}))
 
 
+def test_hflip_is_for_the_codec_stage_only(with_data):
+    assert validate(deep_merge(BASE, {"codec": {"train": {"hflip": True}}})).codec.train.hflip
+    prior = {"name": "tiny-prior", "train": {"hflip": True}}
+    with pytest.raises(RecipeError) as info:
+        validate(deep_merge(BASE, {"prior": prior}))
+    assert any(p.startswith("prior.train.hflip: only the codec stage mirrors images") for p in info.value.problems), info.value.problems
+
+
 def test_extends_and_overrides(with_data, tmp_path):
     import yaml
 
@@ -266,3 +275,13 @@ def test_recipes_are_data_not_code(with_data, tmp_path):
 def test_bad_override_syntax_is_a_usage_error():
     with pytest.raises(UsageError, match="key.path=value"):
         apply_overrides({}, ["codec.train.steps"])
+
+
+RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize("path", sorted(RECIPES_DIR.glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_recipe_validates(manager, path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    assert recipe.codec.train.steps > 0 and recipe.codec.params["vocab_size"] >= 2

@@ -104,8 +104,24 @@ def test_codec_stage_writes_run_dir_and_tensorboard(manager, tmp_path):
     assert tokens.shape == (2, loaded.codec.tokens_per_image)
 
 
+def test_hflip_mirrors_about_half_of_a_batch_reproducibly(manager, tmp_path):
+    from dalle_framework.train.stages import make_stage
+
+    pipe = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "run", **{"codec.train.hflip": True})))
+    stage = make_stage(pipe, "codec")
+    images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
+    out = stage.augment([images], key=5)[0]
+    mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images)])
+    kept = torch.tensor([torch.equal(o, i) for o, i in zip(out, images)])
+    assert bool((mirrored ^ kept).all()) and 16 < int(mirrored.sum()) < 48
+    assert torch.equal(stage.augment([images], key=5)[0], out)  # the key decides, so resume replays it
+    assert not torch.equal(stage.augment([images], key=6)[0], out)
+    plain = make_stage(Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "plain"))), "codec")
+    assert plain.augment([images], key=5)[0] is images
+
+
 def test_resume_continues_exactly_where_it_stopped(manager, tmp_path):
-    constant = {"codec.train.lr_schedule": "constant"}
+    constant = {"codec.train.lr_schedule": "constant", "codec.train.hflip": True}
     full = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "full", **constant)))
     train_stage(full, "codec", progress=False)
 

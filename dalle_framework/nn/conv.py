@@ -23,15 +23,22 @@ def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, kernel, padding=(kernel - 1) // 2)
 
 
+# The paper uses ReLU; SiLU / GELU are the usual alternatives in later VQ models.
+ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "gelu": nn.GELU}
+Activation = Literal["relu", "silu", "gelu"]
+
+
 class BottleneckBlock(nn.Module):
-    """``x -> id(x) + post_gain * res(x)``; res = 4 x (ReLU, conv) with hidden width ``n_out // 4``.
+    """``x -> id(x) + post_gain * res(x)``; res = 4 x (activation, conv) with hidden width ``n_out // 4``.
 
     ``kernels`` are the four conv sizes: the paper's encoder uses (3, 3, 3, 1), its
     decoder (1, 3, 3, 3). ``id`` is a 1x1 conv when the width changes.
     Shapes: ``[B, n_in, H, W] -> [B, n_out, H, W]``.
     """
 
-    def __init__(self, n_in: int, n_out: int, *, post_gain: float, kernels: Sequence[int] = (3, 3, 3, 1)) -> None:
+    def __init__(
+        self, n_in: int, n_out: int, *, post_gain: float, kernels: Sequence[int] = (3, 3, 3, 1), activation: Activation = "relu"
+    ) -> None:
         super().__init__()
         assert len(kernels) == 4, f"a bottleneck block has 4 convs, got kernels={kernels}"
         assert n_out % 4 == 0, f"block width {n_out} must be a multiple of 4 (hidden = width / 4)"
@@ -39,7 +46,7 @@ class BottleneckBlock(nn.Module):
         widths = [n_in, hidden, hidden, hidden, n_out]
         layers: list[nn.Module] = []
         for i, k in enumerate(kernels):
-            layers += [nn.ReLU(), _conv(widths[i], widths[i + 1], k)]
+            layers += [ACTIVATIONS[activation](), _conv(widths[i], widths[i + 1], k)]
         self.res_path = nn.Sequential(*layers)
         self.id_path = nn.Identity() if n_in == n_out else _conv(n_in, n_out, 1)
         self.post_gain = post_gain
@@ -60,7 +67,7 @@ class ConvEncoder(nn.Module):
     by ``stem_downsample`` when > 1: an extension for CPUs, where full-resolution
     convs with few channels dominate the time). Group ``g`` has ``blocks_per_group``
     blocks of width ``width * channel_mults[g]``; a 2x2 max-pool follows every group but
-    the last. Output: ReLU + 1x1 conv (codebook logits for the dVAE, code vectors for VQ).
+    the last. Output: activation + 1x1 conv (codebook logits for the dVAE, code vectors for VQ).
     """
 
     def __init__(
@@ -74,6 +81,7 @@ class ConvEncoder(nn.Module):
         stem_kernel: int = 7,
         stem_downsample: int = 1,
         residual_gain: Optional[float] = None,
+        activation: Activation = "relu",
     ) -> None:
         super().__init__()
         widths = _group_widths(width, channel_mults)
@@ -85,11 +93,11 @@ class ConvEncoder(nn.Module):
         n_in = widths[0]
         for g, w in enumerate(widths):
             for _ in range(blocks_per_group):
-                layers.append(BottleneckBlock(n_in, w, post_gain=gain, kernels=(3, 3, 3, 1)))
+                layers.append(BottleneckBlock(n_in, w, post_gain=gain, kernels=(3, 3, 3, 1), activation=activation))
                 n_in = w
             if g < len(widths) - 1:
                 layers.append(nn.MaxPool2d(2))
-        layers += [nn.ReLU(), _conv(n_in, out_channels, 1)]
+        layers += [ACTIVATIONS[activation](), _conv(n_in, out_channels, 1)]
         self.blocks = nn.Sequential(*layers)
         self.downsample = s * 2 ** (len(widths) - 1)
 
@@ -102,7 +110,7 @@ class ConvDecoder(nn.Module):
 
     Stem: 1x1 conv to ``stem_width`` (the paper's n_init = 128). Groups mirror the
     encoder (widest first); nearest-neighbour 2x upsampling follows every group but
-    the last. Output: ReLU + 1x1 conv (6 channels for logit-Laplace: mu and log-scale),
+    the last. Output: activation + 1x1 conv (6 channels for logit-Laplace: mu and log-scale),
     then depth-to-space by ``stem_downsample`` when > 1.
     """
 
@@ -117,6 +125,7 @@ class ConvDecoder(nn.Module):
         stem_width: int,
         stem_downsample: int = 1,
         residual_gain: Optional[float] = None,
+        activation: Activation = "relu",
     ) -> None:
         super().__init__()
         widths = list(reversed(_group_widths(width, channel_mults)))
@@ -126,13 +135,13 @@ class ConvDecoder(nn.Module):
         n_in = stem_width
         for g, w in enumerate(widths):
             for _ in range(blocks_per_group):
-                layers.append(BottleneckBlock(n_in, w, post_gain=gain, kernels=(1, 3, 3, 3)))
+                layers.append(BottleneckBlock(n_in, w, post_gain=gain, kernels=(1, 3, 3, 3), activation=activation))
                 n_in = w
             if g < len(widths) - 1:
                 layers.append(nn.Upsample(scale_factor=2, mode="nearest"))
         s = stem_downsample
         depth_to_space: list[nn.Module] = [nn.PixelShuffle(s)] if s > 1 else []
-        layers += [nn.ReLU(), _conv(n_in, out_channels * s * s, 1), *depth_to_space]
+        layers += [ACTIVATIONS[activation](), _conv(n_in, out_channels * s * s, 1), *depth_to_space]
         self.blocks = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -170,6 +179,10 @@ class ConvCodecParams(Params):
         description="width multiplier per group; grid = image_size / (stem_downsample * 2**(groups-1))",
     )
     blocks_per_group: int = Field(2, ge=1, description="bottleneck residual blocks per group (paper: 2)")
+    decoder_blocks_per_group: Optional[int] = Field(
+        None, ge=1, description="the decoder's blocks per group; null = blocks_per_group (a heavier decoder sharpens short runs)"
+    )
+    activation: Activation = Field("relu", description="nonlinearity of every block (paper: relu)")
     stem_downsample: int = Field(
         1, ge=1, description="space-to-depth factor before the encoder stem / depth-to-space after the decoder (paper: 1; "
         "2 quarters the cost of full-resolution convs on CPU)"
@@ -212,6 +225,7 @@ class ConvCodecParams(Params):
             stem_kernel=self.stem_kernel,
             stem_downsample=self.stem_downsample,
             residual_gain=self.residual_gain,
+            activation=self.activation,
         )
 
     def build_decoder(self, in_channels: int, out_channels: int) -> ConvDecoder:
@@ -220,8 +234,9 @@ class ConvCodecParams(Params):
             out_channels=out_channels,
             width=self.width,
             channel_mults=self.channel_mults,
-            blocks_per_group=self.blocks_per_group,
+            blocks_per_group=self.decoder_blocks_per_group or self.blocks_per_group,
             stem_width=self.decoder_stem_width,
             stem_downsample=self.stem_downsample,
             residual_gain=self.residual_gain,
+            activation=self.activation,
         )

@@ -116,8 +116,9 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progre
     module.train()
     while step < train.steps:
         out: dict[str, float] = {}
-        for _ in range(train.grad_accum):
-            out = run.step(*stage.step_args(next(batches), step, run.device))
+        for micro in range(train.grad_accum):
+            key = (step * train.grad_accum + micro) * run.world_size + run.rank  # distinct per micro-batch and rank
+            out = run.step(*stage.step_args(stage.augment(next(batches), key), step, run.device))
         step += 1
         if ema is not None:
             ema.update(run.module)

@@ -62,6 +62,10 @@ class Stage:
     def step_args(self, batch: list[Any], step: int, device: torch.device) -> tuple:
         raise NotImplementedError
 
+    def augment(self, batch: list[Any], key: int) -> list[Any]:
+        """A training batch after random augmentation; ``key`` seeds it, so resumed runs replay it exactly."""
+        return batch
+
     def heldout(self, limit: int) -> list[Any]:
         return [c[:limit] for c in self.columns("heldout")]
 
@@ -108,6 +112,14 @@ class CodecStage(Stage):
     def step_args(self, batch, step, device):
         size = self.image_size or self.pipe.codec.image_size
         return (as_float(batch[0], size, device), step)
+
+    def augment(self, batch, key):
+        if not self.train.hflip:
+            return batch
+        images = batch[0]
+        generator = torch.Generator().manual_seed(self.pipe.recipe.seed * 1_000_003 + key)
+        mirror = torch.rand(len(images), generator=generator) < 0.5
+        return [torch.where(mirror[:, None, None, None], images.flip(-1), images), *batch[1:]]
 
     @torch.no_grad()
     def extra_metrics(self, module, device, limit):

@@ -20,12 +20,14 @@ every run left over half of the codebook unused, down to 1%, and 8x8 grids lost
 (the decoder trains on the hard codes that decode() sees), ``kl_end: 0`` (the KL to a
 uniform prior fights sharp posteriors: 6.6 cost ~9 dB, 1.0 cost ~6 dB), ``usage_weight:
 1`` (keeps >90% of codes in use), ``tau_steps`` ~ 80% of the run, ``stem_downsample: 4``
-(full-resolution convs with few channels dominate CPU time). The paper's defaults
+(full-resolution convs with few channels dominate CPU time), ``residual_gain: 1`` (the
+paper's 1/n_layers^2 slows shallow stacks). The paper's defaults
 (logit-Laplace, kl 6.6, soft relaxation) are for 3M-update GPU runs.
 
-Outer-loop settings (owned by the trainer): AdamW, lr 1e-3 with ~100 warmup steps
-for small CPU models (paper: 1e-4 at batch 512, cosine decay), batch 32, weight
-EMA 0.999 for long runs (paper), 0.99-0.995 or off for runs of a few thousand steps.
+Outer-loop settings (owned by the trainer): AdamW, lr 2e-3 with ~100 warmup steps
+for small CPU models (paper: 1e-4 at batch 512, cosine decay), batch 16 (more updates
+beat bigger batches in a fixed CPU budget), no flips (these codecs underfit), weight
+EMA 0.999 for long runs (paper), off for runs of a few thousand steps.
 """
 
 from __future__ import annotations
