@@ -27,7 +27,6 @@ ALL = sorted(PATTERNS)
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
-
 def image_keys(mask: torch.Tensor, layout: Layout, j: int) -> set[int]:
     """Image-relative keys that image query ``j`` may attend to."""
     t = layout.text_len

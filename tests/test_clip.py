@@ -30,7 +30,6 @@ TINY = {
 }
 
 
-
 @pytest.fixture(scope="module")
 def registries():
     manager = PluginManager()

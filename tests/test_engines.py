@@ -30,7 +30,6 @@ _spec.loader.exec_module(worker)
 TinyModel, batch = worker.TinyModel, worker.batch
 
 
-
 def prepare(engine: str = "torch", params: dict | None = None, seed: int = 0, **train):
     torch.manual_seed(seed)
     config = TrainConfig(**{"steps": 20, "lr": 3e-3, "batch_size": 8, **train}, engine={"name": engine, "params": params or {}})

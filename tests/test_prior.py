@@ -17,7 +17,6 @@ N = GRID[0] * GRID[1]
 TINY = dict(dim=32, depth=3, heads=4)
 
 
-
 def build(cls=DenseTransformer, **params):
     torch.manual_seed(0)
     return cls(cls.Params(**{**TINY, **params}), text_vocab_size=TEXT_VOCAB, text_len=TEXT_LEN, image_vocab_size=IMAGE_VOCAB, grid=GRID)

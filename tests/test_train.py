@@ -121,12 +121,12 @@ def test_hflip_mirrors_about_half_of_a_batch_reproducibly(manager, tmp_path):
 
 
 def test_resume_continues_exactly_where_it_stopped(manager, tmp_path):
-    constant = {"codec.train.lr_schedule": "constant", "codec.train.hflip": True}
-    full = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "full", **constant)))
+    settings = {"codec.train.lr_schedule": "constant", "codec.train.hflip": True}
+    full = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "full", **settings)))
     train_stage(full, "codec", progress=False)
 
     # the same run interrupted after 3 steps, then resumed with the full step count
-    cut = tiny_recipe(tmp_path / "cut", **constant, **{"codec.train.steps": 3})
+    cut = tiny_recipe(tmp_path / "cut", **settings, **{"codec.train.steps": 3})
     train_stage(Pipeline(recipe_from_dict(cut)), "codec", progress=False)
     cut["codec"]["train"]["steps"] = 6
     resumed = Pipeline(recipe_from_dict(cut))
