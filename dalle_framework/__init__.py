@@ -1,37 +1,71 @@
 """dalle-framework: a plugin-based framework for DALL-E style text-to-image models.
 
-The public API for plugin authors is what this module exports.
+The plugin API is what this module exports plus the modules named in
+``PLUGIN_API``; a plugin imports nothing else of the framework (the test suite
+checks every built-in plugin against this list):
+
+- ``dalle_framework``: the contracts, ``Params``, ``Stage``, ``Registry``, errors, ``hookimpl``;
+- ``dalle_framework.attention``: ``[text | image]`` layouts, sparse patterns and their kernels;
+- ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits;
+- ``dalle_framework.nn``: convolutional codec blocks, schedules, reconstruction losses;
+- ``dalle_framework.metrics``: PSNR, codebook usage, retrieval accuracy;
+- ``dalle_framework.data``: image conversions, splits, shards, token shards, batches;
+- ``dalle_framework.rundir``: atomic files and directories, weights, weights-only torch files;
+- ``dalle_framework.distributed``: ranks, barriers and agreement between processes.
 """
 
-from .errors import DalleError, RecipeError, RegistryError, UsageError
+from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, UsageError
 from .hookspecs import hookimpl
 from .interfaces import (
     PAD_ID,
+    CodecFacts,
     Component,
     DataSource,
     Engine,
     EngineRun,
+    EngineSpec,
     ImageCodec,
+    ModuleComponent,
     Params,
     Prior,
     Reranker,
     Sample,
     Sampling,
+    StepCallback,
     Tokenizer,
+    TrainConfig,
 )
 from .registry import Registry
+from .stage import Preview, Stage
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+PLUGIN_API = (
+    "dalle_framework",
+    "dalle_framework.attention",
+    "dalle_framework.sampling",
+    "dalle_framework.nn",
+    "dalle_framework.metrics",
+    "dalle_framework.data",
+    "dalle_framework.rundir",
+    "dalle_framework.distributed",
+)
 
 __all__ = [
     "PAD_ID",
+    "PLUGIN_API",
+    "CodecFacts",
     "Component",
     "DalleError",
     "DataSource",
     "Engine",
     "EngineRun",
+    "EngineSpec",
     "ImageCodec",
+    "ModuleComponent",
+    "NonFiniteError",
     "Params",
+    "Preview",
     "Prior",
     "RecipeError",
     "Registry",
@@ -39,7 +73,10 @@ __all__ = [
     "Reranker",
     "Sample",
     "Sampling",
+    "Stage",
+    "StepCallback",
     "Tokenizer",
+    "TrainConfig",
     "UsageError",
     "hookimpl",
 ]

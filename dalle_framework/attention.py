@@ -202,6 +202,11 @@ def block_mask(pattern: str, layout: Layout, device: torch.device | str, block_s
     return _block_mask(pattern, layout, key, block_size, key.startswith("cuda"))
 
 
+def mean_keys_per_query(pattern: str, layout: Layout) -> float:
+    """How many keys a query attends to on average: ``(L + 1) / 2`` for dense causal, less when sparse."""
+    return dense_mask(pattern, layout).sum(dim=1).float().mean().item()
+
+
 def block_density(pattern: str, layout: Layout, block_size: int = 128) -> float:
     """Fraction of (query block, key block) pairs that must be computed."""
     mask = dense_mask(pattern, layout)
@@ -295,6 +300,7 @@ __all__ = [
     "flex_attention_fn",
     "get_rule",
     "mask_mod",
+    "mean_keys_per_query",
     "pattern_attention",
     "reference_attention",
     "register_pattern",

@@ -1,22 +1,25 @@
 """The ``dalle`` command line.
 
 Exit codes: 0 success, 2 usage or recipe errors (a clear message, no
-traceback), 1 runtime failures.
+traceback), 1 runtime failures (a clear message too).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from . import distributed
 from .errors import DalleError, RecipeError, UsageError
 
-STAGE_CHOICES = ("codec", "prior", "reranker", "all")
+MAX_SEED = 2**63 - 1
+# Disk and device failures are the machine's, not the user's input: exit 1.
+RUNTIME_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.ENOMEM}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,6 +35,32 @@ def _split_overrides(items: Sequence[str]) -> tuple[list[str], list[str]]:
     """Separate ``key.path=value`` overrides from positional words."""
     overrides = [i for i in items if "=" in i and not i.startswith("=")]
     return [i for i in items if i not in overrides], overrides
+
+
+def _count(low: int, high: int = 10**6):
+    """An argparse type: an integer in ``[low, high]``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{value} is out of range; give {low} to {high}")
+        return value
+
+    return parse
+
+
+def _number(text: str) -> float:
+    """An argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 # ----------------------------------------------------------------------------- plugins / components
@@ -99,7 +128,7 @@ def cmd_recipes(args) -> int:
             else:
                 import yaml
 
-                print(yaml.safe_dump(load_raw(ref), sort_keys=False), end="")
+                print(yaml.safe_dump(load_raw(ref), sort_keys=False, allow_unicode=True), end="")
         return 0
     # validate
     if not args.recipes:
@@ -128,17 +157,47 @@ def _pipeline_for(ref: str, overrides: list[str], device: Optional[str]):
     return Pipeline.from_recipe(ref, overrides, device=device)
 
 
-def cmd_train(args) -> int:
-    from .train.loop import train_all
-
+def _one_recipe(args, usage: str) -> tuple[str, list[str]]:
     words, overrides = _split_overrides(args.recipe_and_overrides)
     if len(words) != 1:
-        raise UsageError("dalle train RECIPE [key.path=value ...] [--stage STAGE]")
-    pipe = _pipeline_for(words[0], overrides, args.device)
-    stages = None if args.stage == "all" else [args.stage]
-    results = train_all(pipe, stages, resume=args.resume, force=args.force or args.stage != "all", progress=not args.quiet)
-    if _is_main():
+        raise UsageError(usage)
+    return words[0], overrides
+
+
+def _stages(pipe, wanted: Optional[str]) -> Optional[list[str]]:
+    if wanted in (None, "all"):
+        return None
+    pipe.stage(wanted)  # an unknown stage is a clear error naming the recipe's stages
+    return [wanted]
+
+
+def cmd_train(args) -> int:
+    from .rundir import command_line, locked
+    from .train.loop import train_all
+
+    ref, overrides = _one_recipe(args, "dalle train RECIPE [key.path=value ...] [--stage STAGE] [--resume] [--force]")
+    pipe = _pipeline_for(ref, overrides, args.device)
+    with locked(pipe.run_dir, command_line()):
+        results = train_all(pipe, _stages(pipe, args.stage), resume=args.resume, force=args.force, progress=not args.quiet)
+    if distributed.is_main():
         _print_json({"run": str(pipe.run_dir), "stages": results})
+    return 0
+
+
+def cmd_tokenizer(args) -> int:
+    from .rundir import command_line, locked
+    from .train.loop import claim_run_dir
+
+    ref, overrides = _one_recipe(args, "dalle tokenizer train RECIPE [--vocab-size N] [key.path=value ...]")
+    if args.vocab_size is not None:
+        overrides.append(f"tokenizer.params.vocab_size={args.vocab_size}")
+    pipe = _pipeline_for(ref, overrides, None)
+    with locked(pipe.run_dir, command_line()):
+        claim_run_dir(pipe, force=args.force)
+        fitted = pipe.fit_tokenizer(force=True)
+    if fitted is None:
+        raise UsageError(f"the {pipe.recipe.tokenizer.name!r} tokenizer learns nothing from data; nothing to train (a `bpe` tokenizer does)")
+    _print_json(fitted)
     return 0
 
 
@@ -157,10 +216,11 @@ def _sampling(args, defaults):
         overrides["use_cache"] = False
     from pydantic import ValidationError
 
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance_scale": "--guidance", "use_cache": "--no-cache"}
     try:
         return type(defaults).model_validate({**defaults.model_dump(), **overrides})
     except ValidationError as exc:
-        lines = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        lines = "; ".join(f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
         raise UsageError(f"sampling options: {lines}") from None
 
 
@@ -173,6 +233,8 @@ def cmd_generate(args) -> int:
     captions = args.captions or pipe.recipe.generate.captions
     if not captions:
         raise UsageError("give captions: dalle generate RUN \"a red circle in the top left\" ...")
+    if args.keep is not None and args.n is not None and args.keep > args.n:
+        raise UsageError(f"--keep {args.keep} is more than -n {args.n} candidates")
     prime_images = None
     if args.prime:
         prime_images = _read_image(args.prime).unsqueeze(0)
@@ -184,17 +246,16 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         prime_images=prime_images,
         prime_rows=args.prime_rows,
+        batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    out = Path(args.out)
-    save_grid(result.images.flatten(0, 1), out, nrow=result.images.shape[1])
-    scores = result.scores
+    out = save_grid(result.images.flatten(0, 1), args.out, nrow=result.images.shape[1])
     _print_json(
         {
             "grid": str(out),
             "rows": [
                 {"caption": c, "scores": [None if torch.isnan(s) else round(float(s), 4) for s in row]}
-                for c, row in zip(captions, scores)
+                for c, row in zip(captions, result.scores)
             ],
         }
     )
@@ -208,21 +269,27 @@ def _read_image(path: str):
 
     try:
         with Image.open(path) as img:
+            if img.width * img.height > 64 * 2**20:
+                raise UsageError(f"--prime {path}: {img.width}x{img.height} pixels is too large")
             return to_tensor(img.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
         raise UsageError(f"--prime {path}: cannot read the image ({exc})") from None
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation import evaluate_run
+    from .evaluation import evaluate_run, sections
+    from .rundir import command_line, locked, write_text
 
     pipe = _pipeline_for(args.run, [], args.device)
-    stages = None if args.stage == "all" else [args.stage]
-    report = evaluate_run(pipe, stages, progress=not args.quiet)
+    wanted = None
+    if args.stage not in (None, "all"):
+        if args.stage not in sections(pipe):
+            raise UsageError(f"--stage {args.stage!r}: choose one of {', '.join(sections(pipe))} or all")
+        wanted = [args.stage]
+    with locked(pipe.run_dir, command_line()):
+        report = evaluate_run(pipe, wanted, progress=not args.quiet)
     text = json.dumps(report, indent=2)
     if args.out:
-        from .checkpoint import write_text
-
         write_text(args.out, text + "\n")
     print(text)
     return 0
@@ -232,24 +299,22 @@ def cmd_run(args) -> int:
     """The main job: train every stage (reusing what is trained), generate, evaluate."""
     from .data.images import save_grid
     from .evaluation import evaluate_run
+    from .rundir import command_line, locked, write_text
     from .train.loop import train_all
 
-    words, overrides = _split_overrides(args.recipe_and_overrides)
-    if len(words) != 1:
-        raise UsageError("dalle run RECIPE [key.path=value ...]")
-    pipe = _pipeline_for(words[0], overrides, args.device)
-    train_all(pipe, resume=True, progress=not args.quiet)
-    if not _is_main():
-        return 0
-    captions = pipe.recipe.generate.captions or pipe.data.captions("heldout")[:4]
-    result = pipe.generate(captions, progress=not args.quiet)
-    grid = save_grid(result.images.flatten(0, 1), pipe.run_dir / "samples.png", nrow=result.images.shape[1])
-    print(f"samples for {len(captions)} captions: {grid}", file=sys.stderr)
-    report = evaluate_run(pipe, progress=not args.quiet)
-    report["samples"] = str(grid)
-    from .checkpoint import write_text
-
-    write_text(pipe.run_dir / "eval" / "report.json", json.dumps(report, indent=2) + "\n")
+    ref, overrides = _one_recipe(args, "dalle run RECIPE [key.path=value ...]")
+    pipe = _pipeline_for(ref, overrides, args.device)
+    with locked(pipe.run_dir, command_line()):
+        train_all(pipe, resume=True, force=args.force, progress=not args.quiet)
+        if not distributed.is_main():
+            return 0
+        captions = pipe.recipe.generate.captions or pipe.data.captions("heldout")[:4]
+        result = pipe.generate(captions, progress=not args.quiet)
+        grid = save_grid(result.images.flatten(0, 1), pipe.run_dir / "samples.png", nrow=result.images.shape[1])
+        print(f"samples for {len(captions)} captions: {grid}", file=sys.stderr)
+        report = evaluate_run(pipe, progress=not args.quiet)
+        report["samples"] = str(grid)
+        write_text(pipe.run_dir / "eval" / "report.json", json.dumps(report, indent=2) + "\n")
     print(json.dumps(report, indent=2))
     return 0
 
@@ -258,10 +323,8 @@ def cmd_inspect(args) -> int:
     from .inspect import inspect_recipe
     from .recipe import load_recipe
 
-    words, overrides = _split_overrides(args.recipe_and_overrides)
-    if len(words) != 1:
-        raise UsageError("dalle inspect RECIPE [key.path=value ...] [--gpus N --nodes M]")
-    _print_json(inspect_recipe(load_recipe(words[0], overrides), gpus_per_node=args.gpus, nodes=args.nodes))
+    ref, overrides = _one_recipe(args, "dalle inspect RECIPE [key.path=value ...] [--gpus N --nodes M]")
+    _print_json(inspect_recipe(load_recipe(ref, overrides), gpus_per_node=args.gpus, nodes=args.nodes))
     return 0
 
 
@@ -270,6 +333,7 @@ def cmd_inspect(args) -> int:
 
 def _source_from_args(name: str, params: list[str]):
     import yaml
+    from pydantic import ValidationError
 
     from .plugins import get_plugin_manager
 
@@ -278,60 +342,56 @@ def _source_from_args(name: str, params: list[str]):
         key, sep, raw = item.partition("=")
         if not sep:
             raise UsageError(f"--param {item!r} must look like key=value")
-        values[key] = yaml.safe_load(raw)
+        try:
+            values[key] = yaml.safe_load(raw)
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--param {item!r}: value is not valid YAML: {exc}") from None
     registry = get_plugin_manager().registry("data")
     try:
         return registry.build({"name": name, "params": values})
-    except Exception as exc:
-        if isinstance(exc, UsageError):
-            raise
-        from pydantic import ValidationError
-
-        if isinstance(exc, ValidationError):
-            lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise UsageError(f"data source {name!r} params: {lines}") from None
-        raise
+    except ValidationError as exc:
+        lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"data source {name!r} params: {lines}") from None
 
 
 def cmd_data(args) -> int:
     if args.action == "shards":
         from .data.shards import write_shards
 
+        if not args.out:
+            raise UsageError("dalle data shards SOURCE OUT")
         source = _source_from_args(args.source, args.param)
         _print_json(write_shards(source, args.out, max_per_shard=args.max_per_shard, progress=not args.quiet))
         return 0
-    # encode
-    from .train.stages import encode_tokens
+    # encode: whatever each stage precomputes before training (the prior's image tokens)
+    from .rundir import command_line, locked
 
     pipe = _pipeline_for(args.source, [], args.device)
-    counts = {split: int(len(encode_tokens(pipe, split)["image_tokens"])) for split in ("train", "heldout")}
-    _print_json({"tokens": str(pipe.run_dir / "tokens"), "counts": counts})
+    with locked(pipe.run_dir, command_line()):
+        made = {name: stage.prepare() for name, stage in pipe.stages.items()}
+    _print_json({"run": str(pipe.run_dir), "prepared": {k: v for k, v in made.items() if v}})
     return 0
 
 
 # ----------------------------------------------------------------------------- entry point
 
 
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dalle", description="DALL-E style text-to-image models from plugins and recipes.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
-    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO messages)")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True, metavar="COMMAND")
 
     p = sub.add_parser("plugins", help="list loaded plugins, their components and load errors")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plugins)
 
     p = sub.add_parser("components", help="list registered components")
-    p.add_argument("kind", nargs="?", help="tokenizer, codec, prior, reranker, data, engine")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("kind", nargs="?", help="tokenizer, codec, prior, reranker, data, engine or stage (default: all)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_components)
 
     p = sub.add_parser("recipes", help="list, show and validate recipes")
-    p.add_argument("action", choices=("ls", "show", "validate"))
+    p.add_argument("action", choices=("ls", "show", "validate"), help="ls: list; show: print; validate: check and report every mistake")
     p.add_argument("recipes", nargs="*", help="recipe names or files")
     p.add_argument("--resolved", action="store_true", help="show with extends, defaults and params filled in")
     p.set_defaults(func=cmd_recipes)
@@ -339,57 +399,68 @@ def build_parser() -> argparse.ArgumentParser:
     def common(p, device=True):
         p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
         if device:
-            p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's)")
+            p.add_argument("--device", help="cpu, cuda or cuda:N (default: the recipe's `device`, auto = cuda when available)")
 
+    recipe_help = "a recipe name or file, then key.path=value overrides (values parsed as YAML)"
     p = sub.add_parser("train", help="train stages of a recipe into its run directory")
-    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]")
-    p.add_argument("--stage", choices=STAGE_CHOICES, default="all")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint")
-    p.add_argument("--force", action="store_true", help="retrain stages that are already complete")
+    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]", help=recipe_help)
+    p.add_argument("--stage", default="all", help="one stage of the recipe (codec, prior, reranker, ...) or all (default)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted stage from its last checkpoint")
+    p.add_argument("--force", action="store_true", help="retrain even what is trained, start over an interrupted stage, "
+                   "and accept a recipe whose components differ from the run directory's")
     common(p)
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("run", help="the main job: train (reusing what is trained), generate a grid, evaluate")
-    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]")
+    p = sub.add_parser("run", help="the main job: train (reusing what is trained, resuming what was interrupted), generate a grid, evaluate")
+    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]", help=recipe_help)
+    p.add_argument("--force", action="store_true", help="retrain every stage and accept a recipe whose components differ from the run's")
     common(p)
     p.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("tokenizer", help="fit a tokenizer that learns from captions (bpe) into the run directory")
+    p.add_argument("action", choices=("train",), help="train: fit on the training captions of the recipe's data")
+    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]", help=recipe_help)
+    p.add_argument("--vocab-size", type=_count(2, 2**20), help="vocabulary size (sets tokenizer.params.vocab_size)")
+    p.add_argument("--force", action="store_true", help="accept a recipe whose components differ from the run directory's")
+    p.set_defaults(func=cmd_tokenizer)
+
     p = sub.add_parser("generate", help="generate images for captions from a trained run")
-    p.add_argument("run", help="run directory")
-    p.add_argument("captions", nargs="*")
-    p.add_argument("-n", type=int, default=None, help="candidates per caption")
-    p.add_argument("--keep", type=int, default=None, help="best candidates kept per caption")
-    p.add_argument("--out", default="grid.png")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
-    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--prime", help="image whose top token rows are kept")
-    p.add_argument("--prime-rows", type=int, default=0)
+    p.add_argument("run", help="run directory (or a recipe whose run directory is trained)")
+    p.add_argument("captions", nargs="*", help="captions to draw (default: the recipe's generate.captions)")
+    p.add_argument("-n", type=_count(1, 100_000), default=None, help="candidates drawn per caption (default: the recipe's)")
+    p.add_argument("--keep", type=_count(1, 100_000), default=None, help="best candidates kept per caption after reranking")
+    p.add_argument("--batch-size", type=_count(1, 100_000), default=None, help="candidates sampled per forward pass (bounds memory)")
+    p.add_argument("--out", default="grid.png", help="PNG file for the grid of kept images (default: grid.png)")
+    p.add_argument("--temperature", type=_number, help="softmax temperature (> 0)")
+    p.add_argument("--top-k", type=_count(1, 2**31), help="sample among the k most likely codes")
+    p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
+    p.add_argument("--guidance", type=_number, help="classifier-free guidance scale (1 = off)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; a check of the cache)")
+    p.add_argument("--seed", type=_count(0, MAX_SEED), default=None, help="the same seed draws the same images (default: the recipe's seed)")
+    p.add_argument("--prime", help="an image whose top token rows are kept (image priming)")
+    p.add_argument("--prime-rows", type=_count(0, 4096), default=0, help="how many token rows of --prime to keep")
     common(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("evaluate", help="print held-out metrics of a trained run as JSON")
-    p.add_argument("run")
-    p.add_argument("--stage", choices=(*STAGE_CHOICES, "generation"), default="all")
+    p.add_argument("run", help="run directory (or a recipe whose run directory is trained)")
+    p.add_argument("--stage", default="all", help="one stage of the run, generation, or all (default)")
     p.add_argument("--out", help="also write the JSON here")
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("inspect", help="parameter count, FLOPs per token, ZeRO-3 memory, without allocating")
-    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs per node")
-    p.add_argument("--nodes", type=int, default=1)
+    p = sub.add_parser("inspect", help="parameter count, FLOPs per token, training memory, without allocating")
+    p.add_argument("recipe_and_overrides", nargs="+", metavar="RECIPE [key.path=value ...]", help=recipe_help)
+    p.add_argument("--gpus", type=_count(1, 1_000_000), default=8, help="GPUs per node (default 8)")
+    p.add_argument("--nodes", type=_count(1, 1_000_000), default=1, help="nodes (default 1)")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("data", help="data tools: shards from a source; pre-encode image tokens of a run")
-    p.add_argument("action", choices=("shards", "encode"))
+    p = sub.add_parser("data", help="data tools: shards from a source; precompute what a run's stages need (image tokens)")
+    p.add_argument("action", choices=("shards", "encode"), help="shards: write a source as webdataset tars; encode: pre-encode a run's tokens")
     p.add_argument("source", help="shards: data source name; encode: run directory or recipe")
     p.add_argument("out", nargs="?", help="shards: output directory")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="data source params")
-    p.add_argument("--max-per-shard", type=int, default=1000)
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a data source param (repeatable)")
+    p.add_argument("--max-per-shard", type=_count(1, 10**7), default=1000, help="samples per tar file (default 1000)")
     common(p)
     p.set_defaults(func=cmd_data)
     return parser
@@ -397,6 +468,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _strip_launcher_args(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends ``--local_rank=N``; move it into LOCAL_RANK."""
+    import os
+
     out: list[str] = []
     it = iter(argv)
     for arg in it:
@@ -406,6 +479,15 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
             continue
         out.append(arg)
     return out
+
+
+def _os_error(exc: OSError) -> DalleError:
+    """A file-system failure as a message naming the file; the user's path (2) or the machine (1)."""
+    where = exc.filename or "a file"
+    detail = exc.strerror or str(exc)
+    if exc.errno in RUNTIME_ERRNOS:
+        return DalleError(f"{where}: {detail}; free space (or memory) and rerun: checkpoints written so far are intact")
+    return UsageError(f"{where}: {detail}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -418,15 +500,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif extra:
             raise UsageError(f"dalle: unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        if getattr(args, "action", None) == "shards" and not args.out:
-            raise UsageError("dalle data shards SOURCE OUT")
         return int(args.func(args) or 0)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return exc.exit_code
     except DalleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except OSError as exc:
+        error = _os_error(exc)
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except MemoryError:
+        print("error: out of memory; use smaller batches (train.batch_size, --batch-size) or a smaller model", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)
         return 130

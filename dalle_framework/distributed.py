@@ -114,6 +114,20 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one (identity for a single process).
+
+    Ranks must agree before acting on a local fact (out of time, a NaN loss),
+    or the ones that act would wait forever in the next collective.
+    """
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return bool(flag)
+    device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    value = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (identity for a single process)."""
     if not (is_initialized() and dist.get_world_size() > 1):
@@ -124,6 +138,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 __all__ = [
+    "any_rank",
     "barrier",
     "broadcast_object",
     "default_backend",

@@ -1,8 +1,9 @@
-"""Evaluation of a trained run: codec, prior, reranker and generated images.
+"""Evaluation of a trained run: each stage's held-out report, then generated images.
 
-Every number is measured on the data source's held-out split. Caption
-faithfulness needs a source whose truth is known (``DataSource.judge``): the
-oracle judges colour, shape and position from pixels, without any model.
+Every number is measured on the data source's held-out split. Each stage says
+what it reports (:meth:`Stage.report`); this module adds generation, whose
+caption faithfulness needs a source that knows the truth
+(``DataSource.judge``): an oracle that reads the image without any model.
 """
 
 from __future__ import annotations
@@ -13,39 +14,10 @@ from typing import Any, Optional
 
 import torch
 
-from .metrics import codebook_usage
-from .pipeline import Pipeline, _fit
+from .interfaces import Prior
+from .pipeline import Pipeline
 
-
-@torch.no_grad()
-def codec_metrics(codec, images: torch.Tensor, *, batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Hard-token reconstruction of uint8 ``images[N,3,H,W]``.
-
-    ``mse`` and ``psnr`` (mean of per-image PSNR in dB, pixels in [0,1]) come from
-    argmax codes decoded; ``psnr_of_mean_mse`` is the stricter split-level figure
-    ``10 log10(1 / mse)``. ``codebook_usage`` is the share of codes used at least
-    once and ``perplexity`` the exponentiated entropy of the code histogram.
-    """
-    mse_sum, psnr_sum, n = 0.0, 0.0, 0
-    codes: list[torch.Tensor] = []
-    for start in range(0, len(images), batch_size):
-        batch = _fit(images[start : start + batch_size].to(device).float() / 255.0, codec.image_size)
-        tokens = codec.encode(batch)
-        recon = codec.decode(tokens).clamp(0, 1)
-        per_image = (recon - batch).pow(2).flatten(1).mean(1)
-        mse_sum += float(per_image.sum())
-        psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum())
-        n += len(batch)
-        codes.append(tokens.cpu())
-    usage = codebook_usage(torch.cat(codes), codec.vocab_size)
-    return {
-        "mse": mse_sum / max(n, 1),
-        "psnr": psnr_sum / max(n, 1),
-        "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse_sum / max(n, 1), 1e-10)),
-        "images": n,
-        "codebook_usage": usage["usage"],
-        "perplexity": usage["perplexity"],
-    }
+GENERATION = "generation"  # the report section that is not a stage
 
 
 def judge_rates(verdicts: dict[str, list[bool]]) -> dict[str, float]:
@@ -93,49 +65,39 @@ def generation_metrics(
     return out
 
 
-def evaluate_run(pipe: Pipeline, stages: Optional[list[str]] = None, *, progress: bool = True) -> dict[str, Any]:
+def sections(pipe: Pipeline) -> list[str]:
+    """What ``dalle evaluate`` can report for this recipe: its stages, then generation."""
+    return [*pipe.stages, GENERATION]
+
+
+def evaluate_run(pipe: Pipeline, wanted: Optional[list[str]] = None, *, progress: bool = True) -> dict[str, Any]:
     """The JSON that ``dalle evaluate`` prints; grids are written under ``<run>/eval``."""
-    from .data.images import save_grid
-    from .train.stages import load_images, make_stage
-
     cfg = pipe.recipe.evaluate
-    eval_dir = pipe.run_dir / "eval"
+    wanted = wanted or sections(pipe)
     report: dict[str, Any] = {"run": str(pipe.run_dir), "recipe": pipe.recipe.name}
-    wanted = stages or ["codec", "prior", "reranker", "generation"]
-    limit = cfg.batches * cfg.batch_size
-    device = pipe.device
-
-    if "codec" in wanted and pipe.has_weights("codec"):
-        images, _ = load_images(pipe, "heldout")
-        report["codec"] = codec_metrics(pipe.codec, images[:limit], batch_size=cfg.batch_size, device=device)
-        sample = _fit(images[:8].to(device).float() / 255.0, pipe.codec.image_size)
-        recon = pipe.codec.decode(pipe.codec.encode(sample)).clamp(0, 1)
-        report["codec"]["grid"] = str(save_grid(torch.cat([sample, recon]).cpu(), eval_dir / "codec.png", nrow=len(sample)))
-    if "prior" in wanted and pipe.recipe.prior is not None and pipe.has_weights("prior"):
-        metrics = make_stage(pipe, "prior").evaluate(pipe.prior, device, limit=limit)
-        report["prior"] = {k: metrics[k] for k in ("bits_per_image_token", "image_loss", "text_loss", "loss") if k in metrics}
-    if "reranker" in wanted and pipe.reranker is not None:
-        metrics = make_stage(pipe, "reranker").extra_metrics(pipe.reranker, device, limit)
-        report["reranker"] = metrics
-    if "generation" in wanted and pipe.recipe.prior is not None and pipe.has_weights("prior"):
+    for name, stage in pipe.stages.items():
+        if name in wanted and pipe.has_weights(name):
+            report[name] = stage.report(pipe.component(name), pipe.device, cfg)
+    prior = pipe.role(Prior)
+    if GENERATION in wanted and prior is not None and pipe.has_weights(prior):
         captions = pipe.data.captions("heldout")[: cfg.captions]
-        report["generation"] = generation_metrics(
+        report[GENERATION] = generation_metrics(
             pipe,
             captions * cfg.rounds,
             candidates=cfg.candidates,
             seed=pipe.recipe.seed,
-            grid_path=eval_dir / "generated.png",
+            grid_path=pipe.run_dir / "eval" / "generated.png",
             progress=progress,
         )
-    return _finite(report)
+    return finite(report)
 
 
-def _finite(value: Any) -> Any:
+def finite(value: Any) -> Any:
     """JSON has no NaN: replace non-finite floats by None."""
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value

@@ -44,3 +44,8 @@ def dalle_register_engines(registry) -> None:
 @hookspec
 def dalle_register_recipe_dirs(register: Callable[[str], None]) -> None:
     """Call ``register(path)`` for each directory of YAML recipes the plugin ships."""
+
+
+@hookspec
+def dalle_register_stages(registry) -> None:
+    """Register Stage classes (a trainable step of the pipeline, see :class:`dalle_framework.Stage`)."""

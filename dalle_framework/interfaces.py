@@ -4,9 +4,14 @@ Shapes are the contract. Images are float tensors ``[B, 3, H, W]`` in ``[0, 1]``
 unless stated otherwise; token tensors are ``torch.long``.
 
 Every component class carries a nested pydantic ``Params`` model with
-``extra="forbid"``; a recipe's ``params`` block is validated against it and the
-instance is built as ``cls(params, **runtime)`` where ``runtime`` holds facts
-that come from other components (vocabulary sizes, grid, text length).
+``extra="forbid"``; a recipe's ``params`` block is validated against it once and
+the same ``Params`` object reaches the constructor: ``cls(params, **runtime)``,
+where ``runtime`` holds exactly the facts the component's stage hands it from
+other components (a prior gets ``text_vocab_size``, ``text_len``,
+``image_vocab_size`` and ``grid``; the other kinds get nothing).
+
+Methods with a default body are optional: a plugin overrides them when it can
+do better (say, a codec that knows its grid without being built).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,20 +30,34 @@ PAD_ID = 0  # every tokenizer reserves id 0 for padding; priors give each padded
 
 
 class Params(BaseModel):
-    """Base for component parameters: unknown keys are errors, never ignored."""
+    """Base for component parameters: unknown keys are errors, never ignored; NaN and infinity are refused."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
 
 
 class Component:
     """Mixin shared by all registered classes.
 
     ``name`` and ``plugin`` are filled in by the registry on registration.
+    Construction: ``cls(params, **runtime)`` (see the module docstring).
     """
 
     Params: ClassVar[type[Params]] = Params
     name: ClassVar[str] = ""
     plugin: ClassVar[str] = ""
+
+
+class ModuleComponent(nn.Module, Component):
+    """A component with weights (codec, prior, reranker)."""
+
+    def __init__(self) -> None:
+        nn.Module.__init__(self)
+
+    def no_weight_decay_parameters(self) -> Iterable[nn.Parameter]:
+        """Matrices that must not be decayed although they are not in an ``nn.Embedding``
+        (say, a positional table held as a bare parameter). Engines already skip biases,
+        norms and embeddings."""
+        return ()
 
 
 # --------------------------------------------------------------------------- text
@@ -47,7 +67,12 @@ class Tokenizer(Component, abc.ABC):
     """Turns captions into fixed-length id tensors.
 
     ``encode(list[str]) -> LongTensor[B, text_len]``: padded on the right with
-    ``PAD_ID`` (0) and truncated to ``text_len``. Ids are in ``[0, vocab_size)``.
+    ``PAD_ID`` (0) and truncated to ``text_len``. Ids are in ``[0, vocab_size)``;
+    ``vocab_size`` and ``text_len`` are known from the params alone.
+
+    A tokenizer learned from data (a BPE) says so with ``needs_fit``; the pipeline
+    then calls ``fit`` on the training captions once, ``save``s it into the run
+    directory and ``load``s it from there afterwards.
     """
 
     vocab_size: int
@@ -59,11 +84,34 @@ class Tokenizer(Component, abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: torch.Tensor) -> list[str]: ...
 
+    @property
+    def needs_fit(self) -> bool:
+        """True while the tokenizer must be fitted (or loaded) before it can encode."""
+        return False
+
+    def fit(self, captions: list[str]) -> None:
+        """Learn the vocabulary from training captions."""
+
+    def save(self, directory: Path) -> None:
+        """Write what ``fit`` learned into ``directory``."""
+
+    def load(self, directory: Path) -> None:
+        """Read what ``save`` wrote."""
+
 
 # --------------------------------------------------------------------------- stage 1
 
 
-class ImageCodec(nn.Module, Component):
+@dataclass(frozen=True)
+class CodecFacts:
+    """What a codec hands the prior, known from its params: codes, grid and input size."""
+
+    vocab_size: int
+    grid: tuple[int, int]
+    image_size: int
+
+
+class ImageCodec(ModuleComponent):
     """Maps images to a grid of discrete tokens and back.
 
     - ``encode(images[B,3,H,W] in [0,1]) -> LongTensor[B, h*w]`` (hard codes)
@@ -76,9 +124,6 @@ class ImageCodec(nn.Module, Component):
     vocab_size: int
     grid: tuple[int, int]
     image_size: int
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
 
     @abc.abstractmethod
     def encode(self, images: torch.Tensor) -> torch.Tensor: ...
@@ -96,6 +141,17 @@ class ImageCodec(nn.Module, Component):
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    @classmethod
+    def describe(cls, params: Params) -> CodecFacts:
+        """Vocabulary, grid and image size from ``params``.
+
+        The default builds the codec on the meta device (no memory, no init cost);
+        codecs whose params already say it override this.
+        """
+        with torch.device("meta"):
+            codec = cls(params)
+        return CodecFacts(int(codec.vocab_size), (int(codec.grid[0]), int(codec.grid[1])), int(codec.image_size))
+
 
 # --------------------------------------------------------------------------- stage 2
 
@@ -103,7 +159,7 @@ class ImageCodec(nn.Module, Component):
 class Sampling(BaseModel):
     """How image tokens are drawn. Shared by priors, the pipeline and the CLI."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     temperature: float = Field(1.0, gt=0, description="softmax temperature")
     top_k: Optional[int] = Field(None, ge=1, description="keep the k most likely tokens")
@@ -112,19 +168,20 @@ class Sampling(BaseModel):
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
 
 
-class Prior(nn.Module, Component):
+StepCallback = Callable[[int, int], None]  # (image positions drawn, positions in all) per batch
+
+
+class Prior(ModuleComponent):
     """Autoregressive model of ``[text tokens | image tokens]``.
 
     Built as ``cls(params, text_vocab_size=, text_len=, image_vocab_size=, grid=)``.
 
     - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted), and
       ``text_loss`` / ``image_loss`` in nats per token.
-    - ``generate(text[B,T], sampling, prime=None, generator=None) -> LongTensor[B,h*w]``;
-      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming).
+    - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
+      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
+      ``on_step(done, total)`` is called after each image position is drawn.
     """
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
 
     @abc.abstractmethod
     def loss(self, text: torch.Tensor, image_tokens: torch.Tensor) -> dict[str, Any]: ...
@@ -136,24 +193,29 @@ class Prior(nn.Module, Component):
         sampling: Sampling,
         prime: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        on_step: Optional[StepCallback] = None,
     ) -> torch.Tensor: ...
 
     def forward(self, text: torch.Tensor, image_tokens: torch.Tensor) -> dict[str, Any]:
         return self.loss(text, image_tokens)
 
+    def flops_per_token(self) -> Optional[dict[str, Any]]:
+        """Forward and training FLOPs per token (``{"forward": ..., "train": ...}``), or None if unknown."""
+        return None
+
 
 # --------------------------------------------------------------------------- reranking
 
 
-class Reranker(nn.Module, Component):
+class Reranker(ModuleComponent):
     """Scores how well images match captions.
 
     - ``score(images[B,3,H,W] in [0,1], texts: list[str] of B) -> FloatTensor[B]``
     - ``loss(images, texts) -> dict`` for training from a recipe (contrastive).
+    - ``similarity(images[N], texts[M]) -> FloatTensor[N, M]`` and
+      ``retrieval_metrics(images, captions)`` (held-out evaluation) have generic
+      defaults built on ``score``; dual encoders override ``similarity``.
     """
-
-    def __init__(self) -> None:
-        nn.Module.__init__(self)
 
     @abc.abstractmethod
     def score(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor: ...
@@ -163,6 +225,24 @@ class Reranker(nn.Module, Component):
 
     def forward(self, images: torch.Tensor, texts: list[str]) -> dict[str, Any]:
         return self.loss(images, texts)
+
+    @torch.no_grad()
+    def similarity(self, images: torch.Tensor, texts: list[str], *, batch_size: int = 256) -> torch.Tensor:
+        """Score of every image with every text, ``[N, M]`` on the CPU (scores all pairs in chunks)."""
+        n, m = len(images), len(texts)
+        rows = torch.arange(n).repeat_interleave(m)
+        cols = torch.arange(m).repeat(n)
+        out = torch.empty(n * m)
+        for start in range(0, n * m, batch_size):
+            i, j = rows[start : start + batch_size], cols[start : start + batch_size]
+            out[start : start + len(i)] = self.score(images[i], [texts[k] for k in j.tolist()]).float().cpu()
+        return out.view(n, m)
+
+    def retrieval_metrics(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+        """Held-out image->text and text->image top-1/top-5 accuracy over the distinct captions."""
+        from .metrics import retrieval_accuracy
+
+        return retrieval_accuracy(self.similarity, images, captions)
 
 
 # --------------------------------------------------------------------------- data
@@ -209,6 +289,53 @@ class DataSource(Component, abc.ABC):
         return None
 
 
+# --------------------------------------------------------------------------- training configuration
+
+
+class Strict(BaseModel):
+    """Recipe sections: unknown keys and non-finite numbers are errors."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), allow_inf_nan=False)
+
+
+class EngineSpec(Strict):
+    name: str = Field("torch", description="a registered engine: torch (single process / DDP) or deepspeed")
+    params: Any = Field(default_factory=dict, description="validated against the engine's own Params")
+
+
+class TrainConfig(Strict):
+    """How one stage trains: the ``train:`` block of a stage. Engines read the optimisation fields.
+
+    Stages that need more (the codec's ``hflip``) subclass it as their ``Params``.
+    """
+
+    steps: int = Field(1000, ge=0, le=10**9, description="optimizer steps")
+    batch_size: int = Field(32, ge=1, le=2**20, description="samples per step per process")
+    lr: float = Field(3e-4, gt=0, description="peak learning rate")
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
+    lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="after warmup: half a cosine, or constant")
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="linear warmup steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW decay of matrices (not biases, norms, embeddings)")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    grad_clip: Optional[float] = Field(1.0, gt=0, description="max grad norm; null = off")
+    grad_accum: int = Field(1, ge=1, le=2**16, description="micro-batches per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="fp16 needs a CUDA GPU")
+    ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of weights used for evaluation")
+    engine: EngineSpec = Field(default_factory=EngineSpec, description="torch or deepspeed, with its params")
+    max_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
+    log_every: int = Field(10, ge=1, description="training scalars to TensorBoard every N steps")
+    eval_every: int = Field(200, ge=1, description="held-out metrics and a preview image grid every N steps")
+    ckpt_every: int = Field(500, ge=1, description="resumable checkpoint every N steps")
+    eval_batches: int = Field(4, ge=1, le=10**6, description="held-out batches per evaluation")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a NaN/inf loss or gradient: stop (keep the last finite checkpoint, exit non-zero) "
+        "or skip that micro-batch and go on (gives up after max_skipped in a row)",
+    )
+    max_skipped: int = Field(10, ge=1, le=10**6, description="with nonfinite: skip, stop after this many non-finite micro-batches in a row")
+    num_workers: int = Field(0, ge=0, le=256, description="data loader worker processes")
+
+
 # --------------------------------------------------------------------------- training engines
 
 
@@ -217,7 +344,9 @@ class EngineRun(abc.ABC):
 
     ``step(*batch)`` runs forward (``module(*batch)`` must return a loss dict),
     backward, clipping, accumulation and the optimizer step; it returns the
-    loss dict detached to floats.
+    loss dict detached to floats. A NaN or infinite loss or gradient norm raises
+    :class:`~dalle_framework.errors.NonFiniteError` (on every rank at once),
+    saying whether the values already reached the weights.
     """
 
     module: nn.Module
@@ -238,7 +367,7 @@ class EngineRun(abc.ABC):
 
     @abc.abstractmethod
     def load(self, directory: str) -> dict:
-        """Restore what ``save`` wrote; returns the client state."""
+        """Restore what ``save`` wrote; returns the client state. Never unpickles."""
 
     @abc.abstractmethod
     def full_state_dict(self) -> dict[str, torch.Tensor]:
@@ -248,16 +377,21 @@ class EngineRun(abc.ABC):
         return float("nan")
 
     def barrier(self) -> None:
-        if self.world_size > 1 and torch.distributed.is_initialized():
-            torch.distributed.barrier()
+        from . import distributed
+
+        distributed.barrier()
 
 
 class Engine(Component, abc.ABC):
     """Builds an :class:`EngineRun` for a module and a stage's train config."""
 
     @abc.abstractmethod
-    def prepare(self, module: nn.Module, train: Any) -> EngineRun: ...
+    def prepare(self, module: nn.Module, train: TrainConfig) -> EngineRun: ...
 
-    def model_context(self, train: Any) -> contextlib.AbstractContextManager:
+    def model_context(self, train: TrainConfig) -> contextlib.AbstractContextManager:
         """Context the module is built in (ZeRO-3 shards weights as they are created)."""
         return contextlib.nullcontext()
+
+    def memory_estimate(self, *, total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> Optional[dict[str, Any]]:
+        """Memory of the model states per GPU (and CPU) under this engine, or None if unknown."""
+        return None

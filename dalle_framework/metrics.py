@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Optional
 
 import torch
 
@@ -32,3 +33,56 @@ def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict[str, float]:
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     used = int((counts > 0).sum())
     return {"usage": used / vocab_size, "used": float(used), "perplexity": math.exp(entropy)}
+
+
+def retrieval_accuracy(similarity, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
+    """Image->text and text->image top-1 / top-5 accuracy over the *distinct* captions.
+
+    ``similarity(images[N], texts[M]) -> [N, M]`` scores every image against
+    every distinct caption. Captions repeat in captioned-shape data, so an image
+    counts as retrieved whenever it carries the query caption. Returns
+    ``i2t_top1``, ``i2t_top5`` (is the image's caption among the k best),
+    ``t2i_top1``, ``t2i_top5`` (is one of the k best images for a caption an
+    image with that caption), and ``images`` / ``captions`` (N, M) so chance
+    levels (1/M for i2t) can be read off.
+    """
+    assert len(images) == len(captions), f"{len(images)} images but {len(captions)} captions"
+    distinct = list(dict.fromkeys(captions))
+    index = {c: j for j, c in enumerate(distinct)}
+    labels = torch.tensor([index[c] for c in captions])  # [N] caption id of each image
+    sim = similarity(images, distinct).float().cpu()  # [N, M]
+    n, m = sim.shape
+
+    def hits(k: int) -> tuple[float, float]:
+        text_top = sim.topk(min(k, m), dim=1).indices  # [N, k] best captions per image
+        i2t = (text_top == labels[:, None]).any(1).float().mean().item()
+        image_top = sim.topk(min(k, n), dim=0).indices  # [k, M] best images per caption
+        t2i = (labels[image_top] == torch.arange(m)[None, :]).any(0).float().mean().item()
+        return i2t, t2i
+
+    i2t1, t2i1 = hits(1)
+    i2t5, t2i5 = hits(5)
+    return {"i2t_top1": i2t1, "i2t_top5": i2t5, "t2i_top1": t2i1, "t2i_top5": t2i5, "images": n, "captions": m}
+
+
+def flops_per_token(non_embedding: int, *, n_layers: Optional[int], seq_len: int, d_attn: Optional[int], attended: Optional[float] = None) -> dict[str, Any]:
+    """Forward and training FLOPs per token of a decoder (Kaplan et al. 2020, table 1).
+
+    One multiply-add is 2 FLOPs: ``forward = 2 * N + 2 * n_layers * n_ctx * d_attn``,
+    ``train = 3 * forward`` (backward costs about twice the forward). ``N`` counts
+    non-embedding parameters (lookups cost no multiply-adds). The attention term
+    uses ``n_ctx = 2 * attended``, the mean number of keys a query sees (``seq_len``
+    for dense causal attention, less for sparse masks); unknown shapes give 2N.
+    """
+    context = 2 * attended if attended is not None else seq_len
+    attention = 2 * n_layers * context * d_attn if n_layers and d_attn else 0
+    forward = 2 * non_embedding + attention
+    return {
+        "forward": forward,
+        "train": 3 * forward,
+        "attention_forward": attention,
+        "formula": "forward = 2*N_non_embedding + 2*n_layers*n_ctx*d_attn (n_ctx = 2 * mean keys per query); train = 3*forward",
+        "n_layers": n_layers,
+        "d_attn": d_attn,
+        "seq_len": seq_len,
+    }

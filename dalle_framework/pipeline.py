@@ -4,6 +4,12 @@
     >>> result = pipe.generate(["a red circle in the top left"], candidates=16, keep=4, seed=0)
     >>> result.images.shape        # [captions, keep, 3, H, W] in [0, 1]
     >>> result.pil()[0][0].save("best.png")
+
+Each stage of the recipe is reachable by its name (``pipe.codec``, ``pipe.prior``)
+and by ``pipe.component(name)``. Generation takes its parts by contract: the
+first stage (in training order) whose component is a :class:`Prior` draws
+tokens, the first :class:`ImageCodec` decodes them and the first
+:class:`Reranker`, when trained, ranks the candidates.
 """
 
 from __future__ import annotations
@@ -15,19 +21,33 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from . import checkpoint as ckpt
+from . import rundir
+from .data.images import fit_images, load_split
 from .errors import UsageError
 from .interfaces import DataSource, ImageCodec, Prior, Reranker, Sampling, Tokenizer
-from .plugins import PluginManager, get_plugin_manager
-from .recipe import Recipe, TrainedBlock, apply_overrides, load_recipe, read_yaml, validate
+from .plugins import KINDS, PluginManager, get_plugin_manager
+from .recipe import Recipe, apply_overrides, load_recipe, read_yaml, validate
+from .stage import Stage
 
-STAGES = ("codec", "prior", "reranker")
+TOKENIZER_DIR = "tokenizer"
 
 
 def resolve_device(name: str) -> torch.device:
+    """A recipe's or the CLI's device name, checked against this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"device {name!r}: not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"device {name!r}: this machine has no CUDA GPU; use --device cpu (or auto)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type not in ("cpu", "mps"):
+        raise UsageError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
+    return device
 
 
 @dataclass
@@ -53,11 +73,11 @@ class Generation:
 
 
 class Pipeline:
-    """Tokenizer, codec, prior and reranker of one recipe, on one device.
+    """The components of one recipe, on one device.
 
     Components are built lazily; when ``run_dir`` holds trained weights for a
-    stage they are loaded (``<stage>/model.safetensors``), otherwise the
-    component keeps its fresh initialisation.
+    stage they are loaded (``<stage>/model.safetensors``), else a block's
+    pretrained ``weights``, else the component keeps its fresh initialisation.
     """
 
     def __init__(
@@ -70,9 +90,12 @@ class Pipeline:
     ) -> None:
         self.recipe = recipe
         self.run_dir = Path(run_dir) if run_dir is not None else recipe.run_dir
-        self.device = torch.device(device) if device is not None else resolve_device(recipe.device)
+        self.device = resolve_device(str(device)) if device is not None else resolve_device(recipe.device)
         self.manager = manager or get_plugin_manager()
-        self._cache: dict[str, Any] = {}
+        classes = self.manager.stages()
+        self.stages: dict[str, Stage] = {name: classes[name](self) for name in classes if name in recipe.stages}
+        self._components: dict[str, Any] = {}
+        self._splits: dict[str, tuple[torch.Tensor, list[str]]] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -84,79 +107,128 @@ class Pipeline:
     def load(cls, run_dir: str | Path, *, device: Optional[str] = None, overrides: Iterable[str] = ()) -> "Pipeline":
         """Load a run directory written by ``dalle train``."""
         run_dir = Path(run_dir)
-        recipe_file = run_dir / ckpt.RECIPE_FILE
+        recipe_file = run_dir / rundir.RECIPE_FILE
         if not recipe_file.is_file():
-            raise UsageError(f"{run_dir}: not a run directory (no {ckpt.RECIPE_FILE}); train one with `dalle train RECIPE`")
+            raise UsageError(f"{run_dir}: not a run directory (no {rundir.RECIPE_FILE}); train one with `dalle train RECIPE`")
         recipe = validate(apply_overrides(read_yaml(recipe_file), overrides), source=str(recipe_file))
         return cls(recipe, run_dir=run_dir, device=device)
 
     def build(self, kind: str, block: Any, **runtime: Any) -> Any:
         return self.manager.registry(kind).build(block, **runtime)
 
-    def _cached(self, key: str, make) -> Any:
-        if key not in self._cache:
-            self._cache[key] = make()
-        return self._cache[key]
+    def stage(self, name: str) -> Stage:
+        if name not in self.stages:
+            known = ", ".join(self.stages) or "none"
+            raise UsageError(f"recipe {self.recipe.name!r} has no {name!r} stage (its stages: {known}); add a `{name}:` block")
+        return self.stages[name]
 
     @property
     def data(self) -> DataSource:
-        return self._cached("data", lambda: self.build("data", self.recipe.data))
+        if "data" not in self._components:
+            self._components["data"] = self.build("data", self.recipe.data)
+        return self._components["data"]
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return self._cached("tokenizer", lambda: self.build("tokenizer", self.recipe.tokenizer))
+        """The recipe's tokenizer; one learned from data is loaded from the run directory
+        (its ``vocab_size`` and ``text_len`` are known before, from its params)."""
+        if "tokenizer" not in self._components:
+            tokenizer = self.build("tokenizer", self.recipe.tokenizer)
+            fitted = self.run_dir / TOKENIZER_DIR
+            if tokenizer.needs_fit and fitted.is_dir():
+                tokenizer.load(fitted)
+            self._components["tokenizer"] = tokenizer
+        return self._components["tokenizer"]
 
-    def runtime(self, stage: str) -> dict[str, Any]:
-        """Facts a component gets from the others (vocabulary sizes, lengths, grid)."""
-        if stage != "prior":
-            return {}
-        codec = self.new_component("codec") if "codec" not in self._cache else self.codec
-        return {
-            "text_vocab_size": self.tokenizer.vocab_size,
-            "text_len": self.tokenizer.text_len,
-            "image_vocab_size": codec.vocab_size,
-            "grid": tuple(codec.grid),
-        }
+    def fit_tokenizer(self, *, force: bool = False) -> Optional[dict[str, Any]]:
+        """Fit a tokenizer that learns from data on the training captions and save it in the run; None if it needs no fit."""
+        tokenizer = self.build("tokenizer", self.recipe.tokenizer)
+        target = self.run_dir / TOKENIZER_DIR
+        if not tokenizer.needs_fit:
+            return None
+        if target.is_dir() and not force:
+            tokenizer.load(target)
+            self._components["tokenizer"] = tokenizer
+            return {"tokenizer": str(target), "reused": True}
+        _, captions = self.split("train")
+        tokenizer.fit(captions)
+        with rundir.atomic_directory(target, collective=False) as tmp:
+            tokenizer.save(tmp)
+        self._components["tokenizer"] = tokenizer
+        return {"tokenizer": str(target), "captions": len(captions), "vocab_size": tokenizer.vocab_size}
 
-    def block(self, stage: str) -> TrainedBlock:
-        block = getattr(self.recipe, stage)
-        if block is None:
-            raise UsageError(f"recipe {self.recipe.name!r} has no {stage!r} block; add one to train or use it")
-        return block
-
-    def new_component(self, stage: str) -> torch.nn.Module:
-        """A freshly initialised component for ``stage`` (on the CPU)."""
-        return self.build(stage, self.block(stage), **self.runtime(stage))
+    def split(self, split: str) -> tuple[torch.Tensor, list[str]]:
+        """A split of the recipe's data as uint8 ``[N,3,H,W]`` plus captions, read once per pipeline."""
+        if split not in self._splits:
+            self._splits[split] = load_split(self.data, split, progress=True)
+        return self._splits[split]
 
     def has_weights(self, stage: str) -> bool:
-        return (self.run_dir / stage / ckpt.WEIGHTS_FILE).is_file()
+        return (self.run_dir / stage / rundir.WEIGHTS_FILE).is_file()
 
     def component(self, stage: str, *, require_trained: bool = True) -> torch.nn.Module:
-        def make() -> torch.nn.Module:
-            module = self.new_component(stage)
+        """The stage's component on this pipeline's device, in eval mode, with its weights."""
+        if stage not in self._components:
+            spec = self.stage(stage)
+            module = spec.build()
             if self.has_weights(stage):
-                ckpt.load_into(module, self.run_dir / stage / ckpt.WEIGHTS_FILE)
+                self._check_fresh(stage)
+                rundir.load_into(module, self.run_dir / stage / rundir.WEIGHTS_FILE)
+            elif spec.block.weights:
+                rundir.load_into(module, spec.block.weights)
             elif require_trained:
                 raise UsageError(
-                    f"{self.run_dir}: the {stage} is not trained yet; run `dalle train {self.run_dir / ckpt.RECIPE_FILE} --stage {stage}`"
+                    f"{self.run_dir}: the {stage} is not trained yet; run `dalle train {self.run_dir / rundir.RECIPE_FILE} --stage {stage}`"
                 )
-            return module.to(self.device).eval()
+            self._components[stage] = module.to(self.device).eval()
+        return self._components[stage]
 
-        return self._cached(stage, make)
+    def _check_fresh(self, stage: str) -> None:
+        """Refuse weights trained on inputs the run no longer holds (a retrained codec under a prior, say)."""
+        meta = rundir.read_meta(self.run_dir, stage)
+        recorded = meta.get("identity") if meta else None
+        if not isinstance(recorded, dict):
+            return  # a run written before stages recorded their inputs
+        current = self.stage(stage).identity()
+        changed = [dep for dep, run in current["after"].items() if (recorded.get("after") or {}).get(dep) != run]
+        changed += [block for block, value in current["uses"].items() if (recorded.get("uses") or {}).get(block) != value]
+        if changed:
+            raise UsageError(
+                f"{self.run_dir / stage}: trained on another {' and '.join(changed)} than this run now has, so it is stale; "
+                f"retrain it: `dalle train {self.run_dir / rundir.RECIPE_FILE} --stage {stage}` (or `dalle run`, which does)"
+            )
 
-    @property
-    def codec(self) -> ImageCodec:
-        return self.component("codec")
+    def forget(self, stage: str) -> None:
+        """Drop a loaded component so the next access reads the newest weights."""
+        self._components.pop(stage, None)
 
-    @property
-    def prior(self) -> Prior:
-        return self.component("prior")
+    def __getattr__(self, name: str) -> Any:
+        stages = self.__dict__.get("stages", {})
+        if name in stages:
+            return self.component(name)
+        raise AttributeError(f"{type(self).__name__!s} has no attribute {name!r}")
 
-    @property
-    def reranker(self) -> Optional[Reranker]:
-        if self.recipe.reranker is None or not self.has_weights("reranker"):
+    # ------------------------------------------------------------------ roles in generation
+
+    def role(self, contract: type) -> Optional[str]:
+        """The first stage (in training order) whose component implements ``contract``."""
+        for name, spec in self.stages.items():
+            if issubclass(KINDS[spec.kind][1], contract):
+                return name
+        return None
+
+    def _part(self, contract: type) -> Any:
+        name = self.role(contract)
+        if name is None:
+            raise UsageError(f"recipe {self.recipe.name!r} has no stage with a {contract.__name__}; generation needs one")
+        return self.component(name)
+
+    def scorer(self) -> Optional[Reranker]:
+        """The trained reranker, or None when the recipe has none or it is not trained."""
+        name = self.role(Reranker)
+        if name is None or not (self.has_weights(name) or self.stage(name).block.weights):
             return None
-        return self.component("reranker")
+        return self.component(name)
 
     # ------------------------------------------------------------------ generation
 
@@ -183,11 +255,15 @@ class Pipeline:
         if not captions:
             raise UsageError("give at least one caption")
         cfg = self.recipe.generate
-        n = candidates or cfg.candidates
-        keep = min(keep or cfg.keep, n)
+        n = cfg.candidates if candidates is None else candidates
+        keep = min(cfg.keep if keep is None else keep, n)
+        if n < 1 or keep < 1:
+            raise UsageError(f"candidates ({n}) and keep ({keep}) must be at least 1")
         sampling = sampling or cfg.sampling
         batch_size = batch_size or cfg.batch_size
-        codec, prior, tokenizer = self.codec, self.prior, self.tokenizer
+        codec: ImageCodec = self._part(ImageCodec)
+        prior: Prior = self._part(Prior)
+        tokenizer = self.tokenizer
         generator = torch.Generator(self.device).manual_seed(self.recipe.seed if seed is None else seed)
 
         prime = None
@@ -197,7 +273,7 @@ class Pipeline:
             h, w = codec.grid
             if not 0 < prime_rows < h:
                 raise UsageError(f"prime rows must be between 1 and {h - 1} (the token grid has {h} rows)")
-            codes = codec.encode(_fit(prime_images.to(self.device), codec.image_size))
+            codes = codec.encode(fit_images(prime_images.to(self.device), codec.image_size))
             codes = codes.expand(len(captions), -1) if len(codes) == 1 else codes
             if len(codes) != len(captions):
                 raise UsageError(f"{len(codes)} prime images for {len(captions)} captions; give one or one per caption")
@@ -239,14 +315,7 @@ class Pipeline:
     @torch.no_grad()
     def score(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
         """Reranker scores ``[B]``; NaN when the recipe has no trained reranker."""
-        reranker = self.reranker
+        reranker = self.scorer()
         if reranker is None:
             return torch.full((len(images),), math.nan, device=images.device)
         return reranker.score(images, captions).float()
-
-
-def _fit(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize ``[B,3,H,W]`` to the codec's square size when they differ."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)

@@ -1,8 +1,12 @@
 """The plugin manager: entry points, registries, and isolation of broken plugins.
 
 Built-in plugins and third-party ones take the same path: each is a module named
-by an entry point in the ``dalle_framework`` group. A plugin that fails to import
-or to register is recorded in ``errors`` and left out; the others keep working.
+by an entry point in the ``dalle_framework`` group, and its hooks are called
+through pluggy. Built-in plugins load first, so their components keep their
+names: a plugin that registers a taken name, or whose entry-point name is taken,
+is the one reported. A plugin that fails to import or to register (whatever it
+raises, ``SystemExit`` included) is recorded in ``errors`` and left out; what it
+registered is rolled back and the others keep working.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import importlib.metadata as md
 import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Optional
@@ -20,6 +24,7 @@ import pluggy
 from . import hookspecs
 from .interfaces import DataSource, Engine, ImageCodec, Prior, Reranker, Tokenizer
 from .registry import Registry
+from .stage import Stage, stage_order
 
 # kind -> (hook name, base class). Adding a kind is one line here and one hookspec.
 KINDS: dict[str, tuple[str, type]] = {
@@ -29,8 +34,11 @@ KINDS: dict[str, tuple[str, type]] = {
     "reranker": ("dalle_register_rerankers", Reranker),
     "data": ("dalle_register_datasources", DataSource),
     "engine": ("dalle_register_engines", Engine),
+    "stage": ("dalle_register_stages", Stage),
 }
+RECIPE_DIRS_HOOK = "dalle_register_recipe_dirs"
 DISABLE_ENV = "DALLE_DISABLE_PLUGINS"
+BUILTIN_DISTRIBUTION = "dalle-framework"
 
 
 @dataclass
@@ -45,16 +53,12 @@ class PluginInfo:
     disabled: bool = False
 
     def as_dict(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "module": self.module,
-            "version": self.version,
-            "distribution": self.distribution,
-            "hooks": self.hooks,
-            "components": self.components,
-            "error": self.error,
-            "disabled": self.disabled,
-        }
+        return asdict(self)
+
+
+def _distribution(ep: md.EntryPoint) -> tuple[str, str]:
+    dist = getattr(ep, "dist", None)
+    return (dist.metadata["Name"], dist.version) if dist else ("", "")
 
 
 class PluginManager:
@@ -75,34 +79,48 @@ class PluginManager:
     # ------------------------------------------------------------------ loading
 
     def load_entry_points(self) -> None:
-        for ep in md.entry_points(group=hookspecs.PROJECT):
-            dist = getattr(ep, "dist", None)
-            info = PluginInfo(
-                name=ep.name,
-                module=ep.value,
-                version=dist.version if dist else "",
-                distribution=dist.metadata["Name"] if dist else "",
-            )
-            if ep.name in self.plugins:
-                continue  # the same distribution seen twice on sys.path
+        points = md.entry_points(group=hookspecs.PROJECT)
+        # Built-ins first: their names win; a newcomer that collides is the one reported.
+        ordered = sorted(points, key=lambda ep: _distribution(ep)[0] != BUILTIN_DISTRIBUTION)
+        for ep in ordered:
+            dist, version = _distribution(ep)
+            info = PluginInfo(name=ep.name, module=ep.value, version=version, distribution=dist)
+            taken = self.plugins.get(ep.name)
+            if taken is not None:
+                if taken.distribution == dist and taken.module == ep.value:
+                    continue  # the same distribution seen twice on sys.path
+                info.name = f"{ep.name} ({dist or ep.value})"
+                info.error = (
+                    f"entry-point name {ep.name!r} is already used by {taken.distribution or taken.module}; "
+                    "give this plugin another name in its [project.entry-points.dalle_framework] table"
+                )
+                self.plugins[info.name] = info
+                continue
             self.plugins[ep.name] = info
             if ep.name in self.disabled:
                 info.disabled = True
                 continue
             try:
                 module = ep.load()
-            except Exception as exc:  # a broken plugin must not take the CLI down
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the CLI down
                 info.error = _describe(exc)
                 continue
             self._add(info, module)
 
     def add_plugin(self, module: ModuleType | object, name: Optional[str] = None) -> PluginInfo:
-        """Register an in-process plugin (a module or object with hookimpls)."""
+        """Register an in-process plugin (a module, or a hashable object with hookimpls)."""
         name = name or getattr(module, "__name__", type(module).__name__)
         info = PluginInfo(name=name, module=getattr(module, "__name__", repr(module)))
         self.plugins[name] = info
         if name in self.disabled:
             info.disabled = True
+            return info
+        try:
+            hash(module)
+        except TypeError:
+            info.error = f"a plugin must be a module or a hashable object (pluggy keeps plugins in sets), got {type(module).__name__}"
             return info
         self._add(info, module)
         return info
@@ -111,12 +129,21 @@ class PluginManager:
         info = self.plugins.pop(name, None)
         if info is None:
             return
-        for kind, names in info.components.items():
-            for component in names:
-                self.registries[kind].unregister(component)
+        self._unregister_components(info)
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
+
+    def _unregister_components(self, info: PluginInfo) -> None:
+        for kind, names in info.components.items():
+            for component in names:
+                self.registries[kind].unregister(component)
+        info.components = {}
+
+    def _call(self, module: Any, hook_name: str, **kwargs: Any) -> None:
+        """Call one plugin's implementation of a hook through pluggy (honours ``specname=``)."""
+        others = [p for p in self.pm.get_plugins() if p is not module]
+        self.pm.subset_hook_caller(hook_name, remove_plugins=others)(**kwargs)
 
     def _add(self, info: PluginInfo, module: Any) -> None:
         try:
@@ -126,23 +153,21 @@ class PluginManager:
             return
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
         for kind, (hook_name, _) in KINDS.items():
-            registry = self.registries[kind]
-            impl = getattr(module, hook_name, None)
-            if impl is None:
+            if hook_name not in info.hooks:
                 continue
+            registry = self.registries[kind]
             before = set(registry.names())
             registry.current_plugin = info.name
             try:
-                impl(registry=registry)
-            except Exception as exc:
+                self._call(module, hook_name, registry=registry)
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 info.error = _describe(exc)
                 # Undo what this plugin registered so no half-registered plugin stays.
                 for added in set(registry.names()) - before:
                     registry.unregister(added)
-                for k, names in info.components.items():
-                    for n in names:
-                        self.registries[k].unregister(n)
-                info.components = {}
+                self._unregister_components(info)
                 self.pm.unregister(module)
                 return
             finally:
@@ -150,17 +175,26 @@ class PluginManager:
             added = sorted(set(registry.names()) - before)
             if added:
                 info.components[kind] = added
-        impl = getattr(module, "dalle_register_recipe_dirs", None)
-        if impl is not None:
+        if RECIPE_DIRS_HOOK in info.hooks:
+            dirs: list[Path] = []
             try:
-                impl(register=lambda path: self.recipe_dirs.append(Path(path)))
-            except Exception as exc:
+                self._call(module, RECIPE_DIRS_HOOK, register=lambda path: dirs.append(Path(path)))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
                 info.error = _describe(exc)
+                return
+            self.recipe_dirs.extend(dirs)
 
     # ------------------------------------------------------------------ access
 
     def registry(self, kind: str) -> Registry:
         return self.registries[kind]
+
+    def stages(self) -> dict[str, type[Stage]]:
+        """Registered stage classes in training order (every stage after those it depends on)."""
+        registered = dict(self.registries["stage"].in_order())
+        return {name: registered[name] for name in stage_order(registered)}
 
     @property
     def errors(self) -> dict[str, str]:
@@ -192,3 +226,4 @@ def set_plugin_manager(manager: Optional[PluginManager]) -> None:
 
 def registry(kind: str) -> Registry:
     return get_plugin_manager().registry(kind)
+

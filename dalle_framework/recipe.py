@@ -2,121 +2,128 @@
 
 Validation is two-phase. Phase 1 checks the structure (this module's pydantic
 models); phase 2 checks each component's ``params`` against the ``Params`` of
-the class the recipe names. Every mistake is collected with its dotted path and
-reported at once. Recipes are data: ``yaml.safe_load`` only, and a recipe can
-name registered components but never import anything.
+the class the recipe names, and each stage's ``train`` against that stage's
+own schema. Every mistake is collected with its dotted path and reported at
+once. A validated recipe holds the ``Params`` objects themselves, which reach
+the constructors unchanged.
+
+Top-level keys are the fields below plus one block per registered stage
+(``codec:``, ``prior:``, ``reranker:`` and any a plugin adds).
+
+Recipes are data: ``yaml.safe_load`` only, a bounded size and expansion (an
+alias bomb is refused, not expanded), and a recipe can name registered
+components but never import anything or run a command.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import os
+import string
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError, UsageError
-from .interfaces import Sampling
+from .interfaces import EngineSpec, Sampling, Strict, TrainConfig
 
 RECIPE_PATH_ENV = "DALLE_RECIPE_PATH"
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-
-
-class EngineSpec(Strict):
-    name: str = "torch"
-    params: dict[str, Any] = Field(default_factory=dict)
-
-
-class TrainConfig(Strict):
-    """How one stage trains. Engines read the optimisation fields."""
-
-    steps: int = Field(1000, ge=0, description="optimizer steps")
-    batch_size: int = Field(32, ge=1, description="samples per step per process")
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
-    warmup_steps: int = Field(0, ge=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    grad_clip: Optional[float] = Field(1.0, gt=0, description="max grad norm; null = off")
-    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    ema: Optional[float] = Field(None, gt=0, lt=1, description="EMA decay of weights used for evaluation")
-    engine: EngineSpec = Field(default_factory=EngineSpec)
-    max_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
-    log_every: int = Field(10, ge=1)
-    eval_every: int = Field(200, ge=1, description="held-out metrics and a preview image grid every N steps")
-    ckpt_every: int = Field(500, ge=1)
-    eval_batches: int = Field(4, ge=1, description="held-out batches per evaluation")
-    hflip: bool = Field(
-        False, description="mirror each training image left-right with probability 1/2 (codec stage only: captions name directions)"
-    )
-    num_workers: int = Field(0, ge=0)
+MAX_RECIPE_BYTES = 1 * 2**20  # the largest shipped recipe is 3 KB
+MAX_RECIPE_NODES = 100_000  # values after YAML aliases are expanded (a 533-byte alias bomb makes billions)
+MAX_DEPTH = 64
 
 
 class ComponentBlock(Strict):
-    name: str
-    params: dict[str, Any] = Field(default_factory=dict)
+    """``{name, params}``: a registered component and its params (a ``Params`` object once validated)."""
+
+    name: str = Field(..., max_length=200, description="a registered component of the block's kind")
+    params: Any = Field(default_factory=dict, description="validated against the component's own Params")
 
 
-class TrainedBlock(ComponentBlock):
-    train: TrainConfig = Field(default_factory=TrainConfig)
+class StageBlock(ComponentBlock):
+    """A stage's block: its component, how it trains, and optionally pretrained weights."""
+
+    train: Any = Field(default_factory=dict, description="validated against the stage's train schema")
+    weights: Optional[str] = Field(
+        None, max_length=4096, description="a safetensors file of this component's weights (e.g. from `dalle convert`), loaded before training"
+    )
+    frozen: bool = Field(False, description="never train this stage: use `weights` as they are")
+
+    @model_validator(mode="after")
+    def _frozen_needs_weights(self) -> "StageBlock":
+        if self.frozen and not self.weights:
+            raise ValueError("frozen: a frozen stage is never trained, so it needs `weights` (a safetensors file)")
+        return self
 
 
 class GenerateConfig(Strict):
-    candidates: int = Field(16, ge=1, description="samples drawn per caption")
-    keep: int = Field(4, ge=1, description="best candidates kept after reranking")
-    batch_size: int = Field(64, ge=1, description="candidates decoded per forward pass")
+    candidates: int = Field(16, ge=1, le=100_000, description="samples drawn per caption")
+    keep: int = Field(4, ge=1, le=100_000, description="best candidates kept after reranking")
+    batch_size: int = Field(64, ge=1, le=100_000, description="candidates decoded per forward pass")
     sampling: Sampling = Field(default_factory=Sampling)
     captions: list[str] = Field(default_factory=list, description="default captions for `dalle generate`")
 
 
 class EvaluateConfig(Strict):
-    captions: int = Field(16, ge=1, description="held-out captions generated for")
-    candidates: int = Field(16, ge=1, description="samples per caption before reranking")
-    rounds: int = Field(1, ge=1, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
-    batches: int = Field(8, ge=1, description="held-out batches for losses and PSNR")
-    batch_size: int = Field(64, ge=1)
+    captions: int = Field(16, ge=1, le=100_000, description="held-out captions generated for")
+    candidates: int = Field(16, ge=1, le=100_000, description="samples per caption before reranking")
+    rounds: int = Field(1, ge=1, le=1000, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
+    batches: int = Field(8, ge=1, le=10**6, description="held-out batches for losses and PSNR")
+    batch_size: int = Field(64, ge=1, le=100_000)
 
 
 class Recipe(Strict):
-    name: str = ""
-    description: str = ""
-    seed: int = 0
-    output_dir: str = Field("runs/{name}", description="run directory; {name} is replaced")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    name: str = Field("", max_length=200)
+    description: str = Field("", max_length=10_000)
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds initialisation, data order and sampling")
+    output_dir: str = Field("runs/{name}", max_length=4096, description="run directory; {name} is replaced")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?|mps)$", description="auto | cpu | cuda | cuda:N")
     data: ComponentBlock
     tokenizer: ComponentBlock
-    codec: TrainedBlock
-    prior: Optional[TrainedBlock] = None
-    reranker: Optional[TrainedBlock] = None
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    # One block per stage present, in training order; filled by `validate` (the top-level
+    # stage keys of the YAML), written back flat by `dump`.
+    stages: dict[str, StageBlock] = Field(default_factory=dict, exclude=True)
+
+    @field_validator("output_dir")
+    @classmethod
+    def _only_name_placeholder(cls, value: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+        except ValueError as exc:
+            raise ValueError(f"{exc}; write literal braces as {{{{ and }}}}") from None
+        unknown = [f for f in fields if f != "name"]
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{unknown[0]}}}; only {{name}} is replaced")
+        return value
 
     @property
     def run_dir(self) -> Path:
         return Path(self.output_dir.format(name=self.name or "run"))
 
-    @model_validator(mode="after")
-    def _augment_images_only(self) -> "Recipe":
-        for block in ("prior", "reranker"):
-            config = getattr(self, block)
-            if config is not None and config.train.hflip:
-                raise ValueError(
-                    f"{block}.train.hflip: only the codec stage mirrors images "
-                    "(the prior trains on tokens, and captions such as 'arrow pointing left' name directions); remove it"
-                )
-        return self
+    def __getattr__(self, item: str) -> Any:
+        # `recipe.codec` for a stage block (None when the recipe has no such stage block).
+        stages = self.__dict__.get("stages")
+        if stages is not None and not item.startswith("_") and item in _stage_names():
+            return stages.get(item)
+        return super().__getattr__(item)
+
+    def block_dump(self, name: str) -> Any:
+        """A top-level block (``data``, ``tokenizer``, or a stage) as plain JSON data."""
+        if name in self.stages:
+            return self.stages[name].model_dump(mode="json")
+        block = getattr(self, name, None)
+        return block.model_dump(mode="json") if hasattr(block, "model_dump") else block
 
 
-# Recipe block -> registry kind. Only these blocks name components.
-COMPONENT_BLOCKS = {"data": "data", "tokenizer": "tokenizer", "codec": "codec", "prior": "prior", "reranker": "reranker"}
-TRAINED_KINDS = {"codec", "prior", "reranker"}
+def _stage_names() -> set[str]:
+    from .plugins import get_plugin_manager
+
+    return set(get_plugin_manager().registry("stage").names())
 
 
 # ----------------------------------------------------------------------------- finding and reading
@@ -158,20 +165,54 @@ def find_recipe(ref: str | Path, relative_to: Optional[Path] = None) -> Path:
     known = list_recipes()
     if name in known:
         return known[name]
-    import difflib
-
     close = difflib.get_close_matches(name, list(known), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else f" (known: {', '.join(known) or 'none'})"
     raise UsageError(f"recipe {str(ref)!r} not found as a file or a recipe name{hint}")
 
 
+def _check_expansion(data: Any, path: Path) -> None:
+    """Refuse a document whose values, with aliases expanded, exceed the node or depth bound.
+
+    Shared references are counted once per use, which is what validation would
+    build; a cyclic alias never ends, so it trips the bound too.
+    """
+    count = 0
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_RECIPE_NODES or depth > MAX_DEPTH:
+            raise UsageError(
+                f"{path}: too large once YAML aliases are expanded (over {MAX_RECIPE_NODES} values or {MAX_DEPTH} levels); "
+                "a recipe is a few dozen settings: remove the repeated aliases"
+            )
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+            stack.extend((k, depth + 1) for k in node.keys())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
+
+
 def read_yaml(path: Path) -> dict:
+    """A YAML mapping from ``path``: bounded in size and expansion, UTF-8, ``safe_load`` only."""
     try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise UsageError(f"{path}: {size} bytes; a recipe may be at most {MAX_RECIPE_BYTES} bytes")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"{path}: not UTF-8 text (byte {exc.start}); save the recipe as UTF-8") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, not a recipe file") from None
     except OSError as exc:
         raise UsageError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: nested too deeply") from None
+    _check_expansion(data, path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -200,12 +241,18 @@ def load_raw(ref: str | Path, _seen: Optional[list[Path]] = None) -> dict:
     if path in seen:
         chain = " -> ".join(str(p.name) for p in [*seen, path])
         raise UsageError(f"recipe extends itself: {chain}")
+    if len(seen) >= 16:
+        raise UsageError(f"{path}: `extends` chains more than 16 recipes deep")
     data = read_yaml(path)
     parents = data.pop("extends", None)
     if parents is None:
         return data
+    if isinstance(parents, str):
+        parents = [parents]
+    if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p.strip() for p in parents)):
+        raise UsageError(f"{path}: extends: must be a recipe name or a list of recipe names, got {parents!r}")
     merged: dict = {}
-    for parent in [parents] if isinstance(parents, str) else list(parents):
+    for parent in parents:
         merged = deep_merge(merged, load_raw(parent, [*seen, path]))
     return deep_merge(merged, data)
 
@@ -217,11 +264,14 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
         if "=" not in item:
             raise UsageError(f"override {item!r} must look like key.path=value (e.g. prior.train.steps=100)")
         key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise UsageError(f"override {item!r}: empty key in {key!r}")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise UsageError(f"override {item!r}: value is not valid YAML: {exc}") from None
-        parts = key.strip().split(".")
+        _check_expansion(value, Path(f"override {key}"))
         node = data
         for part in parts[:-1]:
             nxt = node.get(part)
@@ -254,38 +304,52 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     """Two-phase validation; raises :class:`RecipeError` listing every problem."""
     from .plugins import get_plugin_manager
 
+    if not isinstance(data, dict):
+        raise RecipeError(source, [f"a recipe must be a mapping, got {type(data).__name__}"])
+    manager = get_plugin_manager()
+    stage_classes = manager.stages()
     problems: list[str] = []
+    core = {k: v for k, v in data.items() if k in Recipe.model_fields and k != "stages"}
+    for key in data:
+        if key not in core and key not in stage_classes:
+            close = difflib.get_close_matches(str(key), [*Recipe.model_fields, *stage_classes], n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            problems.append(f"{key}: unknown key (not a recipe field or a registered stage{hint}; stages: {', '.join(stage_classes)})")
     recipe: Optional[Recipe] = None
     try:
-        recipe = Recipe.model_validate(data)
+        recipe = Recipe.model_validate(core)
     except ValidationError as exc:
         problems += [_format("", e) for e in exc.errors()]
 
-    manager = get_plugin_manager()
-    resolved_params: dict[str, dict] = {}
-    for block, kind in COMPONENT_BLOCKS.items():
+    for block, kind in (("data", "data"), ("tokenizer", "tokenizer")):
         raw = data.get(block)
-        if not isinstance(raw, dict) or not isinstance(raw.get("name"), str):
-            continue  # phase 1 already reported it (or the block is optional and absent)
-        problems += _check_component(manager.registry(kind), raw, block, resolved_params)
-        if kind in TRAINED_KINDS:
-            train = raw.get("train") if isinstance(raw.get("train"), dict) else {}
-            engine = train.get("engine", EngineSpec().model_dump())  # the default engine's params get filled in too
-            if isinstance(engine, dict) and isinstance(engine.get("name"), str):
-                problems += _check_component(manager.registry("engine"), engine, f"{block}.train.engine", resolved_params)
+        if isinstance(raw, dict) and isinstance(raw.get("name"), str):
+            problems += _check_params(manager.registry(kind), raw, block, recipe)
+
+    stages: dict[str, StageBlock] = {}
+    for name, cls in stage_classes.items():
+        raw = data.get(name)
+        if raw is None:
+            if cls.required:
+                problems.append(f"{name}: required (every recipe trains or loads a {name}); add a `{name}:` block")
+            continue
+        block, found = _check_stage(manager, cls, raw, name)
+        problems += found
+        if block is not None:
+            stages[name] = block
+    for name, block in stages.items():
+        missing = [d for d in stage_classes[name].after if d not in stages]
+        if missing:
+            problems.append(f"{name}: needs the {', '.join(missing)} stage(s) before it; add their block(s)")
     if problems:
         raise RecipeError(source, problems)
     assert recipe is not None
-    # Store params with every default filled in: the resolved recipe is the record.
-    for path, params in resolved_params.items():
-        node: Any = recipe
-        for part in path.split("."):
-            node = getattr(node, part)
-        node.params = params
+    recipe.stages = stages
     return recipe
 
 
-def _check_component(registry, raw: dict, path: str, resolved: dict) -> list[str]:
+def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list[str]:
+    """Validate ``raw['params']`` against the named class; store the Params object in ``recipe``."""
     name = raw["name"]
     if name not in registry:
         return [f"{path}.name: {registry.unknown_message(name)}"]
@@ -296,8 +360,53 @@ def _check_component(registry, raw: dict, path: str, resolved: dict) -> list[str
         model = registry.validate_params(name, params)
     except ValidationError as exc:
         return [_format(f"{path}.params", e) for e in exc.errors()]
-    resolved[path] = model.model_dump(mode="json")
+    except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
+        return [f"{path}.params: {exc}"]
+    if recipe is not None:
+        getattr(recipe, path).params = model
     return []
+
+
+def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock], list[str]]:
+    if not isinstance(raw, dict):
+        return None, [f"{name}: must be a mapping with `name`, `params` and `train`, got {type(raw).__name__}"]
+    try:
+        block = StageBlock.model_validate(raw)
+    except ValidationError as exc:
+        return None, [_format(name, e) for e in exc.errors()]
+    problems: list[str] = []
+    registry = manager.registry(cls.kind)
+    if block.name not in registry:
+        problems.append(f"{name}.name: {registry.unknown_message(block.name)}")
+    elif not isinstance(block.params, dict):
+        problems.append(f"{name}.params: must be a mapping, got {type(block.params).__name__}")
+    else:
+        try:
+            block.params = registry.validate_params(block.name, block.params)
+        except ValidationError as exc:
+            problems += [_format(f"{name}.params", e) for e in exc.errors()]
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{name}.params: {exc}")
+    train_raw = block.train if isinstance(block.train, dict) else None
+    if train_raw is None:
+        problems.append(f"{name}.train: must be a mapping, got {type(block.train).__name__}")
+        return None, problems
+    try:
+        train: TrainConfig = cls.Params.model_validate(train_raw)
+    except ValidationError as exc:
+        return None, problems + [_format(f"{name}.train", e) for e in exc.errors()]
+    engines = manager.registry("engine")
+    if train.engine.name not in engines:
+        problems.append(f"{name}.train.engine.name: {engines.unknown_message(train.engine.name)}")
+    elif not isinstance(train.engine.params, dict):
+        problems.append(f"{name}.train.engine.params: must be a mapping, got {type(train.engine.params).__name__}")
+    else:
+        try:
+            train.engine.params = engines.validate_params(train.engine.name, train.engine.params)
+        except ValidationError as exc:
+            problems += [_format(f"{name}.train.engine.params", e) for e in exc.errors()]
+    block.train = train
+    return (None if problems else block), problems
 
 
 def load_recipe(ref: str | Path, overrides: Iterable[str] = ()) -> Recipe:
@@ -310,8 +419,61 @@ def load_recipe(ref: str | Path, overrides: Iterable[str] = ()) -> Recipe:
 
 
 def recipe_from_dict(data: dict, source: str = "<recipe>") -> Recipe:
-    return validate(data, source)
+    return validate(copy.deepcopy(data), source)
+
+
+def as_data(recipe: Recipe) -> dict[str, Any]:
+    """The resolved recipe as plain data, stage blocks back at the top level."""
+    out = recipe.model_dump(mode="json")
+    for name, block in recipe.stages.items():
+        out[name] = block.model_dump(mode="json")
+    return out
 
 
 def dump(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)
+    return yaml.safe_dump(as_data(recipe), sort_keys=False, allow_unicode=True)
+
+
+def component_differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Where two resolved recipes build different components: ``path: old -> new`` lines.
+
+    Compares each block's ``name`` and ``params`` (training settings may change:
+    they retrain a stage; components may not: the run's weights would not fit).
+    """
+    out: list[str] = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if not (isinstance(a, dict) or isinstance(b, dict)) or key in ("generate", "evaluate"):
+            continue
+        a, b = a or {}, b or {}
+        for field_name in ("name", "params"):
+            if field_name in a or field_name in b:
+                out += _diff(f"{key}.{field_name}", a.get(field_name), b.get(field_name))
+    return out
+
+
+def _diff(path: str, a: Any, b: Any) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [line for k in sorted(set(a) | set(b)) for line in _diff(f"{path}.{k}", a.get(k), b.get(k))]
+    return [] if a == b else [f"{path}: {a!r} in the run, {b!r} now"]
+
+
+__all__ = [
+    "ComponentBlock",
+    "EngineSpec",
+    "EvaluateConfig",
+    "GenerateConfig",
+    "Recipe",
+    "StageBlock",
+    "TrainConfig",
+    "apply_overrides",
+    "as_data",
+    "component_differences",
+    "deep_merge",
+    "dump",
+    "load_raw",
+    "load_recipe",
+    "read_yaml",
+    "recipe_from_dict",
+    "validate",
+]

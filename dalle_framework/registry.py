@@ -81,6 +81,10 @@ class Registry(Generic[T]):
     def items(self) -> list[tuple[str, type[T]]]:
         return sorted(self._classes.items())
 
+    def in_order(self) -> list[tuple[str, type[T]]]:
+        """Registered classes in registration order (built-in plugins load first)."""
+        return list(self._classes.items())
+
     def validate_params(self, name: str, params: dict[str, Any]) -> BaseModel:
         """Validate ``params`` against the named class's ``Params`` (raises ValidationError)."""
         return self.get(name).Params.model_validate(params or {})
@@ -90,7 +94,8 @@ class Registry(Generic[T]):
         name = spec["name"] if isinstance(spec, dict) else spec.name
         raw = spec.get("params", {}) if isinstance(spec, dict) else spec.params
         cls = self.get(name)
-        params = raw if isinstance(raw, BaseModel) else cls.Params.model_validate(raw or {})
+        # A validated recipe already holds the Params object: it travels as is to the constructor.
+        params = raw if isinstance(raw, cls.Params) else cls.Params.model_validate(raw or {})
         return cls(params, **runtime)
 
 

@@ -48,8 +48,10 @@ def test_example_plugin_is_found_disabled_and_usable_in_recipes(example_site, tm
     env = {"PYTHONPATH": str(example_site)}
     plugins = plugins_json(**env)
     example = plugins["example"]
-    assert example["distribution"] == "dalle-example-plugin" and example["version"] == "0.3.0"
-    assert example["components"] == {"codec": ["palette-codec"], "prior": ["unigram-prior"]}
+    assert example["distribution"] == "dalle-example-plugin" and example["version"] == "0.4.0"
+    assert example["components"] == {
+        "codec": ["palette-codec"], "prior": ["unigram-prior"], "reranker": ["mean-colour"], "stage": ["colour-scorer"]
+    }
 
     hidden = plugins_json(DALLE_DISABLE_PLUGINS="example", **env)
     assert hidden["example"]["disabled"] and hidden["example"]["components"] == {}
@@ -63,6 +65,41 @@ def test_example_plugin_is_found_disabled_and_usable_in_recipes(example_site, tm
     assert ok.returncode == 0, ok.stderr
     refused = run_cli("recipes", "validate", str(recipe), env={**env, "DALLE_DISABLE_PLUGINS": "example"})
     assert refused.returncode == 2 and "unknown codec 'palette-codec'" in refused.stderr
+
+
+def test_a_plugin_adds_a_stage_that_dalle_run_trains_evaluates_and_keeps_fresh(example_site, tmp_path):
+    """The example plugin's `colour-scorer` stage: one class, and every command knows it."""
+    env = {"PYTHONPATH": str(example_site)}
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        "extends: shapes-demo\n"
+        "name: toy\n"
+        f"output_dir: {tmp_path / 'runs' / '{name}'}\n"
+        "data: {params: {samples_per_caption: 4, heldout_samples_per_caption: 2}}\n"
+        "codec: {name: palette-codec, params: {image_size: 32, cells: 4}, train: {steps: 2, batch_size: 8}}\n"
+        "prior: {name: unigram-prior, train: {steps: 20, batch_size: 8}}\n"
+        "reranker: null\n"
+        "colour-scorer: {name: mean-colour, train: {steps: 30, batch_size: 16, lr: 0.05}}\n"
+        "evaluate: {captions: 2, candidates: 4, batches: 1, batch_size: 16}\n"
+        "generate: {candidates: 4, keep: 2}\n"
+    )
+    stages = run_cli("components", "stage", "--json", env=env)
+    assert [row["name"] for row in json.loads(stages.stdout)["stage"]] == ["codec", "colour-scorer", "prior", "reranker"]
+    done = run_cli("run", str(recipe), "--quiet", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert report["colour-scorer"]["retrieval_i2t_top1"] >= 0 and "bits_per_image_token" in report["prior"]
+    assert report["generation"]["clip_score_all"] is not None  # the plugin's stage ranks the candidates
+    run = tmp_path / "runs" / "toy"
+    assert json.loads((run / "colour-scorer" / "meta.json").read_text())["plugin"] == "example"
+    # retraining the codec makes the stages after it stale; `dalle run` retrains them, reuses nothing else
+    assert run_cli("train", str(run), "--stage", "codec", "--force", "--quiet", env=env).returncode == 0
+    again = run_cli("train", str(run), "--quiet", env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    results = json.loads(again.stdout)["stages"]
+    assert results["codec"] == {"reused": True} and "loss" in results["colour-scorer"] and "loss" in results["prior"]
+    evaluated = run_cli("evaluate", str(run), "--stage", "colour-scorer", "--quiet", env=env)
+    assert evaluated.returncode == 0 and set(json.loads(evaluated.stdout)) == {"run", "recipe", "colour-scorer"}
 
 
 def test_broken_plugin_is_reported_and_cli_still_works(tmp_path):

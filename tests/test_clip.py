@@ -19,7 +19,7 @@ import torch
 from pydantic import ValidationError
 
 from dalle_framework import Reranker, UsageError
-from dalle_framework.checkpoint import save_weights
+from dalle_framework.rundir import save_weights
 from dalle_framework.plugins import PluginManager
 
 # 32x32 images in 8x8 patches, 16 text tokens: ~3.4M parameters (3.2M of them the BPE embedding).
@@ -173,6 +173,7 @@ def test_loss_terms_and_gradients(registries):
         assert grad is not None and grad.abs().sum() > 0, f"no gradient reaches {name}"
 
 
+@pytest.mark.debian_data("emoji")
 def test_forty_steps_on_real_emoji_separate_matched_from_mismatched(registries):
     # Eight real Noto emoji (64x64, resized to the model's 32x32) with their CLDR names.
     src = registries[1].build({"name": "emoji", "params": {"image_size": 64}})
@@ -260,32 +261,31 @@ def test_retrieval_metrics_on_heldout_shapes(shapes, shapes_clip):
 
 
 def test_retrieval_generic_path_matches_similarity(shapes, shapes_clip):
-    """retrieval_accuracy works on any Reranker through score() alone, with the same result."""
-    from dalle_clip import retrieval_accuracy
+    """The contract's default similarity (score() on every pair) gives CLIP's own retrieval result."""
+    from dalle_framework import Reranker
 
     src, _, _ = shapes
     model, _ = shapes_clip
     held = list(itertools.islice(src.samples("heldout"), 30))
     images, captions = to_float([s.image for s in held]), [s.caption for s in held]
+    distinct = list(dict.fromkeys(captions))
 
-    class ScoreOnly:  # the Reranker contract without the CLIP extras
-        score = staticmethod(model.score)
-
-    assert retrieval_accuracy(ScoreOnly(), images, captions, batch_size=7) == pytest.approx(model.retrieval_metrics(images, captions))
+    generic = Reranker.similarity(model, images, distinct, batch_size=7)  # the default body, on CLIP's score()
+    torch.testing.assert_close(generic, model.similarity(images, distinct), rtol=0, atol=1e-5)
+    assert Reranker.retrieval_metrics(model, images, captions) == pytest.approx(model.retrieval_metrics(images, captions))
 
 
 def test_retrieval_counts_any_image_with_the_caption_as_a_match():
-    from dalle_clip import retrieval_accuracy
+    from dalle_framework.metrics import retrieval_accuracy
 
     # 4 images, captions a, a, b, c; similarity rows = images, columns = distinct captions (a, b, c)
     sim = torch.tensor([[0.1, 0.9, 0.0], [0.8, 0.1, 0.0], [0.0, 0.2, 0.7], [0.0, 0.1, 0.9]])
 
-    class Fixed:
-        def similarity(self, images, texts):
-            assert texts == ["a", "b", "c"]
-            return sim
+    def similarity(images, texts):
+        assert texts == ["a", "b", "c"]
+        return sim
 
-    m = retrieval_accuracy(Fixed(), torch.zeros(4, 3, 2, 2), ["a", "a", "b", "c"])
+    m = retrieval_accuracy(similarity, torch.zeros(4, 3, 2, 2), ["a", "a", "b", "c"])
     assert m["i2t_top1"] == pytest.approx(2 / 4)  # image 0 -> b (wrong), 1 -> a, 2 -> c (wrong), 3 -> c
     assert m["t2i_top1"] == pytest.approx(2 / 3)  # a -> image 1 (caption a), b -> image 0 (a: wrong), c -> image 3
     assert m["i2t_top5"] == m["t2i_top5"] == 1.0

@@ -209,8 +209,10 @@ def test_emoji_filters_keep_the_split(data_registry):
 def test_emoji_missing_files_name_the_package(data_registry, tmp_path):
     with pytest.raises(UsageError, match="apt-get install unicode-data"):
         build(data_registry, "emoji", names_path=str(tmp_path / "nope.txt"))
+    names = tmp_path / "emoji-test.txt"  # the names are there (written here, so no package is needed), the font is not
+    names.write_text("# group: Smileys & Emotion\n# subgroup: face-smiling\n1F600 ; fully-qualified # 😀 E1.0 grinning face\n")
     with pytest.raises(UsageError, match="apt-get install fonts-noto-color-emoji"):
-        build(data_registry, "emoji", font_path=str(tmp_path / "nope.ttf"))
+        build(data_registry, "emoji", names_path=str(names), font_path=str(tmp_path / "nope.ttf"))
 
 
 @pytest.mark.debian_data("emoji")

@@ -146,7 +146,7 @@ def test_data_shards_and_encode_commands(trained_run, tmp_path):
 
     encoded = run_cli("data", "encode", str(trained_run), "--quiet")
     assert encoded.returncode == 0, encoded.stderr
-    counts = json.loads(encoded.stdout)["counts"]
+    counts = json.loads(encoded.stdout)["prepared"]["prior"]  # what each stage precomputes: the prior's image tokens
     assert counts["train"] > 0 and counts["heldout"] > 0
 
 

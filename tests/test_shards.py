@@ -1,4 +1,4 @@
-"""Webdataset shards: write from a source, read back (local, pipe:, workers), corrupt samples; token shards."""
+"""Webdataset shards: write from a source, read back (local files, workers), refused URLs, corrupt samples; token shards."""
 
 from __future__ import annotations
 
@@ -77,15 +77,17 @@ def test_round_trip_through_webdataset_source(data_registry, shapes, shard_dir):
     assert src.skipped == 0
 
 
-def test_pipe_url(data_registry, shapes, shard_dir):
+@pytest.mark.parametrize("url", ["pipe:touch {marker}", "PIPE:touch {marker}", "https://example.com/a.tar", "s3://bucket/a.tar"])
+def test_urls_that_run_commands_or_reach_the_network_are_refused(data_registry, shard_dir, tmp_path, url):
+    from pydantic import ValidationError
+
     out, _ = shard_dir
-    src = build(data_registry, "webdataset", train_urls=f"pipe:cat {out}/heldout-000000.tar", image_size=16)
-    samples = list(src.samples("train"))
-    assert src.size("train") is None
-    assert [s.caption for s in samples] == [s.caption for s in shapes.samples("heldout")]
-    assert samples[0].image.shape == (16, 16, 3)
-    with pytest.raises(UsageError, match="heldout_urls"):
-        list(src.samples("heldout"))
+    marker = tmp_path / "ran"
+    for params in ({"train_urls": url.format(marker=marker)}, {"train_urls": str(out / "train-000000.tar"), "heldout_urls": [url.format(marker=marker)]}):
+        with pytest.raises(ValidationError, match="URLs run a command or reach the network"):
+            build(data_registry, "webdataset", **params)
+    assert not marker.exists()
+    assert build(data_registry, "webdataset", train_urls=f"file:{out}/heldout-000000.tar").size("train") is None
 
 
 def test_missing_shard_is_a_usage_error(data_registry, tmp_path):

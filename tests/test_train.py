@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from dalle_framework import UsageError
-from dalle_framework import checkpoint as ckpt
+from dalle_framework import rundir as ckpt
+from dalle_framework.data.batches import ShuffledBatches
 from dalle_framework.pipeline import Pipeline
 from dalle_framework.recipe import recipe_from_dict
-from dalle_framework.train.batches import ShuffledBatches
 from dalle_framework.train.loop import train_all, train_stage
 
 CAPTION_WORDS = ["a", "in", "the", "red", "green", "blue", "circle", "square", "triangle", "top", "bottom", "left", "right", "center"]
@@ -99,16 +99,14 @@ def test_codec_stage_writes_run_dir_and_tensorboard(manager, tmp_path):
     assert "codec/preview" in events.Tags()["images"]
     # the stored recipe is the resolved one: a pipeline loads from it alone
     loaded = Pipeline.load(run)
-    assert loaded.recipe.codec.params["vocab_size"] == 32
+    assert loaded.recipe.codec.params.vocab_size == 32
     tokens = loaded.codec.encode(torch.rand(2, 3, 16, 16))
     assert tokens.shape == (2, loaded.codec.tokens_per_image)
 
 
 def test_hflip_mirrors_about_half_of_a_batch_reproducibly(manager, tmp_path):
-    from dalle_framework.train.stages import make_stage
-
     pipe = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "run", **{"codec.train.hflip": True})))
-    stage = make_stage(pipe, "codec")
+    stage = pipe.stage("codec")
     images = torch.randint(0, 256, (64, 3, 16, 16), dtype=torch.uint8)
     out = stage.augment([images], key=5)[0]
     mirrored = torch.tensor([torch.equal(o, i.flip(-1)) for o, i in zip(out, images)])
@@ -116,7 +114,7 @@ def test_hflip_mirrors_about_half_of_a_batch_reproducibly(manager, tmp_path):
     assert bool((mirrored ^ kept).all()) and 16 < int(mirrored.sum()) < 48
     assert torch.equal(stage.augment([images], key=5)[0], out)  # the key decides, so resume replays it
     assert not torch.equal(stage.augment([images], key=6)[0], out)
-    plain = make_stage(Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "plain"))), "codec")
+    plain = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "plain"))).stage("codec")
     assert plain.augment([images], key=5)[0] is images
 
 
@@ -185,9 +183,12 @@ def test_changed_recipe_block_retrains_and_stale_checkpoint_is_not_resumed(manag
     train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], progress=False)
     assert train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], progress=False) == {"codec": {"reused": True}}
 
-    # other params: the finished stage is not reused and its checkpoint is not resumed into the new shapes
+    # other params: refused in the same run directory unless forced; then the finished stage
+    # is not reused and its checkpoint is not resumed into the new shapes
     recipe["codec"]["params"]["vocab_size"] = 48
-    results = train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], resume=True, progress=False)
+    with pytest.raises(UsageError, match=r"codec.params.vocab_size: 32 in the run, 48 now"):
+        train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], resume=True, progress=False)
+    results = train_all(Pipeline(recipe_from_dict(recipe)), ["codec"], resume=True, force=True, progress=False)
     assert "psnr" in results["codec"]
     assert ckpt.load_weights(tmp_path / "run" / "codec" / "model.safetensors")["encoder.blocks.5.bias"].shape == (48,)
 

@@ -1,18 +1,23 @@
 """Core data IO shared by data sources, training and the CLI.
 
+- :mod:`.batches`: resumable shuffled batches (the data position of a run)
 - :mod:`.images`: image conversions, ``square_resize``, ``load_split``, ``batches``, ``save_grid``
 - :mod:`.shards`: write any :class:`~dalle_framework.DataSource` as webdataset tar shards
 - :mod:`.tokens`: safetensors shards of pre-computed text + image tokens (stage 2)
 """
 
-from .images import batches, decode_image, load_split, save_grid, square_resize, to_pil, to_tensor
+from .batches import ShuffledBatches, chunks
+from .images import as_model_images, batches, decode_image, fit_images, load_split, save_grid, square_resize, to_pil, to_tensor
 from .shards import folder_to_shards, shards_command, write_shards
-from .tokens import atomic_write_bytes, load_token_shard, load_token_shards, save_token_shard
+from .tokens import load_token_shard, load_token_shards, save_token_shard
 
 __all__ = [
-    "atomic_write_bytes",
+    "ShuffledBatches",
+    "as_model_images",
     "batches",
+    "chunks",
     "decode_image",
+    "fit_images",
     "folder_to_shards",
     "load_split",
     "load_token_shard",

@@ -7,6 +7,7 @@ Conventions: a *sample image* is uint8 ``[H, W, 3]`` (numpy, PIL or tensor); a
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -16,8 +17,10 @@ import torch
 from PIL import Image
 
 from ..errors import UsageError
+from ..rundir import atomic_path
 
 ImageLike = Union[np.ndarray, Image.Image, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 def _as_uint8_hwc(img: ImageLike) -> np.ndarray:
@@ -92,6 +95,7 @@ def load_split(
     total = source.size(split)
     if limit is not None:
         total = limit if total is None else min(total, limit)
+    skipped_before = int(getattr(source, "skipped", 0))
     images: list[np.ndarray] = []
     captions: list[str] = []
     bar = tqdm(
@@ -112,10 +116,26 @@ def load_split(
             bar.update(1)
     finally:
         bar.close()
+    skipped = int(getattr(source, "skipped", 0)) - skipped_before
+    if skipped:
+        log.warning("%s/%s: skipped %d sample(s) that could not be read (named in the warnings above); kept %d",
+                    getattr(source, "name", "data") or "data", split, skipped, len(images))
     if not images:
         return torch.empty(0, 3, 0, 0, dtype=torch.uint8), []
     batch = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
     return batch, captions
+
+
+def fit_images(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize float ``[B,3,H,W]`` to ``size x size`` (antialiased bilinear) when it differs."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    return torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def as_model_images(images: torch.Tensor, size: int, device: torch.device | str) -> torch.Tensor:
+    """uint8 ``[B,3,H,W]`` -> float in [0, 1] on ``device`` at ``size``."""
+    return fit_images(images.to(device).float() / 255.0, size)
 
 
 def batches(
@@ -146,6 +166,6 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: int = 8
         images = images.float() / 255.0
     grid = make_grid(images.detach().cpu().clamp(0, 1), nrow=nrow, padding=padding)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    to_pil(grid).save(path, format="PNG")
+    with atomic_path(path) as tmp:
+        to_pil(grid).save(tmp, format="PNG")
     return path

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 
@@ -18,32 +17,9 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from ..errors import UsageError
+from ..rundir import write_bytes
 
 FORMAT = "dalle-token-shard/1"
-
-
-def atomic_write_bytes(path: Union[str, os.PathLike], data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically: temp file in the same directory, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
 
 
 def save_token_shard(
@@ -72,7 +48,7 @@ def save_token_shard(
         "image_tokens": image_tokens.detach().cpu().to(torch.int32).contiguous(),
     }
     metadata = {"format": FORMAT, "captions": json.dumps(list(captions)), "meta": json.dumps(meta or {})}
-    atomic_write_bytes(path, st_save(tensors, metadata=metadata))
+    write_bytes(path, st_save(tensors, metadata=metadata))
     return Path(path)
 
 
@@ -87,15 +63,17 @@ def load_token_shard(path: Union[str, os.PathLike]) -> dict[str, Any]:
         header_len = int.from_bytes(data[:8], "little")
         metadata = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
     except Exception as exc:
-        raise UsageError(f"token shard {str(path)!r} is not a readable safetensors file: {exc}") from exc
+        raise UsageError(f"token shard {str(path)!r} is not a readable safetensors file ({exc}); delete it to re-encode") from None
     if metadata.get("format") != FORMAT or not {"text", "image_tokens"} <= set(tensors):
-        raise UsageError(f"{str(path)!r} is not a dalle token shard (format {metadata.get('format')!r})")
-    return {
-        "text": tensors["text"].long(),
-        "image_tokens": tensors["image_tokens"].long(),
-        "captions": json.loads(metadata["captions"]),
-        "meta": json.loads(metadata["meta"]),
-    }
+        raise UsageError(f"{str(path)!r} is not a dalle token shard (format {metadata.get('format')!r}); delete it to re-encode")
+    try:
+        captions, meta = json.loads(metadata["captions"]), json.loads(metadata["meta"])
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"token shard {str(path)!r} has damaged metadata ({exc}); delete it to re-encode") from None
+    text, image_tokens = tensors["text"], tensors["image_tokens"]
+    if not (isinstance(captions, list) and text.ndim == image_tokens.ndim == 2 and len(text) == len(image_tokens) == len(captions)):
+        raise UsageError(f"token shard {str(path)!r}: its tensors and captions disagree; delete it to re-encode")
+    return {"text": text.long(), "image_tokens": image_tokens.long(), "captions": captions, "meta": meta}
 
 
 def load_token_shards(paths: Union[str, os.PathLike, list]) -> dict[str, Any]:

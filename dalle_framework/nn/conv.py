@@ -10,13 +10,13 @@ its identity path at initialisation and lets deep stacks train stably.
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Sequence
+from typing import Annotated, Literal, Optional, Sequence
 
 import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..interfaces import Params
+from ..interfaces import CodecFacts, Params
 
 
 def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
@@ -170,25 +170,26 @@ class ConvCodecParams(Params):
     n_hid = 256, 2 blocks per group, 4 groups, decoder stem 128).
     """
 
-    image_size: int = Field(256, gt=0, description="square input side in pixels; a multiple of stem_downsample * 2**(groups-1)")
-    vocab_size: int = Field(8192, ge=2, description="codebook size K (paper: 8192)")
-    width: int = Field(256, ge=4, description="base channels n_hid; group g has width * channel_mults[g] (paper: 256)")
-    channel_mults: list[int] = Field(
+    image_size: int = Field(256, gt=0, le=4096, description="square input side in pixels; a multiple of stem_downsample * 2**(groups-1)")
+    vocab_size: int = Field(8192, ge=2, le=2**20, description="codebook size K (paper: 8192)")
+    width: int = Field(256, ge=4, le=8192, description="base channels n_hid; group g has width * channel_mults[g] (paper: 256)")
+    channel_mults: list[Annotated[int, Field(ge=1, le=64)]] = Field(
         default_factory=lambda: [1, 2, 4, 8],
         min_length=1,
+        max_length=8,
         description="width multiplier per group; grid = image_size / (stem_downsample * 2**(groups-1))",
     )
-    blocks_per_group: int = Field(2, ge=1, description="bottleneck residual blocks per group (paper: 2)")
+    blocks_per_group: int = Field(2, ge=1, le=64, description="bottleneck residual blocks per group (paper: 2)")
     decoder_blocks_per_group: Optional[int] = Field(
-        None, ge=1, description="the decoder's blocks per group; null = blocks_per_group (a heavier decoder sharpens short runs)"
+        None, ge=1, le=64, description="the decoder's blocks per group; null = blocks_per_group (a heavier decoder sharpens short runs)"
     )
     activation: Activation = Field("relu", description="nonlinearity of every block (paper: relu)")
     stem_downsample: int = Field(
-        1, ge=1, description="space-to-depth factor before the encoder stem / depth-to-space after the decoder (paper: 1; "
+        1, ge=1, le=16, description="space-to-depth factor before the encoder stem / depth-to-space after the decoder (paper: 1; "
         "2 quarters the cost of full-resolution convs on CPU)"
     )
-    stem_kernel: int = Field(7, ge=1, description="encoder stem conv size (paper: 7); odd")
-    decoder_stem_width: int = Field(128, ge=1, description="channels of the decoder's 1x1 input conv / code embedding (paper n_init: 128)")
+    stem_kernel: int = Field(7, ge=1, le=31, description="encoder stem conv size (paper: 7); odd")
+    decoder_stem_width: int = Field(128, ge=1, le=8192, description="channels of the decoder's 1x1 input conv / code embedding (paper n_init: 128)")
     residual_gain: float | None = Field(
         None, gt=0, description="scale of each residual branch; null = the paper's 1 / n_layers**2 (stable when deep)"
     )
@@ -215,6 +216,10 @@ class ConvCodecParams(Params):
     def grid(self) -> tuple[int, int]:
         side = self.image_size // (self.stem_downsample * 2 ** (len(self.channel_mults) - 1))
         return (side, side)
+
+    def facts(self) -> CodecFacts:
+        """Codes, grid and input size: what a convolutional codec hands the prior."""
+        return CodecFacts(self.vocab_size, self.grid, self.image_size)
 
     def build_encoder(self, out_channels: int) -> ConvEncoder:
         return ConvEncoder(

@@ -1,167 +1,321 @@
 """The training loop shared by every stage and every engine.
 
-It owns what is the same everywhere: seeding, the data position, EMA,
-TensorBoard, the progress bar, a wall-time budget, periodic atomic
-checkpoints and exact resume. Engines own forward/backward/optimizer;
-stages own data and metrics.
+It owns what is the same everywhere: the run lock, seeding, the data position,
+EMA, TensorBoard, the progress bar, a wall-time budget, periodic atomic
+checkpoints, exact resume, and refusing to save what diverged. Engines own
+forward/backward/optimizer; stages own data and metrics.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 import torch
 
-from .. import checkpoint as ckpt
-from ..errors import UsageError
+from .. import distributed, rundir
+from ..errors import DalleError, NonFiniteError, UsageError
 from ..pipeline import Pipeline
-from ..recipe import dump
+from ..recipe import as_data, component_differences, dump, read_yaml
+from ..stage import Stage
 from .ema import EMA
-from .stages import make_stage
 
 log = logging.getLogger(__name__)
-STATE_DIR = "state"
-RESUME_FILE = "resume.json"  # which component and params the state/ checkpoint belongs to
 
 
-def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+# ----------------------------------------------------------------------------- the run directory
+
+
+def claim_run_dir(pipe: Pipeline, *, force: bool = False) -> None:
+    """Write the run's ``recipe.yaml``, refusing a recipe that builds other components than the run's.
+
+    A run directory holds weights made by its recipe; a recipe with another
+    codec, say, would silently mix its weights with the old ones (and fail to
+    load later). ``force`` accepts the change: stages whose inputs changed are
+    then retrained as stale.
+    """
+    if not distributed.is_main():
+        return
+    existing = pipe.run_dir / rundir.RECIPE_FILE
+    if existing.is_file() and not force:
+        changed = component_differences(read_yaml(existing), as_data(pipe.recipe))
+        if changed:
+            shown = "\n  ".join(changed[:10]) + (f"\n  ... and {len(changed) - 10} more" if len(changed) > 10 else "")
+            raise UsageError(
+                f"{pipe.run_dir} was trained with other components than this recipe:\n  {shown}\n"
+                f"use another output_dir (e.g. output_dir=runs/new-name), or --force to retrain the run with this recipe"
+            )
+    rundir.write_text(existing, dump(pipe.recipe))
+
+
+def stage_status(pipe: Pipeline, name: str) -> tuple[str, Optional[dict]]:
+    """``("complete", meta)`` when the stage's weights were made with exactly today's inputs,
+    ``("stale", meta)`` when they exist but its recipe block, data, tokenizer or an earlier
+    stage changed since, ``("missing", None)`` when it never finished."""
+    meta = rundir.read_meta(pipe.run_dir, name)
+    if meta is None:
+        return "missing", None
+    return ("complete" if meta.get("identity") == pipe.stage(name).identity() else "stale"), meta
+
+
+def _resume_record(stage_dir: Path) -> Optional[dict]:
+    path = stage_dir / rundir.RESUME_FILE
+    return rundir.read_json(path) if path.is_file() else None
+
+
+# ----------------------------------------------------------------------------- one stage
+
+
+def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train one stage of ``pipe`` and export its weights into the run directory.
 
     Returns the final held-out metrics. With ``resume`` the last checkpoint in
     ``<run>/<stage>/state`` restores model, optimizer, scheduler, EMA, RNG and
-    data position, and training continues where it stopped.
+    data position, and training continues where it stopped. Without it, an
+    unfinished checkpoint is an error (``force`` starts over). A non-finite loss
+    or gradient stops the run without saving (or skips the batch when the
+    recipe says ``nonfinite: skip``); the last finite checkpoint stays.
     """
-    stage = make_stage(pipe, stage_name)
-    train = stage.train
-    run_dir = pipe.run_dir
-    stage_dir = run_dir / stage_name
-    state_dir = stage_dir / STATE_DIR
+    with rundir.locked(pipe.run_dir, rundir.command_line()):
+        stage = pipe.stage(stage_name)
+        claim_run_dir(pipe, force=force)
+        if stage.block.frozen:
+            return install_frozen(pipe, stage)
+        return _Training(pipe, stage, resume=resume, force=force, progress=progress).run()
 
-    torch.manual_seed(pipe.recipe.seed + list(("codec", "prior", "reranker")).index(stage_name))
-    engine = pipe.build("engine", train.engine)
-    with engine.model_context(train):
-        module = stage.build()
-    run = engine.prepare(module, train)
-    main = run.is_main
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_text(run_dir / ckpt.RECIPE_FILE, dump(pipe.recipe))
-    batches = stage.batches(rank=run.rank, world_size=run.world_size)
-    ema = _ema(run, train.ema) if train.ema else None
 
-    step = 0
-    identity = {"name": pipe.block(stage_name).name, "params": pipe.block(stage_name).params}
-    if resume and state_dir.is_dir() and _state_identity(stage_dir) not in (None, identity):
-        if main:
-            log.warning("%s: the checkpoint was made with other %s params; starting from scratch", state_dir, stage_name)
-        resume = False
-    if resume and state_dir.is_dir():
-        client = run.load(str(state_dir))
-        step = int(client["step"])
-        batches.load_state_dict(client["data"])
-        if ema is not None and "ema" in client:
-            ema.load_state_dict(client["ema"])
-        if "rng" in client:
-            ckpt.set_rng_state(client["rng"])
-        if main:
-            log.info("resumed %s at step %d", stage_name, step)
-    elif resume and main:
-        log.warning("--resume: no checkpoint in %s; starting from scratch", state_dir)
+class _Training:
+    def __init__(self, pipe: Pipeline, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
+        self.pipe, self.stage, self.progress = pipe, stage, progress
+        self.train = stage.train
+        self.stage_dir = pipe.run_dir / stage.name
+        self.state_dir = self.stage_dir / rundir.STATE_DIR
+        self.resume = self._check_resume(resume, force)
 
-    writer = _writer(run_dir / "tb" / stage_name) if main else None
-    from tqdm.auto import tqdm
+    def _check_resume(self, resume: bool, force: bool) -> Optional[Path]:
+        """The checkpoint to resume from, or None; an unfinished run is never silently restarted."""
+        checkpoint = rundir.find_checkpoint(self.state_dir)
+        record = _resume_record(self.stage_dir)
+        if checkpoint is None:
+            if resume and distributed.is_main():
+                log.warning("--resume: no checkpoint in %s; starting from scratch", self.state_dir)
+            return None
+        fits = record is not None and record.get("identity") == self.stage.identity(with_train=False)
+        if not fits:
+            if distributed.is_main():
+                log.warning("%s: the checkpoint was made with other %s params or inputs; starting from scratch", self.state_dir, self.stage.name)
+            return None
+        if resume:
+            return checkpoint
+        if force:
+            return None
+        raise UsageError(
+            f"{self.stage_dir}: an unfinished {self.stage.name} run stopped at step {record.get('step')} "
+            f"(checkpoint in {checkpoint}); continue it with --resume, or start over with --force"
+        )
 
-    bar = tqdm(total=train.steps, initial=step, desc=f"train {stage_name}", disable=not (main and progress), dynamic_ncols=True)
-    started = time.monotonic()
-    eval_module: Optional[torch.nn.Module] = None
-    metrics: dict[str, float] = {}
-    stopped_early = False
+    def run(self) -> dict[str, Any]:
+        pipe, stage, train = self.pipe, self.stage, self.train
+        _require_data(stage)
+        stage.prepare()
+        torch.manual_seed(pipe.recipe.seed + stage.seed_offset())
+        engine = pipe.build("engine", train.engine)
+        with engine.model_context(train):
+            module = stage.build()
+        if stage.block.weights and not self.resume:
+            rundir.load_into(module, stage.block.weights)  # fine-tune from pretrained weights
+        run = self.engine_run = engine.prepare(module, train)
+        self.main = run.is_main
+        batches = self.batches = stage.batches(rank=run.rank, world_size=run.world_size)
+        self.ema = _ema(run, train.ema) if train.ema else None
+        self.step = 0
+        if self.resume is not None:
+            client = run.load(str(self.resume))
+            self.step = int(client["step"])
+            batches.load_state_dict(client["data"])
+            if self.ema is not None and "ema" in client:
+                self.ema.load_state_dict(client["ema"])
+            if "rng" in client:
+                rundir.set_rng_state(client["rng"])
+            if self.main:
+                log.info("resumed %s at step %d", stage.name, self.step)
 
-    def save_state() -> None:
-        client = {"step": step, "data": batches.state_dict(), "rng": ckpt.rng_state()}
-        if ema is not None:
-            client["ema"] = ema.state_dict()
-        run.save(str(state_dir), client)
-        if main:
-            ckpt.write_json(stage_dir / RESUME_FILE, {"step": step, **identity})
+        self.writer = _writer(pipe.run_dir / "tb" / stage.name) if self.main else None
+        from tqdm.auto import tqdm
 
-    def export_weights() -> dict[str, torch.Tensor]:
-        """Full fp32 weights (EMA when enabled); collective, so every rank calls it."""
-        return ema.weights(run.module) if ema is not None else run.full_state_dict()
+        bar = tqdm(total=train.steps, initial=self.step, desc=f"train {stage.name}", disable=not (self.main and self.progress), dynamic_ncols=True)
+        started = time.monotonic()
+        self.eval_module: Optional[torch.nn.Module] = None
+        stopped_early, skipped = False, 0
+        try:
+            module.train()
+            while self.step < train.steps:
+                out, skipped = self._optimizer_step(skipped)
+                self.step += 1
+                if self.ema is not None:
+                    self.ema.update(run.module)
+                bar.update(1)
+                if self.main and (self.step % train.log_every == 0 or self.step == 1):
+                    bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
+                    for key, value in out.items():
+                        self.writer.add_scalar(f"train/{key}", value, self.step)
+                if self.step % train.eval_every == 0 and self.step < train.steps:
+                    self._evaluate(self._export())
+                if self.step % train.ckpt_every == 0 and self.step < train.steps:
+                    self._save_state()
+                if train.max_minutes and distributed.any_rank(time.monotonic() - started > train.max_minutes * 60):
+                    stopped_early = True
+                    break
+            self._save_state()
+            weights = self._export()
+            metrics = self._evaluate(weights)
+        except NonFiniteError as exc:
+            raise self._diverged(exc) from None
+        finally:
+            bar.close()
+            if self.writer is not None:
+                self.writer.close()
+        if self.main:
+            self._publish(weights, metrics, stopped_early=stopped_early, skipped=skipped, seconds=time.monotonic() - started)
+        run.barrier()
+        return metrics
 
-    def evaluate(weights: dict[str, torch.Tensor]) -> dict[str, float]:
+    # ------------------------------------------------------------------ steps
+
+    def _optimizer_step(self, skipped: int) -> tuple[dict[str, float], int]:
+        """One optimizer step over ``grad_accum`` micro-batches; non-finite ones are skipped when allowed."""
+        train, run, stage = self.train, self.engine_run, self.stage
+        micro, consecutive, out = 0, 0, {}
+        while micro < train.grad_accum:
+            key = (self.step * train.grad_accum + micro) * run.world_size + run.rank  # distinct per micro-batch and rank
+            batch = stage.augment(next(self.batches), key)
+            try:
+                out = run.step(*stage.step_args(batch, self.step, run.device))
+            except NonFiniteError as exc:
+                if train.nonfinite != "skip" or exc.applied or consecutive >= train.max_skipped:
+                    raise
+                consecutive, skipped = consecutive + 1, skipped + 1
+                if self.main:
+                    log.warning("%s: %s at step %d; skipped that batch (nonfinite: skip)", stage.name, exc, self.step + 1)
+                if exc.step_discarded:
+                    micro = 0  # the engine dropped the whole accumulated step
+                continue
+            micro += 1
+        return out, skipped
+
+    def _diverged(self, exc: NonFiniteError) -> DalleError:
+        record = _resume_record(self.stage_dir)
+        kept = (
+            f"the last finite checkpoint (step {record.get('step')}) stays in {self.state_dir}"
+            if record is not None and rundir.find_checkpoint(self.state_dir) is not None
+            else "there is no earlier checkpoint"
+        )
+        name = self.stage.name
+        return DalleError(
+            f"{name}: {exc} at step {self.step + 1}; training stopped and nothing of this run was saved ({kept}). "
+            f"Lower {name}.train.lr, set {name}.train.grad_clip, or let it skip such batches with {name}.train.nonfinite: skip"
+        )
+
+    def _export(self) -> dict[str, torch.Tensor]:
+        """Full fp32 weights (EMA when enabled); collective, so every rank calls it. Refuses non-finite ones."""
+        weights = self.ema.weights(self.engine_run.module) if self.ema is not None else self.engine_run.full_state_dict()
+        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+        if distributed.any_rank(bad is not None):
+            raise NonFiniteError(f"weight {bad or '(on another rank)'}", float("nan"), applied=True)
+        return weights
+
+    def _save_state(self) -> None:
+        run = self.engine_run
+        local_bad = any(not torch.isfinite(p).all() for p in run.module.parameters() if p.numel())
+        if distributed.any_rank(local_bad):
+            raise NonFiniteError("a weight", float("nan"), applied=True)
+        client = {"step": self.step, "data": self.batches.state_dict(), "rng": rundir.rng_state()}
+        if self.ema is not None:
+            client["ema"] = self.ema.state_dict()
+        run.save(str(self.state_dir), client)
+        if self.main:
+            rundir.write_json(self.stage_dir / rundir.RESUME_FILE, {"step": self.step, "identity": self.stage.identity(with_train=False)})
+
+    def _evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out metrics and a preview, on rank 0, from a plain fp32 copy of the weights.
 
         A separate module keeps evaluation independent of how the engine holds the
         model (bf16, sharded by ZeRO-3, wrapped by DDP) and of the training RNG.
         """
-        nonlocal eval_module
-        if not main:
+        if not self.main:
             return {}
-        with _isolated_rng(pipe.recipe.seed, run.device):
-            if eval_module is None:
-                eval_module = stage.build().to(run.device)
-            eval_module.load_state_dict(weights)
-            result = stage.evaluate(eval_module, run.device)
+        device = self.engine_run.device
+        with _isolated_rng(self.pipe.recipe.seed, device):
+            if self.eval_module is None:
+                self.eval_module = self.stage.build().to(device)
+            self.eval_module.load_state_dict(weights)
+            result = self.stage.evaluate(self.eval_module, device)
             for key, value in result.items():
-                writer.add_scalar(f"eval/{key}", value, step)
-            _log_images(writer, stage, eval_module, run.device, step)
+                self.writer.add_scalar(f"eval/{key}", value, self.step)
+            _log_preview(self.writer, self.stage, self.eval_module, device, self.step)
         return result
 
-    module.train()
-    while step < train.steps:
-        out: dict[str, float] = {}
-        for micro in range(train.grad_accum):
-            key = (step * train.grad_accum + micro) * run.world_size + run.rank  # distinct per micro-batch and rank
-            out = run.step(*stage.step_args(stage.augment(next(batches), key), step, run.device))
-        step += 1
-        if ema is not None:
-            ema.update(run.module)
-        bar.update(1)
-        if main and (step % train.log_every == 0 or step == 1):
-            bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
-            for key, value in out.items():
-                writer.add_scalar(f"train/{key}", value, step)
-        if step % train.eval_every == 0 and step < train.steps:
-            metrics = evaluate(export_weights())
-        if step % train.ckpt_every == 0 and step < train.steps:
-            save_state()
-        if train.max_minutes and _out_of_time(started, train.max_minutes, run):
-            stopped_early = True
-            break
-    bar.close()
+    def _publish(self, weights: dict[str, torch.Tensor], metrics: dict[str, float], **facts: Any) -> None:
+        stage, block = self.stage, self.stage.block
+        rundir.save_weights(self.stage_dir / rundir.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage.name})
+        _write_meta(self.pipe, stage, metrics, step=self.step, world_size=self.engine_run.world_size, **facts)
+        self.pipe.forget(stage.name)  # the next access loads the new weights
 
-    save_state()
-    weights = export_weights()
-    metrics = evaluate(weights)
-    if main:
-        writer.close()
-        block = pipe.block(stage_name)
-        ckpt.save_weights(stage_dir / ckpt.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage_name})
-        ckpt.write_json(
-            stage_dir / ckpt.META_FILE,
-            {
-                "complete": True,
-                "stage": stage_name,
-                "component": block.name,
-                "block": block.model_dump(mode="json"),
-                "plugin": pipe.manager.registry(stage_name).get(block.name).plugin,
-                "step": step,
-                "stopped_early": stopped_early,
-                "seconds": round(time.monotonic() - started, 1),
-                "metrics": metrics,
-                "finished_at": datetime.now(timezone.utc).isoformat(),
-                "world_size": run.world_size,
-            },
+
+def _write_meta(pipe: Pipeline, stage: Stage, metrics: dict[str, Any], **facts: Any) -> None:
+    block = stage.block
+    rundir.write_json(
+        pipe.run_dir / stage.name / rundir.META_FILE,
+        {
+            "complete": True,
+            "run_id": uuid.uuid4().hex,  # later stages record which run of this one they were trained on
+            "stage": stage.name,
+            "component": block.name,
+            "plugin": pipe.manager.registry(stage.kind).get(block.name).plugin,
+            "identity": stage.identity(),
+            "metrics": metrics,
+            "finished_at": datetime.now(timezone.utc).isoformat(),
+            **{k: round(v, 1) if isinstance(v, float) else v for k, v in facts.items()},
+        },
+    )
+
+
+def install_frozen(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
+    """A frozen stage is not trained: its pretrained ``weights`` are checked, copied into the run and measured."""
+    source = Path(stage.block.weights)
+    module = stage.build()
+    rundir.load_into(module, source)
+    device = pipe.device
+    module = module.to(device).eval()
+    with _isolated_rng(pipe.recipe.seed, device):
+        metrics = stage.evaluate(module, device) if _has_heldout(stage) else {}
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    rundir.save_weights(pipe.run_dir / stage.name / rundir.WEIGHTS_FILE, {k: v for k, v in module.state_dict().items()},
+                        metadata={"component": stage.block.name, "stage": stage.name})
+    _write_meta(pipe, stage, metrics, frozen=True, source=str(source.resolve()), source_sha256=digest, step=0)
+    pipe.forget(stage.name)
+    return {**metrics, "frozen": True}
+
+
+def _has_heldout(stage: Stage) -> bool:
+    columns = stage.heldout(1)
+    return bool(columns) and len(columns[0]) > 0
+
+
+def _require_data(stage: Stage) -> None:
+    train = stage.columns("train")
+    if not train or len(train[0]) == 0:
+        raise UsageError(f"data: the training split is empty; {stage.name} has nothing to learn from (check data.params)")
+    if not _has_heldout(stage):
+        raise UsageError(
+            f"data: the held-out split is empty; every stage is measured on held-out data (check data.params, e.g. heldout_percent)"
         )
-        pipe._cache.pop(stage_name, None)  # the next access loads the new weights
-    run.barrier()
-    return metrics
 
 
 @contextlib.contextmanager
@@ -172,14 +326,6 @@ def _isolated_rng(seed: int, device: torch.device) -> Iterator[None]:
         yield
 
 
-def _state_identity(stage_dir: Path) -> Optional[dict]:
-    path = stage_dir / RESUME_FILE
-    if not path.is_file():
-        return None
-    data = ckpt.read_json(path)
-    return {"name": data.get("name"), "params": data.get("params")}
-
-
 def _ema(run, decay: float) -> EMA:
     try:
         return EMA(run.module, decay)
@@ -187,47 +333,56 @@ def _ema(run, decay: float) -> EMA:
         raise UsageError(f"train.ema: {exc}; drop `ema` or use ZeRO stage 0-2") from None
 
 
-def _out_of_time(started: float, minutes: float, run) -> bool:
-    """True on every rank at once when the wall-time budget is spent."""
-    flag = torch.tensor([float(time.monotonic() - started > minutes * 60)])
-    if run.world_size > 1 and torch.distributed.is_initialized():
-        backend = torch.distributed.get_backend()
-        flag = flag.to(run.device if backend == "nccl" else "cpu")
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 def _writer(path: Path):
     from torch.utils.tensorboard import SummaryWriter
 
-    return SummaryWriter(log_dir=str(path))
+    return SummaryWriter(log_dir=str(rundir.make_dirs(path)))
 
 
-def _log_images(writer, stage, module, device, step: int) -> None:
+def _log_preview(writer, stage: Stage, module, device, step: int) -> None:
     try:
-        images = stage.preview(module, device)
+        preview = stage.preview(module, device)
     except UsageError:
         return
-    if images is None:
+    if preview is None:
         return
     from torchvision.utils import make_grid
 
-    writer.add_image(f"{stage.name}/preview", make_grid(images.float().cpu(), nrow=max(1, len(images) // 2)), step)
+    rows, cols = preview.images.shape[:2]
+    grid = make_grid(preview.images.flatten(0, 1).float().cpu().clamp(0, 1), nrow=cols)
+    writer.add_image(f"{stage.name}/preview", grid, step)
+    writer.add_text(f"{stage.name}/preview_captions", "\n\n".join(f"{i + 1}. {c}" for i, c in enumerate(preview.captions)), step)
 
 
-def train_all(pipe: Pipeline, stages: Optional[list[str]] = None, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train the named stages in order, skipping those already complete unless ``force``."""
-    stages = stages or [s for s in ("codec", "prior", "reranker") if getattr(pipe.recipe, s) is not None]
-    # A stage is reused only if it finished with the same recipe block; a changed block retrains.
+# ----------------------------------------------------------------------------- all stages
+
+
+def train_all(
+    pipe: Pipeline, stages: Optional[list[str]] = None, *, resume: bool = False, force: bool = False, progress: bool = True
+) -> dict[str, Any]:
+    """Train the named stages (default: all) in training order.
+
+    A stage whose weights were made from exactly today's inputs is reused; one
+    whose block, data, tokenizer or an earlier stage changed since is stale and
+    retrained. ``force`` retrains the named stages anyway.
+    """
+    names = [n for n in pipe.stages if stages is None or n in stages]
+    for name in stages or []:
+        pipe.stage(name)  # unknown names are a clear error
     results: dict[str, Any] = {}
-    stale: set[str] = set()
-    for name in stages:
-        block = pipe.block(name).model_dump(mode="json")
-        if not force and name not in stale and ckpt.stage_complete(pipe.run_dir, name, block):
-            log.info("%s already trained in %s; reusing it (use --force to retrain)", name, pipe.run_dir)
-            results[name] = {"reused": True}
-            continue
-        results[name] = train_stage(pipe, name, resume=resume, progress=progress)
-        if name == "codec":
-            stale.add("prior")  # a new codec means new tokens: a prior trained on the old ones is stale
+    with rundir.locked(pipe.run_dir, rundir.command_line()):
+        claim_run_dir(pipe, force=force)
+        fitted = pipe.fit_tokenizer()
+        if fitted is not None and not fitted.get("reused"):
+            results["tokenizer"] = fitted
+        for name in names:
+            status, _ = stage_status(pipe, name)
+            if status == "complete" and not force:
+                if distributed.is_main():
+                    log.info("%s already trained in %s; reusing it (use --force to retrain)", name, pipe.run_dir)
+                results[name] = {"reused": True}
+                continue
+            if status == "stale" and distributed.is_main():
+                log.warning("%s: trained on inputs that changed since; retraining it", name)
+            results[name] = train_stage(pipe, name, resume=resume, force=force, progress=progress)
     return results

@@ -3,9 +3,8 @@
 from dalle_framework import hookimpl
 
 from .reranker import ClipReranker, read_state_dict
-from .retrieval import retrieval_accuracy
 
-__all__ = ["ClipReranker", "read_state_dict", "retrieval_accuracy"]
+__all__ = ["ClipReranker", "read_state_dict"]
 
 
 @hookimpl

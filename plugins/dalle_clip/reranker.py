@@ -10,8 +10,9 @@ framework's :class:`~dalle_framework.Reranker`:
   checkpoints and training steps.
 - ``loss(images, texts) -> dict``: open_clip's symmetric contrastive loss
   (:class:`open_clip.loss.ClipLoss`), plus in-batch retrieval accuracies to log.
-- ``similarity(images[N], texts[M]) -> FloatTensor[N, M]`` and
-  ``retrieval_metrics(images, captions)`` for held-out evaluation.
+- ``similarity(images[N], texts[M]) -> FloatTensor[N, M]``: one embedding per
+  image and per caption, so held-out retrieval (the contract's
+  ``retrieval_metrics``) costs N + M encodings instead of N * M.
 
 Models are never downloaded: an architecture is built untrained
 (``pretrained=None``) or from a small config dict, and weights come only from a
@@ -33,7 +34,6 @@ from torch import nn
 import dalle_framework
 from dalle_framework import UsageError
 
-from .retrieval import retrieval_accuracy
 
 # The BPE vocabulary bundled with open_clip (49,408 ids); a custom config's text
 # tower must embed at least this many ids.
@@ -128,12 +128,47 @@ def _check_config(config: dict[str, Any]) -> dict[str, Any]:
         if bad:
             raise ValueError(f"config.{key} has unknown or unsupported key(s) {', '.join(bad)} (see open_clip.{dataclass.__name__})")
     text = {"vocab_size": BPE_VOCAB_SIZE, **config["text_cfg"]}
-    if text["vocab_size"] < BPE_VOCAB_SIZE:
+    if not isinstance(text["vocab_size"], int) or text["vocab_size"] < BPE_VOCAB_SIZE:
         raise ValueError(
             f"config.text_cfg.vocab_size is {text['vocab_size']} but open_clip's BPE tokenizer emits ids up to "
             f"{BPE_VOCAB_SIZE - 1}; set it to {BPE_VOCAB_SIZE} (or leave it out)"
         )
-    return {**config, "text_cfg": text}
+    config = {**config, "text_cfg": text}
+    _check_sizes(config)
+    _check_builds(config)
+    return config
+
+
+# Upper bounds that keep a recipe from asking for more than any machine has.
+SIZE_LIMITS = {"embed_dim": 16384, "width": 16384, "layers": 512, "heads": 1024, "head_width": 4096,
+               "patch_size": 1024, "image_size": 4096, "context_length": 4096, "vocab_size": 10**6}
+
+
+def _check_sizes(config: dict[str, Any]) -> None:
+    towers = {"": config, "vision_cfg.": config["vision_cfg"], "text_cfg.": config["text_cfg"]}
+    for prefix, tower in towers.items():
+        for key, limit in SIZE_LIMITS.items():
+            values = tower.get(key)
+            for value in values if isinstance(values, (list, tuple)) else [values]:
+                if value is None or isinstance(value, dict):
+                    continue
+                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
+                    raise ValueError(f"config.{prefix}{key} must be a whole number from 1 to {limit}, got {value!r}")
+
+
+def _check_builds(config: dict[str, Any]) -> None:
+    """Build the model on the meta device and run one image and one caption through it:
+    a config that validates must build (a patch larger than the image, say, would not)."""
+    import open_clip
+
+    try:
+        with torch.device("meta"):
+            model = open_clip.CLIP(**config)
+            size = _pair(model.visual.image_size)
+            model.encode_image(torch.empty(1, 3, *size))
+            model.encode_text(torch.zeros(1, int(model.context_length), dtype=torch.long))
+    except Exception as exc:  # open_clip's own complaint, whatever its type
+        raise ValueError(f"config does not build an open_clip CLIP: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 # ----------------------------------------------------------------------------- the reranker
@@ -244,10 +279,6 @@ class ClipReranker(dalle_framework.Reranker):
         image_emb = torch.cat([self.embed_images(images[i : i + chunk]).float().cpu() for i in range(0, len(images), chunk)])
         text_emb = torch.cat([self.embed_texts(texts[i : i + chunk]).float().cpu() for i in range(0, len(texts), chunk)])
         return image_emb @ text_emb.T
-
-    def retrieval_metrics(self, images: torch.Tensor, captions: list[str]) -> dict[str, float]:
-        """Held-out image->text and text->image top-1/top-5 accuracy (see :func:`retrieval_accuracy`)."""
-        return retrieval_accuracy(self, images, captions)
 
     # ------------------------------------------------------------------ weights
 

@@ -4,7 +4,7 @@
 - ``emoji``: Noto Color Emoji with CLDR names (apt: fonts-noto-color-emoji, unicode-data)
 - ``fashion-mnist``: Fashion-MNIST with template captions (apt: dataset-fashion-mnist)
 - ``folder``: your images with same-named ``.txt`` captions
-- ``webdataset``: tar shards, local or ``pipe:`` URLs
+- ``webdataset``: local tar shards
 """
 
 from dalle_framework import hookimpl

@@ -40,7 +40,7 @@ class FolderSource(DataSource):
     class Params(Params):
         root: str = Field(..., description="folder holding the images and their .txt captions")
         image_size: int = Field(64, ge=8, le=1024, description="square side every image is cropped and resized to")
-        heldout_percent: float = Field(10.0, ge=0, le=100, description="share of files held out, by path hash")
+        heldout_percent: float = Field(10.0, gt=0, lt=100, description="share of files held out, by path hash (every stage is measured on held-out data)")
         extensions: list[str] = Field(EXTENSIONS, description="image file suffixes to read (case-insensitive)")
 
     def __init__(self, params: "FolderSource.Params", **runtime) -> None:
@@ -58,6 +58,11 @@ class FolderSource(DataSource):
                 if p.is_file() and p.suffix.lower() in suffixes
             )
         )
+        if not files:
+            raise UsageError(
+                f"data.params.root: no images ({', '.join(sorted(suffixes))}) under {str(self.root)!r}; "
+                "put images with same-named .txt captions there"
+            )
         self.files = {
             "train": [f for f in files if not is_heldout(f, params.heldout_percent)],
             "heldout": [f for f in files if is_heldout(f, params.heldout_percent)],

@@ -1,4 +1,10 @@
-"""Webdataset tar shards: local files (with brace expansion) or ``pipe:`` URLs."""
+"""Webdataset tar shards: local files, with brace expansion.
+
+Only local files (or ``file:`` paths) are read. webdataset would also open
+``pipe:`` URLs with a shell, and ``http(s):``/``s3:`` ones with a program;
+a recipe is data from anyone, so those are refused when it is validated:
+fetch or copy shards to a local folder first.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +12,11 @@ import itertools
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Optional, Union
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from dalle_framework import DataSource, Params, Sample, UsageError, distributed
 from dalle_framework.data import decode_image, square_resize
@@ -62,12 +69,19 @@ def _identity(x: Any) -> Any:
     return x
 
 
+URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
+MAX_SHARDS = 100_000
+
+
 def _expand(urls: Union[str, list[str]]) -> list[str]:
+    """Brace-expanded shard paths, at most :data:`MAX_SHARDS` (a pattern may not expand without end)."""
     import braceexpand
 
     out: list[str] = []
     for url in [urls] if isinstance(urls, str) else urls:
-        out.extend(braceexpand.braceexpand(url))
+        out.extend(itertools.islice(braceexpand.braceexpand(url), MAX_SHARDS + 1 - len(out)))
+        if len(out) > MAX_SHARDS:
+            raise UsageError(f"data.params: {url[:80]!r} names more than {MAX_SHARDS} shards")
     return out
 
 
@@ -77,7 +91,7 @@ class WebDatasetSource(DataSource):
     Split: fixed by the shards: ``train_urls`` for train, ``heldout_urls`` for
     held-out (``dalle data shards`` writes ``train-*.tar`` and ``heldout-*.tar``).
     Order: shard order, then tar order (no shuffling). URLs: local paths with
-    brace expansion (``shards/train-{000000..000009}.tar``) or ``pipe:cmd``.
+    brace expansion (``shards/train-{000000..000009}.tar``).
     Under torch.distributed each rank reads its own shards (``split_by_node``);
     with ``num_workers > 0`` a DataLoader's workers split them again
     (``split_by_worker``), so every sample is read once in all. A sample that
@@ -87,7 +101,7 @@ class WebDatasetSource(DataSource):
 
     class Params(Params):
         train_urls: Union[str, list[str]] = Field(
-            ..., description="train shards: path pattern(s) with {a..b}, or pipe: URLs"
+            ..., description="train shards: local path pattern(s) with {a..b}"
         )
         heldout_urls: Optional[Union[str, list[str]]] = Field(
             None, description="held-out shards; None: the source has no held-out split"
@@ -103,8 +117,20 @@ class WebDatasetSource(DataSource):
             description="resize to this square side; None keeps the stored size (centre-cropped square)",
         )
         num_workers: int = Field(
-            0, ge=0, description="DataLoader worker processes decoding shards in parallel; 0 reads in-process"
+            0, ge=0, le=256, description="DataLoader worker processes decoding shards in parallel; 0 reads in-process"
         )
+
+        @field_validator("train_urls", "heldout_urls")
+        @classmethod
+        def _local_only(cls, urls):
+            for url in [urls] if isinstance(urls, str) else (urls or []):
+                scheme = URL_SCHEME.match(url)
+                if scheme and scheme.group(1).lower() != "file":
+                    raise ValueError(
+                        f"{url[:80]!r}: {scheme.group(1)}: URLs run a command or reach the network, and a recipe may not; "
+                        "copy the shards to a local folder and give their paths"
+                    )
+            return urls
 
     def __init__(self, params: "WebDatasetSource.Params", **runtime) -> None:
         self.params = params
@@ -116,7 +142,7 @@ class WebDatasetSource(DataSource):
                 continue
             for url in _expand(urls):
                 local = url.removeprefix("file:")
-                if "://" not in url and not url.startswith("pipe:") and not os.path.exists(local):
+                if not os.path.exists(local):
                     raise UsageError(
                         f"data.params.{field}: shard {local!r} does not exist (write shards with `dalle data shards`)"
                     )
@@ -132,8 +158,6 @@ class WebDatasetSource(DataSource):
         """From the ``stats.json`` that ``write_shards`` leaves beside the shards, when the
         split's URLs are exactly that split's local shards; else None (unknown until read)."""
         urls = self.urls(split)
-        if any(u.startswith("pipe:") or "://" in u for u in urls):
-            return None
         folders = {os.path.dirname(os.path.abspath(u.removeprefix("file:"))) for u in urls}
         if len(folders) != 1:
             return None

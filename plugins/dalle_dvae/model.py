@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field
 
-from dalle_framework import ImageCodec
+from dalle_framework import CodecFacts, ImageCodec
 from dalle_framework.metrics import codebook_usage
 from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, cosine_schedule
 
@@ -70,6 +70,10 @@ class GumbelDVAE(ImageCodec):
         straight_through: bool = Field(
             False, description="hard one-hot forward, soft gradient: train on what decode() sees (closes the argmax gap)"
         )
+
+    @classmethod
+    def describe(cls, params: "GumbelDVAE.Params") -> CodecFacts:
+        return params.facts()
 
     def __init__(self, params: "GumbelDVAE.Params") -> None:
         super().__init__()

@@ -1,19 +1,15 @@
-"""What both engines share: AdamW parameter groups, the LR schedule, atomic
-checkpoint directories and moving a batch to the device."""
+"""What both engines share: AdamW parameter groups, the LR schedule, moving a
+batch to the device, and agreeing on non-finite losses."""
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-import shutil
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
 
-from dalle_framework import UsageError, distributed
+from dalle_framework import NonFiniteError, TrainConfig, UsageError, distributed
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -26,13 +22,16 @@ def no_decay(module: nn.Module) -> set[int]:
       - 1-d parameters: biases, LayerNorm/RMSNorm gains, learned scalars;
       - ``nn.Embedding`` weights: a lookup table row only gets gradient when its
         token occurs, so decay would erase rare tokens (minGPT's rule);
-      - any parameter a model marks with ``param.no_weight_decay = True``
-        (e.g. a positional embedding held as a bare ``nn.Parameter``).
+      - what the component lists in ``no_weight_decay_parameters()`` (e.g. a
+        positional embedding held as a bare ``nn.Parameter``).
     """
     skip: set[int] = set()
     for sub in module.modules():
+        listed = getattr(sub, "no_weight_decay_parameters", None)
+        if callable(listed):
+            skip.update(id(p) for p in listed())
         for param in sub.parameters(recurse=False):
-            if param.ndim < 2 or isinstance(sub, nn.Embedding) or getattr(param, "no_weight_decay", False):
+            if param.ndim < 2 or isinstance(sub, nn.Embedding):
                 skip.add(id(param))
     return skip
 
@@ -47,7 +46,7 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def adamw(module: nn.Module, train) -> torch.optim.AdamW:
+def adamw(module: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """torch AdamW over :func:`param_groups` with the stage's lr and betas."""
     return torch.optim.AdamW(
         param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
@@ -134,80 +133,20 @@ def as_floats(out: dict) -> dict[str, float]:
     return result
 
 
+def check_loss(loss: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteError` on every rank when any rank's loss is NaN or infinite.
+
+    Checked before backward, so nothing reached the gradients yet and the
+    micro-batch can be skipped; the ranks agree so none waits in a collective.
+    """
+    value = float(loss.detach().float())
+    bad = not math.isfinite(value)
+    if distributed.any_rank(bad):
+        raise NonFiniteError("the loss" if bad else "the loss on another rank", value if bad else math.nan, applied=False)
+
+
 def fp16_on_cpu(device: torch.device, where: str) -> UsageError:
     return UsageError(
         f"{where}: precision fp16 needs a CUDA GPU (loss scaling of fp16 is not supported on {device.type}); "
         "use precision: bf16 or fp32 on the CPU"
     )
-
-
-# ----------------------------------------------------------------------------- atomic directories
-
-
-def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as fh:
-                os.fsync(fh.fileno())
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def publish(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` directory to ``final``, replacing an older ``final``.
-
-    The old directory is renamed aside first and deleted only after the new one
-    is in place, so at every moment one complete checkpoint exists (at
-    ``final`` or, for an instant, at ``final.old``).
-    """
-    _fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    parent = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(parent)
-    finally:
-        os.close(parent)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def checkpoint_path(directory: str | os.PathLike) -> Path:
-    """``directory``, or ``directory.old`` when a crash hit :func:`publish` between its two renames."""
-    final = Path(directory)
-    old = final.with_name(final.name + ".old")
-    return old if not final.exists() and old.is_dir() else final
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | os.PathLike, *, collective: bool) -> Iterator[Path]:
-    """Yield a temporary directory beside ``directory``; publish it on success.
-
-    With ``collective`` every rank writes into the same temporary directory (a
-    shared file system is assumed, as DeepSpeed does) and rank 0 publishes it;
-    otherwise only the caller writes. A crash leaves ``directory`` untouched.
-    """
-    final = Path(directory)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
-    main = distributed.is_main() or not collective
-    if main and tmp.exists():
-        shutil.rmtree(tmp)  # leftovers of a crashed save
-    if main:
-        tmp.mkdir()
-    if collective:
-        distributed.barrier()
-    yield tmp
-    if collective:
-        distributed.barrier()
-    if main:
-        publish(tmp, final)
-    if collective:
-        distributed.barrier()

@@ -11,6 +11,13 @@ engine's) unless ``scheduler: deepspeed`` asks for DeepSpeed's own
 Checkpoints are DeepSpeed's own (``save_checkpoint`` / ``load_checkpoint``
 with tag ``state``), written by all ranks into a temporary directory that rank
 0 renames into place; a shared file system is assumed, as DeepSpeed does.
+DeepSpeed's own checkpoint engine unpickles whatever its files hold; this
+engine swaps in a loader that reads them weights-only, allowing just the
+three DeepSpeed classes its checkpoints contain (:data:`CHECKPOINT_CLASSES`).
+
+A NaN/inf loss raises before backward (nothing applied). A NaN/inf gradient
+norm is only seen after DeepSpeed's step has used it (bf16/fp32), so it stops
+the run; fp16 keeps DeepSpeed's own overflow skipping.
 """
 
 from __future__ import annotations
@@ -19,16 +26,17 @@ import contextlib
 import copy
 import importlib
 import logging
+import math
 import os
 import warnings
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 import dalle_framework
-from dalle_framework import Engine, EngineRun, UsageError, distributed
+from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, UsageError, distributed, rundir
 
 from . import common
 
@@ -73,6 +81,29 @@ def import_deepspeed():
     return deepspeed
 
 
+def checkpoint_classes() -> tuple[type, ...]:
+    """The non-tensor classes DeepSpeed 0.19 stores in its checkpoints (found by reading
+    checkpoints of ZeRO 0-3 in fp32 and bf16; fp16 adds the dynamic loss scaler)."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return (LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address)
+
+
+class WeightsOnlyLoads:
+    """DeepSpeed's checkpoint engine with ``load`` reading weights-only (everything else delegated)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def load(self, path: str, map_location: Any = None) -> Any:
+        return rundir.load_torch(path, allowed=checkpoint_classes(), map_location=map_location)
+
+
 def deep_merge(base: dict, extra: dict) -> dict:
     out = copy.deepcopy(base)
     for key, value in extra.items():
@@ -86,7 +117,7 @@ def deep_merge(base: dict, extra: dict) -> dict:
 class DeepSpeedRun(EngineRun):
     """A module inside ``deepspeed.initialize``; ``module`` is the bare model."""
 
-    def __init__(self, module: nn.Module, train, params: "DeepSpeedEngine.Params") -> None:
+    def __init__(self, module: nn.Module, train: TrainConfig, params: "DeepSpeedEngine.Params") -> None:
         deepspeed = import_deepspeed()
         self.device = distributed.default_device()
         if train.precision == "fp16" and self.device.type != "cuda":
@@ -101,6 +132,7 @@ class DeepSpeedRun(EngineRun):
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config
         )
+        self.engine.checkpoint_engine = WeightsOnlyLoads(self.engine.checkpoint_engine)
         self.module = self.engine.module
         self.device = self.engine.device
         self.stage = self.engine.zero_optimization_stage()
@@ -119,11 +151,14 @@ class DeepSpeedRun(EngineRun):
         lr = self.lr()
         boundary = self.engine.is_gradient_accumulation_boundary()
         out = self.engine(*common.to_device(batch, self.device, self.float_dtype))
+        common.check_loss(out["loss"])  # before backward: DeepSpeed's counters have not moved
         self.engine.backward(out["loss"])
         self.engine.step()
         if boundary:
             norm = self.engine.get_global_grad_norm()
-            self.last_grad_norm = float(norm) if norm is not None else float("nan")
+            self.last_grad_norm = float(norm) if norm is not None else float("nan")  # None: clipping off, not measured
+            if norm is not None and not math.isfinite(self.last_grad_norm) and self.train.precision != "fp16":
+                raise NonFiniteError("the gradient norm", self.last_grad_norm, applied=True)
         return {**common.as_floats(out), "lr": lr, "grad_norm": self.last_grad_norm, "optimizer_step": float(boundary)}
 
     def lr(self) -> float:
@@ -134,15 +169,20 @@ class DeepSpeedRun(EngineRun):
     def save(self, directory: str, client_state: dict) -> None:
         """All ranks write their shards with DeepSpeed's ``save_checkpoint``."""
         client = {"client_state": client_state, "last_grad_norm": self.last_grad_norm}
-        with common.atomic_directory(directory, collective=True) as tmp:
+        with rundir.atomic_directory(directory, collective=True) as tmp:
             self.engine.save_checkpoint(str(tmp), tag=TAG, client_state=client)
 
     def load(self, directory: str) -> dict:
-        where = common.checkpoint_path(directory)
-        if not (where / TAG).is_dir():
+        where = rundir.find_checkpoint(directory)
+        if where is None or not (where / TAG).is_dir():
             raise UsageError(f"{directory}: not a deepspeed-engine checkpoint (no {TAG}/ directory)")
-        path, client = self.engine.load_checkpoint(str(where), tag=TAG)
-        if path is None:
+        try:
+            path, client = self.engine.load_checkpoint(str(where), tag=TAG)
+        except UsageError:
+            raise
+        except (RuntimeError, KeyError, ValueError, TypeError, AssertionError, OSError) as exc:
+            raise UsageError(f"{where}: DeepSpeed could not load this checkpoint ({type(exc).__name__}: {str(exc)[:300]})") from None
+        if path is None or not isinstance(client, dict):
             raise UsageError(f"{directory}: DeepSpeed could not load this checkpoint")
         self.last_grad_norm = float(client.get("last_grad_norm", 0.0))
         return client.get("client_state", {})
@@ -232,6 +272,21 @@ DS_SCHEDULERS = {
 }
 
 
+# Sections of a DeepSpeed config a recipe may set: numerics and memory only. Monitors
+# (tensorboard, wandb, csv), profilers, autotuning, elasticity and checkpoint
+# engines write files where a stranger's recipe says or start other work.
+CONFIG_SECTIONS = {
+    "zero_optimization", "bf16", "fp16", "gradient_clipping", "gradient_accumulation_steps",
+    "train_micro_batch_size_per_gpu", "train_batch_size", "communication_data_type", "prescale_gradients",
+    "gradient_predivide_factor", "sparse_gradients", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer",
+    "activation_checkpointing", "aio", "data_types", "memory_breakdown", "wall_clock_breakdown", "steps_per_print",
+    "torch_autocast", "seq_parallel_communication_data_type",
+}
+GiB = 2**30
+# name -> (offload optimizer states to CPU, offload weights to CPU)
+ZERO3_VARIANTS = {"gpu": (False, False), "offload_optimizer": (True, False), "offload_optimizer_and_params": (True, True)}
+
+
 class DeepSpeedEngine(Engine):
     """DeepSpeed ZeRO (stage 0-3), launched with ``deepspeed`` or ``torchrun`` (or one process)."""
 
@@ -254,6 +309,18 @@ class DeepSpeedEngine(Engine):
             default_factory=dict, description="raw DeepSpeed config merged last (power users; wins over everything)"
         )
 
+        @field_validator("config")
+        @classmethod
+        def _safe_sections(cls, config: dict[str, Any]) -> dict[str, Any]:
+            refused = sorted(k for k in config if k not in CONFIG_SECTIONS)
+            if refused:
+                raise ValueError(
+                    f"config: {', '.join(refused)} not allowed in a recipe (only {', '.join(sorted(CONFIG_SECTIONS))}): "
+                    "other sections make DeepSpeed write files elsewhere, profile, launch jobs or reach the network; "
+                    "the framework does the logging and checkpoints"
+                )
+            return config
+
         @model_validator(mode="after")
         def _consistent(self):
             if self.offload_param != "none" and self.zero_stage != 3:
@@ -267,10 +334,40 @@ class DeepSpeedEngine(Engine):
     def __init__(self, params: Optional[Params] = None) -> None:
         self.params = params or self.Params()
 
-    def prepare(self, module: nn.Module, train) -> DeepSpeedRun:
+    def prepare(self, module: nn.Module, train: TrainConfig) -> DeepSpeedRun:
         return DeepSpeedRun(module, train, self.params)
 
-    def model_context(self, train):
+    def memory_estimate(self, *, total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> dict[str, Any]:
+        """DeepSpeed's own estimate of model-state memory (weights, gradients, Adam states; not activations).
+
+        ZeRO-3: per GPU and per node's CPU, for each offload choice; ZeRO-1/2:
+        DeepSpeed's stage-2 estimator (stage 1 keeps full gradients: a little more);
+        stage 0: every GPU holds everything (16 bytes per parameter with Adam).
+        """
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")  # silences DeepSpeed's accelerator warning
+        out: dict[str, Any] = {"engine": "deepspeed", "zero_stage": self.params.zero_stage, "gpus_per_node": gpus_per_node,
+                               "nodes": nodes, "note": "model states only; activations extra"}
+        if self.params.zero_stage == 3:
+            from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+            for name, (offload_optimizer, offload_params) in ZERO3_VARIANTS.items():
+                cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+                    total_params, largest_layer_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes,
+                    cpu_offload=offload_optimizer, cpu_offload_params=offload_params, zero_init=True,
+                )
+                out[name] = {"gpu_gib_per_gpu": round(gpu / GiB, 2), "cpu_gib_per_node": round(cpu / GiB, 2)}
+        elif self.params.zero_stage in (1, 2):
+            from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+            for name, offload in (("gpu", False), ("offload_optimizer", True)):
+                cpu, gpu = estimate_zero2_model_states_mem_needs(total_params, num_gpus_per_node=gpus_per_node, num_nodes=nodes, cpu_offload=offload)
+                out[name] = {"gpu_gib_per_gpu": round(gpu / GiB, 2), "cpu_gib_per_node": round(cpu / GiB, 2)}
+        else:
+            out["gpu"] = {"gpu_gib_per_gpu": round(16 * total_params / GiB, 2), "cpu_gib_per_node": 0.0}
+        return out
+
+    def model_context(self, train: TrainConfig):
         """Build the module inside this to shard it while it is created (ZeRO-3 only).
 
         ``with engine.model_context(train): module = build()`` makes each rank

@@ -8,20 +8,25 @@ Checkpoint layout (a directory): ``model.safetensors`` (the bare module) and
 client state), read back with ``torch.load(weights_only=True)`` so loading
 never unpickles code. Client state must therefore hold tensors and plain
 Python values (numbers, strings, lists, dicts, tuples).
+
+A NaN/inf loss raises before backward (nothing applied); a NaN/inf gradient
+norm drops the accumulated gradients before the optimizer step (fp16 leaves
+that to its GradScaler, which skips such steps by design).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Any, Optional
 
 import torch
 from pydantic import Field
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
 import dalle_framework
-from dalle_framework import Engine, EngineRun, UsageError, distributed
+from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, UsageError, distributed, rundir
 
 from . import common
 
@@ -31,7 +36,7 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 class TorchRun(EngineRun):
     """A module trained with torch AdamW, optionally inside DDP."""
 
-    def __init__(self, module: nn.Module, train, params: "TorchEngine.Params") -> None:
+    def __init__(self, module: nn.Module, train: TrainConfig, params: "TorchEngine.Params") -> None:
         self.rank, self.world_size, _ = distributed.init_distributed()
         self.device = torch.device(params.device) if params.device != "auto" else distributed.default_device()
         if train.precision == "fp16" and self.device.type != "cuda":
@@ -66,8 +71,7 @@ class TorchRun(EngineRun):
         and ``optimizer_step`` (1 when this call stepped, else 0).
         """
         accum = self.train.grad_accum
-        self.micro += 1
-        boundary = self.micro % accum == 0
+        boundary = (self.micro + 1) % accum == 0
         lr = self.lr()
         # DDP all-reduces gradients on every backward unless told to wait for the last micro-batch.
         sync = contextlib.nullcontext() if boundary or self.model is self.module else self.model.no_sync()
@@ -75,12 +79,19 @@ class TorchRun(EngineRun):
         with sync:
             with self._autocast():
                 out = self.model(*common.to_device(batch, self.device))
+            common.check_loss(out["loss"])
             self.scaler.scale(out["loss"] / accum).backward()
+        self.micro += 1
         if boundary:
             self.scaler.unscale_(self.optimizer)
             limit = self.train.grad_clip if self.train.grad_clip is not None else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit)
-            self.last_grad_norm = float(norm)
+            norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), limit))
+            if not (math.isfinite(norm) or self.scaler.is_enabled()):
+                # DDP already averaged the gradients: every rank sees this norm and drops the step.
+                self.optimizer.zero_grad(set_to_none=True)
+                self.micro -= accum
+                raise NonFiniteError("the gradient norm", norm, applied=False, step_discarded=True)
+            self.last_grad_norm = norm
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -95,7 +106,7 @@ class TorchRun(EngineRun):
     def save(self, directory: str, client_state: dict) -> None:
         """Rank 0 writes (DDP replicas are identical); every rank must call."""
         if self.rank == 0:
-            with common.atomic_directory(directory, collective=False) as tmp:
+            with rundir.atomic_directory(directory, collective=False) as tmp:
                 save_model(self.module, str(tmp / "model.safetensors"))
                 state = {
                     "optimizer": self.optimizer.state_dict(),
@@ -109,19 +120,23 @@ class TorchRun(EngineRun):
         self.barrier()
 
     def load(self, directory: str) -> dict:
-        path = common.checkpoint_path(directory)
-        if not (path / "state.pt").is_file():
+        path = rundir.find_checkpoint(directory)
+        if path is None or not (path / "state.pt").is_file():
             raise UsageError(f"{directory}: not a torch-engine checkpoint (no state.pt)")
-        missing, unexpected = load_model(self.module, str(path / "model.safetensors"), strict=True, device=str(self.device))
+        rundir.load_into(self.module, path / "model.safetensors")
         # On the CPU: optimizer.load_state_dict moves its state to the parameters; client state stays on CPU.
-        state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.micro = int(state["micro"])
-        self.last_grad_norm = float(state["last_grad_norm"])
+        state = rundir.load_torch(path / "state.pt")
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.micro = int(state["micro"])
+            self.last_grad_norm = float(state["last_grad_norm"])
+            client = state["client_state"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise UsageError(f"{path / 'state.pt'}: does not hold this run's optimizer state ({type(exc).__name__}: {exc})") from None
         self.barrier()
-        return state["client_state"]
+        return client
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
@@ -140,9 +155,19 @@ class TorchEngine(Engine):
     def __init__(self, params: Optional[Params] = None) -> None:
         self.params = params or self.Params()
 
-    def prepare(self, module: nn.Module, train) -> TorchRun:
+    def prepare(self, module: nn.Module, train: TrainConfig) -> TorchRun:
         return TorchRun(module, train, self.params)
 
-    def model_context(self, train):
+    def memory_estimate(self, *, total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> dict[str, Any]:
+        """Every process holds fp32 weights, gradients and both AdamW moments: 16 bytes per parameter."""
+        return {
+            "engine": "torch",
+            "gpus_per_node": gpus_per_node,
+            "nodes": nodes,
+            "gpu": {"gpu_gib_per_gpu": round(16 * total_params / 2**30, 2), "cpu_gib_per_node": 0.0},
+            "note": "model states only (fp32 weights, gradients, AdamW moments on every process); activations extra",
+        }
+
+    def model_context(self, train: TrainConfig):
         """Nothing to do while the module is built (see the deepspeed engine's ZeRO-3 use)."""
         return contextlib.nullcontext()

@@ -30,23 +30,24 @@ from typing import Any, Callable, Literal, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_framework import PAD_ID, Params, Prior, Sampling, UsageError
-from dalle_framework.attention import PATTERNS, Backend, Layout, causal_attention, pattern_attention
+from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback
+from dalle_framework.attention import PATTERNS, Backend, Layout, causal_attention, mean_keys_per_query, pattern_attention
+from dalle_framework.metrics import flops_per_token
 from dalle_framework.sampling import sample_tokens, split_guidance
 
 AttentionKernel = Callable[..., Tensor]  # (q, k, v, *, q_start, dropout_p) -> out
 
 
 class TransformerParams(Params):
-    dim: int = Field(512, ge=8, description="model width; the paper's 12B model uses 3968")
-    depth: int = Field(8, ge=1, description="number of transformer blocks (paper: 64)")
-    heads: int = Field(8, ge=1, description="attention heads (paper: 62)")
-    head_dim: Optional[int] = Field(None, ge=2, description="per-head width; null = dim // heads (paper: 64)")
-    mlp_ratio: float = Field(4.0, gt=0, description="MLP hidden width / dim (GEGLU uses 2/3 of it per branch to match params)")
+    dim: int = Field(512, ge=8, le=65536, description="model width; the paper's 12B model uses 3968")
+    depth: int = Field(8, ge=1, le=1024, description="number of transformer blocks (paper: 64)")
+    heads: int = Field(8, ge=1, le=1024, description="attention heads (paper: 62)")
+    head_dim: Optional[int] = Field(None, ge=2, le=4096, description="per-head width; null = dim // heads (paper: 64)")
+    mlp_ratio: float = Field(4.0, gt=0, le=64, description="MLP hidden width / dim (GEGLU uses 2/3 of it per branch to match params)")
     mlp: Literal["gelu", "geglu"] = Field("gelu", description="MLP nonlinearity; GEGLU often trains a bit better per parameter")
     rotary: bool = Field(False, description="add rotary position embeddings to q/k on top of the learned ones")
     emb_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the summed input embeddings")
@@ -61,7 +62,16 @@ class TransformerParams(Params):
     )
     tie_image_embedding: bool = Field(False, description="share the image code embedding with the image output head")
     grad_checkpointing: bool = Field(False, description="recompute blocks in backward to save activation memory")
-    init_std: float = Field(0.02, gt=0, description="std of the normal init of weights (GPT-2 style)")
+    init_std: float = Field(0.02, gt=0, le=10, description="std of the normal init of weights (GPT-2 style)")
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> "TransformerParams":
+        head_dim = self.head_dim or self.dim // self.heads
+        if self.head_dim is None and head_dim * self.heads != self.dim:
+            raise ValueError(f"dim ({self.dim}) must be divisible by heads ({self.heads}), or set head_dim")
+        if self.rotary and head_dim % 2:
+            raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
+        return self
 
 
 # ----------------------------------------------------------------------------- building blocks
@@ -191,11 +201,7 @@ class TransformerPrior(Prior):
         self.text_vocab_size, self.image_vocab_size = text_vocab_size, image_vocab_size
         self.layout = Layout(text_len, (int(grid[0]), int(grid[1])))
         self.text_len, self.grid = text_len, self.layout.grid
-        head_dim = p.head_dim or p.dim // p.heads
-        if head_dim * p.heads != p.dim and p.head_dim is None:
-            raise UsageError(f"prior.params.dim ({p.dim}) must be divisible by heads ({p.heads}), or set head_dim")
-        if p.rotary and head_dim % 2:
-            raise UsageError(f"prior.params.rotary needs an even head_dim, got {head_dim}")
+        head_dim = p.head_dim or p.dim // p.heads  # the params' validator checked it divides
         self.heads, self.head_dim = p.heads, head_dim
         L = self.layout.seq_len
 
@@ -222,15 +228,38 @@ class TransformerPrior(Prior):
         for name, param in self.named_parameters():
             if name.endswith(("out.weight", "down.weight")):  # GPT-2: scale residual projections by depth
                 nn.init.normal_(param, std=p.init_std / math.sqrt(2 * p.depth))
-        for param in (self.text_pad_emb, self.text_pos, self.image_row, self.image_col):
+        for param in self.no_weight_decay_parameters():
             nn.init.normal_(param, std=p.init_std)
-            param.no_weight_decay = True  # embeddings held as bare parameters: engines skip decay
         if p.tie_image_embedding:
             self.image_head.weight = self.image_emb.weight
 
     def attention_kernels(self) -> list[AttentionKernel]:
         """One attention function per layer: ``f(q, k, v, *, q_start, dropout_p)``."""
         raise NotImplementedError
+
+    def layer_patterns(self) -> list[str]:
+        """The attention pattern of each layer (see :mod:`dalle_framework.attention`)."""
+        return ["causal"] * self.params.depth
+
+    def no_weight_decay_parameters(self) -> list[nn.Parameter]:
+        """Embeddings held as bare parameters: a lookup each, not a matrix to shrink."""
+        return [self.text_pad_emb, self.text_pos, self.image_row, self.image_col]
+
+    def flops_per_token(self) -> dict[str, Any]:
+        """Forward/training FLOPs per token, counting only the keys each layer's mask lets a query see."""
+        lookups = {id(p) for p in (self.text_emb.weight, self.image_emb.weight, *self.no_weight_decay_parameters())}
+        if self.params.tie_image_embedding:
+            lookups.discard(id(self.image_emb.weight))  # also the image head: a matmul
+        unique = {id(p): p for p in self.parameters()}
+        non_embedding = sum(p.numel() for i, p in unique.items() if i not in lookups)
+        attended = [mean_keys_per_query(pattern, self.layout) for pattern in self.layer_patterns()]
+        return flops_per_token(
+            non_embedding,
+            n_layers=self.params.depth,
+            seq_len=self.layout.seq_len,
+            d_attn=self.heads * self.head_dim,
+            attended=sum(attended) / len(attended),
+        )
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -323,6 +352,7 @@ class TransformerPrior(Prior):
         sampling: Sampling,
         prime: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        on_step: Optional[StepCallback] = None,
     ) -> Tensor:
         """text ``[B, T]`` (+ ``prime[B, n]`` kept as the first image codes) -> codes ``[B, h*w]``.
 
@@ -358,6 +388,8 @@ class TransformerPrior(Prior):
                     logits = split_guidance(logits, sampling.guidance_scale)
                 token = sample_tokens(logits, sampling, generator)
                 seq[:, end] = token.repeat(rows // B)
+                if on_step is not None:
+                    on_step(i + 1, N)
         finally:
             self.train(was_training)
         return seq[:B, T:]
@@ -409,6 +441,7 @@ class SparseTransformer(TransformerPrior):
     Params = SparseParams
 
     def layer_patterns(self) -> list[str]:
+        """The paper's cycle (row, column, row, row) over depth, conv on the last layer."""
         p = self.params
         names = [p.layers[i % len(p.layers)] for i in range(p.depth)]
         if p.final_layer is not None:

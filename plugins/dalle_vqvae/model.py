@@ -23,7 +23,7 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
-from dalle_framework import ImageCodec
+from dalle_framework import CodecFacts, ImageCodec
 from dalle_framework.metrics import codebook_usage
 from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, nearest_code, sample_rows
 
@@ -116,7 +116,7 @@ class VQVAE(ImageCodec):
 
     class Params(ConvCodecParams):
         loss: Literal["logit-laplace", "mse"] = Field("mse", description="reconstruction likelihood (MSE optimises PSNR)")
-        code_dim: int = Field(64, ge=1, description="dimension D of each code vector")
+        code_dim: int = Field(64, ge=1, le=8192, description="dimension D of each code vector")
         beta: float = Field(0.25, ge=0, description="commitment weight (VQ-VAE paper: 0.25)")
         decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of code counts and sums")
         ema_eps: float = Field(1e-5, gt=0, description="Laplace smoothing of code counts (avoids division by zero)")
@@ -124,6 +124,10 @@ class VQVAE(ImageCodec):
             50, ge=1, description="re-seed a code unused for this many training steps from a batch vector; null = never"
         )
         init_from_data: bool = Field(True, description="initialise the codebook from the first training batch's encoder vectors")
+
+    @classmethod
+    def describe(cls, params: "VQVAE.Params") -> CodecFacts:
+        return params.facts()
 
     def __init__(self, params: "VQVAE.Params") -> None:
         super().__init__()

@@ -1,4 +1,4 @@
-"""Resumable batch streams over in-memory columns."""
+"""Resumable batch streams over in-memory columns (the data position of a training run)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,371 @@
+"""Run directories: atomic files and directories, weights, resume state, stage records, locks.
+
+A trained pipeline is a directory::
+
+    recipe.yaml                the fully resolved recipe it was trained with
+    .lock                      held (flock) by the one process writing the directory
+    <stage>/model.safetensors  one file per component (EMA weights when enabled)
+    <stage>/meta.json          step, metrics, component, what it was trained on
+    <stage>/state/             engine state for --resume (optimizer, scheduler, RNG, data position)
+    <stage>/resume.json        which recipe block the state/ checkpoint belongs to
+    tokens/<split>.safetensors image tokens pre-encoded by the frozen codec
+    tokenizer/                 a fitted tokenizer (BPE), when the recipe's needs one
+    tb/<stage>/                TensorBoard event files
+
+Every file is written to a temporary name, fsynced and renamed, so a crash
+leaves either the old file or the new one, never half of one; directories
+(checkpoints) are published the same way. Files get the permissions the umask
+allows (0644 under the usual 022), not the 0600 of a bare temporary file.
+Nothing here unpickles: weights are safetensors, JSON is JSON, and torch
+files are read with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Optional
+
+import torch
+
+from . import distributed
+from .errors import UsageError
+
+RECIPE_FILE = "recipe.yaml"
+WEIGHTS_FILE = "model.safetensors"
+META_FILE = "meta.json"
+STATE_DIR = "state"
+RESUME_FILE = "resume.json"
+LOCK_FILE = ".lock"
+MAX_JSON_BYTES = 64 * 2**20  # meta and report files are kilobytes; refuse to parse anything absurd
+
+
+# ----------------------------------------------------------------------------- permissions
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _share(path: Path, *, directory: bool = False) -> None:
+    """Give a temporary file or directory the mode a plain ``open``/``mkdir`` would (mkstemp uses 0600)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def make_dirs(path: str | Path) -> Path:
+    """``mkdir -p`` with a message that names the path when it cannot be made."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{path}: exists and is not a directory; choose another output path") from None
+    except NotADirectoryError:
+        raise UsageError(f"{path}: a parent of this path is a file, not a directory; choose another output path") from None
+    except PermissionError:
+        raise UsageError(f"{path}: permission denied; choose a directory you can write to") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot create the directory ({exc.strerror})") from None
+    return path
+
+
+# ----------------------------------------------------------------------------- atomic files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    path = Path(path)
+    make_dirs(path.parent)
+    if path.is_dir():
+        raise UsageError(f"{path}: is a directory; give a file name")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        _share(tmp_path)
+        os.replace(tmp_path, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    return write_text(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_JSON_BYTES:
+            raise UsageError(f"{path}: {path.stat().st_size} bytes is far too large for this file; it is not one the framework wrote")
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing; is this a run directory written by `dalle train`?") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: damaged, not valid JSON ({exc}); restore it or retrain with --force") from None
+    except IsADirectoryError:
+        raise UsageError(f"{path}: is a directory, expected a JSON file") from None
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def save_weights(path: str | Path, state: dict[str, torch.Tensor], metadata: Optional[dict[str, str]] = None) -> None:
+    """Save a state dict as safetensors (shared storage is cloned: safetensors refuses aliases)."""
+    from safetensors.torch import save_file
+
+    seen: dict[int, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        value = value.detach().cpu()
+        ptr = value.untyped_storage().data_ptr() if value.numel() else -1
+        tensors[key] = value.clone().contiguous() if ptr in seen or not value.is_contiguous() else value
+        if ptr != -1:
+            seen[ptr] = key
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A safetensors file as a state dict; a missing or damaged file is a clear error."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"{path}: weights file missing; train this stage first (`dalle train RECIPE --stage ...`)")
+    try:
+        return load_file(str(path), device=str(device))
+    except (SafetensorError, ValueError, OSError) as exc:
+        raise UsageError(f"{path}: damaged weights file ({exc}); restore it or retrain the stage with --force") from None
+
+
+def load_into(module: torch.nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``module``, naming any key or shape mismatch."""
+    state = load_weights(path)
+    own = module.state_dict()
+    resized = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
+    if resized:
+        raise UsageError(f"{path}: weights do not fit {type(module).__name__}: other shapes for {resized[:3]}")
+    result = module.load_state_dict(state, strict=False)
+    problems = []
+    if result.missing_keys:
+        problems.append(f"missing keys {result.missing_keys[:5]}")
+    if result.unexpected_keys:
+        problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
+    if problems:
+        raise UsageError(f"{path}: weights do not fit {type(module).__name__}: {'; '.join(problems)}")
+
+
+def load_torch(path: str | Path, *, allowed: Iterable[type] = (), map_location: Any = "cpu") -> Any:
+    """A ``torch.save`` file read with ``weights_only=True``: tensors and plain data only.
+
+    ``allowed`` lists the few classes a trusted writer (an engine) is known to
+    store; anything else, and every code object, is refused with a clear error
+    instead of being run.
+    """
+    path = Path(path)
+    try:
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise UsageError(f"{path}: missing") from None
+    except Exception as exc:  # the weights-only unpickler refuses what it cannot prove harmless
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(
+            f"{path}: refused to load: not a plain weights-only torch file ({first[:300]}). "
+            "The framework never unpickles code; a checkpoint made elsewhere or tampered with cannot be resumed"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- atomic directories (checkpoints)
+
+
+def _fsync_tree(path: Path) -> None:
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(path)
+
+
+def _old(final: Path) -> Path:
+    return final.with_name(final.name + ".old")
+
+
+def publish(tmp: Path, final: Path) -> None:
+    """Move a finished ``tmp`` directory to ``final``, replacing an older ``final``.
+
+    The old directory is renamed aside first and deleted only after the new one
+    is in place, so at every moment one complete checkpoint exists (at
+    ``final`` or, between the two renames, at ``final.old``).
+    """
+    _fsync_tree(tmp)
+    old = _old(final)
+    if final.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def find_checkpoint(directory: str | Path) -> Optional[Path]:
+    """The checkpoint directory to resume from: ``directory``, or ``directory.old`` when a
+    crash hit :func:`publish` between its two renames; None when there is neither."""
+    final = Path(directory)
+    if final.is_dir():
+        return final
+    old = _old(final)
+    return old if old.is_dir() else None
+
+
+@contextlib.contextmanager
+def atomic_directory(directory: str | Path, *, collective: bool) -> Iterator[Path]:
+    """Yield a temporary directory beside ``directory``; publish it on success.
+
+    With ``collective`` every rank writes into the same temporary directory (a
+    shared file system is assumed, as DeepSpeed does) and rank 0 publishes it;
+    otherwise only the caller writes. A crash leaves ``directory`` (or its
+    ``.old`` twin) untouched.
+    """
+    final = Path(directory)
+    make_dirs(final.parent)
+    tmp = final.with_name(final.name + ".tmp")
+    main = distributed.is_main() or not collective
+    if main:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # leftovers of a crashed save; the run lock says no one else writes here
+        tmp.mkdir()
+        _share(tmp, directory=True)
+    if collective:
+        distributed.barrier()
+    yield tmp
+    if collective:
+        distributed.barrier()
+    if main:
+        publish(tmp, final)
+    if collective:
+        distributed.barrier()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+# ----------------------------------------------------------------------------- stage records
+
+
+def read_meta(run_dir: Path, stage: str) -> Optional[dict]:
+    """``<stage>/meta.json`` of a finished stage whose weights exist, else None."""
+    meta_path = Path(run_dir) / stage / META_FILE
+    if not (meta_path.is_file() and (Path(run_dir) / stage / WEIGHTS_FILE).is_file()):
+        return None
+    meta = read_json(meta_path)
+    return meta if isinstance(meta, dict) and meta.get("complete") else None
+
+
+# ----------------------------------------------------------------------------- the run lock
+
+_held: dict[Path, list] = {}  # run dir -> [open lock file, nesting depth] held by this process
+
+
+@contextlib.contextmanager
+def locked(run_dir: str | Path, what: str) -> Iterator[None]:
+    """Hold the run directory's lock while writing it: one writer at a time.
+
+    The lock is an ``flock`` on ``<run>/.lock``, released by the kernel when the
+    process ends however it ends (no stale locks after kill -9). Re-entrant
+    within a process; only rank 0 of a multi-process job takes it. A second
+    writer is refused at once with the holder's pid, command and start time.
+    """
+    run_dir = Path(run_dir).resolve() if Path(run_dir).exists() else Path(run_dir).absolute()
+    if not distributed.is_main():
+        yield
+        return
+    if run_dir in _held:
+        _held[run_dir][1] += 1
+        try:
+            yield
+        finally:
+            _held[run_dir][1] -= 1
+        return
+    make_dirs(run_dir)
+    path = run_dir / LOCK_FILE
+    handle = open(path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(
+            f"{run_dir}: in use by {holder}; wait for it to finish, or give this run another output_dir"
+        ) from None
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~_umask())
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} (`{what}`, since {time.strftime('%Y-%m-%d %H:%M:%S')})\n")
+    handle.flush()
+    _held[run_dir] = [handle, 1]
+    try:
+        yield
+    finally:
+        _held.pop(run_dir, None)
+        handle.seek(0)
+        handle.truncate()
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        handle.close()
+
+
+def command_line() -> str:
+    """This process's command, for lock files and records."""
+    return " ".join(["dalle", *sys.argv[1:]])[:200]

@@ -1,0 +1,33 @@
+"""The reranker stage: a contrastive image-text model trained on the recipe's pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dalle_framework import Stage
+
+
+class RerankerStage(Stage):
+    """Trains the recipe's ``reranker`` on image-caption pairs; measured by held-out retrieval."""
+
+    kind = "reranker"
+    uses = ("data",)
+
+    @classmethod
+    def seed_offset(cls) -> int:
+        return 2
+
+    def columns(self, split: str) -> list[Any]:
+        images, captions = self.pipe.split(split)
+        return [images, captions]
+
+    def step_args(self, batch, step, device):
+        return (batch[0].to(device).float() / 255.0, list(batch[1]))
+
+    def extra_metrics(self, module, device, limit):
+        images, captions = self.heldout(limit)
+        metrics = module.retrieval_metrics(images.to(device).float() / 255.0, list(captions))
+        return {f"retrieval_{k}": float(v) for k, v in metrics.items()}
+
+    def report(self, module, device, cfg) -> dict[str, Any]:
+        return self.extra_metrics(module, device, cfg.batches * cfg.batch_size)
