@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -119,8 +119,10 @@ class Prior(nn.Module, Component):
 
     - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted), and
       ``text_loss`` / ``image_loss`` in nats per token.
-    - ``generate(text[B,T], sampling, prime=None, generator=None) -> LongTensor[B,h*w]``;
-      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming).
+    - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
+      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
+      ``on_step(done, total)`` is called after each image token position is drawn for the
+      whole batch, with ``total = h*w`` and ``done`` the positions filled so far (primed ones included).
     """
 
     def __init__(self) -> None:
@@ -136,6 +138,7 @@ class Prior(nn.Module, Component):
         sampling: Sampling,
         prime: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        on_step: Optional[Callable[[int, int], None]] = None,
     ) -> torch.Tensor: ...
 
     def forward(self, text: torch.Tensor, image_tokens: torch.Tensor) -> dict[str, Any]:

@@ -323,11 +323,13 @@ class TransformerPrior(Prior):
         sampling: Sampling,
         prime: Optional[Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        on_step: Optional[Callable[[int, int], None]] = None,
     ) -> Tensor:
         """text ``[B, T]`` (+ ``prime[B, n]`` kept as the first image codes) -> codes ``[B, h*w]``.
 
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the
         cache must match). Guidance runs ``[text; all-padding]`` as one ``2B`` batch.
+        ``on_step(done, h*w)`` follows each drawn position (progress for a caller).
         """
         B, T, N = text.shape[0], self.text_len, self.layout.image_len
         assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
@@ -358,6 +360,8 @@ class TransformerPrior(Prior):
                     logits = split_guidance(logits, sampling.guidance_scale)
                 token = sample_tokens(logits, sampling, generator)
                 seq[:, end] = token.repeat(rows // B)
+                if on_step is not None:
+                    on_step(i + 1, N)
         finally:
             self.train(was_training)
         return seq[:B, T:]
