@@ -167,7 +167,7 @@ def _sampling(args, defaults):
 def cmd_generate(args) -> int:
     import torch
 
-    from .data.images import save_grid
+    from .data.images import save_captioned_grid
 
     pipe = _pipeline_for(args.run, [], args.device)
     captions = args.captions or pipe.recipe.generate.captions
@@ -187,7 +187,7 @@ def cmd_generate(args) -> int:
         progress=not args.quiet,
     )
     out = Path(args.out)
-    save_grid(result.images.flatten(0, 1), out, nrow=result.images.shape[1])
+    save_captioned_grid(result.images, captions, out, scores=result.scores)
     scores = result.scores
     _print_json(
         {
@@ -230,7 +230,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_run(args) -> int:
     """The main job: train every stage (reusing what is trained), generate, evaluate."""
-    from .data.images import save_grid
+    from .data.images import save_captioned_grid
     from .evaluation import evaluate_run
     from .train.loop import train_all
 
@@ -243,7 +243,7 @@ def cmd_run(args) -> int:
         return 0
     captions = pipe.recipe.generate.captions or pipe.data.captions("heldout")[:4]
     result = pipe.generate(captions, progress=not args.quiet)
-    grid = save_grid(result.images.flatten(0, 1), pipe.run_dir / "samples.png", nrow=result.images.shape[1])
+    grid = save_captioned_grid(result.images, captions, pipe.run_dir / "samples.png", scores=result.scores)
     print(f"samples for {len(captions)} captions: {grid}", file=sys.stderr)
     report = evaluate_run(pipe, progress=not args.quiet)
     report["samples"] = str(grid)

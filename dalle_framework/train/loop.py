@@ -205,14 +205,21 @@ def _writer(path: Path):
 
 def _log_images(writer, stage, module, device, step: int) -> None:
     try:
-        images = stage.preview(module, device)
+        preview = stage.preview(module, device)
     except UsageError:
         return
-    if images is None:
+    if preview is None:
         return
-    from torchvision.utils import make_grid
+    images, captions = preview if isinstance(preview, tuple) else (preview, None)
+    if captions is not None:  # one row per caption, the caption beside its image
+        from ..data.images import captioned_grid, to_tensor
 
-    writer.add_image(f"{stage.name}/preview", make_grid(images.float().cpu(), nrow=max(1, len(images) // 2)), step)
+        grid = to_tensor(captioned_grid(images.float().cpu()[:, None], captions))
+    else:
+        from torchvision.utils import make_grid
+
+        grid = make_grid(images.float().cpu(), nrow=max(1, len(images) // 2))
+    writer.add_image(f"{stage.name}/preview", grid, step)
 
 
 def train_all(pipe: Pipeline, stages: Optional[list[str]] = None, *, resume: bool = False, force: bool = False, progress: bool = True) -> dict[str, Any]:

@@ -92,7 +92,8 @@ class Stage:
         return {}
 
     def preview(self, module: nn.Module, device: torch.device) -> Optional[torch.Tensor]:
-        """Images ``[B,3,H,W]`` in [0,1] worth a look in TensorBoard, or None."""
+        """Images ``[B,3,H,W]`` in [0,1] worth a look in TensorBoard, or None; or
+        ``(images, captions)`` when image ``b`` was drawn for ``captions[b]`` (shown beside it)."""
         return None
 
 
@@ -168,7 +169,7 @@ class PriorStage(Stage):
         text = self.pipe.tokenizer.encode(captions).to(device)
         generator = torch.Generator(device).manual_seed(0)
         tokens = module.generate(text, Sampling(), generator=generator)
-        return self.pipe.codec.decode(tokens).clamp(0, 1)
+        return self.pipe.codec.decode(tokens).clamp(0, 1), list(captions)
 
 
 class RerankerStage(Stage):
