@@ -266,6 +266,37 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    """A web page and JSON API over a trained run (dalle_framework.serve)."""
+    import ipaddress
+
+    from pydantic import ValidationError
+
+    from .serve import Limits, create_app
+
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
+    except ValidationError as exc:
+        lines = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"serve options: {lines}") from None
+    pipe = _pipeline_for(args.run, [], args.device)
+    for stage in ("codec", "prior"):
+        if not pipe.has_weights(stage):
+            raise UsageError(f"{args.run}: no trained {stage} to serve; train it with `dalle train {args.run} --stage {stage}`")
+    import uvicorn
+
+    app = create_app(pipe, limits)
+    try:
+        local = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = args.host == "localhost"
+    if not local:
+        print(f"warning: serving on {args.host}: anyone who can reach it can queue jobs (there is no login)", file=sys.stderr)
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    return 0
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -393,6 +424,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-shard", type=int, default=1000, help="samples per tar shard")
     common(p)
     p.set_defaults(func=cmd_data)
+
+    from .serve import Limits
+
+    p = sub.add_parser("serve", help="a web page and JSON API over a trained run")
+    p.add_argument("run", help="run directory (codec and prior trained)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    for name, spec in Limits.model_fields.items():
+        kind = type(spec.default)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.description} (default: {spec.default:g})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

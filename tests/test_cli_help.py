@@ -22,4 +22,4 @@ def test_every_cli_action_has_help_text():
     missing = [f"{prog} {'/'.join(a.option_strings) or a.dest}" for prog, a in found if not (a.help or "").strip()]
     assert not missing, f"options without help text: {missing}"
     commands = {prog for prog, _ in found}
-    assert {"dalle train", "dalle generate", "dalle evaluate"} <= commands
+    assert {"dalle train", "dalle generate", "dalle serve", "dalle evaluate"} <= commands
