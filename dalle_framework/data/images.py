@@ -186,9 +186,9 @@ def captioned_grid(
     """One row per caption: the caption (wrapped) on the left, then its images, each with its score below.
 
     ``images[C, K, 3, H, W]`` (float in ``[0, 1]`` or uint8), ``captions`` of length ``C``,
-    ``scores[C, K]`` or None (NaN scores, as without a reranker, are left out). Images smaller than ``min_cell``
-    pixels are scaled up by a whole factor (nearest neighbour) so that pixels stay crisp and
-    a score fits under each. Returns an RGB PIL image on white.
+    ``scores[C, K]`` or None (NaN scores, as without a reranker, are left out). Images
+    smaller than ``min_cell`` pixels are scaled up by a whole factor (nearest neighbour) so
+    that pixels stay crisp and a score fits under each. Returns an RGB PIL image on white.
     """
     from PIL import ImageDraw
 

@@ -91,7 +91,7 @@ class Stage:
     def extra_metrics(self, module: nn.Module, device: torch.device, limit: int) -> dict[str, float]:
         return {}
 
-    def preview(self, module: nn.Module, device: torch.device) -> Optional[torch.Tensor]:
+    def preview(self, module: nn.Module, device: torch.device) -> Optional[torch.Tensor | tuple[torch.Tensor, list[str]]]:
         """Images ``[B,3,H,W]`` in [0,1] worth a look in TensorBoard, or None; or
         ``(images, captions)`` when image ``b`` was drawn for ``captions[b]`` (shown beside it)."""
         return None
