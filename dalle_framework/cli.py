@@ -227,7 +227,7 @@ def _sampling(args, defaults):
 def cmd_generate(args) -> int:
     import torch
 
-    from .data.images import save_grid
+    from .data.images import save_captioned_grid
 
     pipe = _pipeline_for(args.run, [], args.device)
     captions = args.captions or pipe.recipe.generate.captions
@@ -249,7 +249,7 @@ def cmd_generate(args) -> int:
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    out = save_grid(result.images.flatten(0, 1), args.out, nrow=result.images.shape[1])
+    out = save_captioned_grid(result.images, captions, args.out, scores=result.scores)
     _print_json(
         {
             "grid": str(out),
@@ -297,7 +297,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_run(args) -> int:
     """The main job: train every stage (reusing what is trained), generate, evaluate."""
-    from .data.images import save_grid
+    from .data.images import save_captioned_grid
     from .evaluation import evaluate_run
     from .rundir import command_line, locked, write_text
     from .train.loop import train_all
@@ -310,7 +310,7 @@ def cmd_run(args) -> int:
             return 0
         captions = pipe.recipe.generate.captions or pipe.data.captions("heldout")[:4]
         result = pipe.generate(captions, progress=not args.quiet)
-        grid = save_grid(result.images.flatten(0, 1), pipe.run_dir / "samples.png", nrow=result.images.shape[1])
+        grid = save_captioned_grid(result.images, captions, pipe.run_dir / "samples.png", scores=result.scores)
         print(f"samples for {len(captions)} captions: {grid}", file=sys.stderr)
         report = evaluate_run(pipe, progress=not args.quiet)
         report["samples"] = str(grid)
@@ -325,6 +325,40 @@ def cmd_inspect(args) -> int:
 
     ref, overrides = _one_recipe(args, "dalle inspect RECIPE [key.path=value ...] [--gpus N --nodes M]")
     _print_json(inspect_recipe(load_recipe(ref, overrides), gpus_per_node=args.gpus, nodes=args.nodes))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """A web page and JSON API over a trained run (dalle_framework.serve)."""
+    import ipaddress
+
+    from pydantic import ValidationError
+
+    from .serve import Limits, create_app
+
+    try:
+        limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
+    except ValidationError as exc:
+        lines = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise UsageError(f"serve options: {lines}") from None
+    from .interfaces import ImageCodec, Prior
+
+    pipe = _pipeline_for(args.run, [], args.device)
+    for contract in (ImageCodec, Prior):  # what generation needs trained
+        stage = pipe.role(contract)
+        if stage is None or not pipe.has_weights(stage):
+            raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
+    import uvicorn
+
+    app = create_app(pipe, limits)
+    try:
+        local = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        local = args.host == "localhost"
+    if not local:
+        print(f"warning: serving on {args.host}: anyone who can reach it can queue jobs (there is no login)", file=sys.stderr)
+    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
     return 0
 
 
@@ -430,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_count(1, 100_000), default=None, help="candidates drawn per caption (default: the recipe's)")
     p.add_argument("--keep", type=_count(1, 100_000), default=None, help="best candidates kept per caption after reranking")
     p.add_argument("--batch-size", type=_count(1, 100_000), default=None, help="candidates sampled per forward pass (bounds memory)")
-    p.add_argument("--out", default="grid.png", help="PNG file for the grid of kept images (default: grid.png)")
+    p.add_argument("--out", default="grid.png", help="PNG grid: one row per caption with its caption and scores (default: grid.png)")
     p.add_argument("--temperature", type=_number, help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=_count(1, 2**31), help="sample among the k most likely codes")
     p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
@@ -463,6 +497,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-per-shard", type=_count(1, 10**7), default=1000, help="samples per tar file (default 1000)")
     common(p)
     p.set_defaults(func=cmd_data)
+
+    from .serve import Limits
+
+    p = sub.add_parser("serve", help="a web page and JSON API over a trained run")
+    p.add_argument("run", help="run directory (codec and prior trained)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    for name, spec in Limits.model_fields.items():
+        kind = type(spec.default)
+        p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.description} (default: {spec.default:g})")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's)")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -58,9 +58,9 @@ def generation_metrics(
             per_caption.setdefault(caption, []).append(bool(ok))
         out["per_caption_after"] = {c: f"{sum(v)}/{len(v)}" for c, v in per_caption.items()}
     if grid_path is not None:
-        from .data.images import save_grid
+        from .data.images import save_captioned_grid
 
-        save_grid(result.images.flatten(0, 1), grid_path, nrow=result.images.shape[1])
+        save_captioned_grid(result.images, captions, grid_path, scores=result.scores)
         out["grid"] = str(grid_path)
     return out
 

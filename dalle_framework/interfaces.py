@@ -180,7 +180,8 @@ class Prior(ModuleComponent):
       ``text_loss`` / ``image_loss`` in nats per token.
     - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
       ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
-      ``on_step(done, total)`` is called after each image position is drawn.
+      ``on_step(done, total)`` is called after each image token position is drawn for the
+      whole batch, with ``total = h*w`` and ``done`` the positions filled so far (primed ones included).
     """
 
     @abc.abstractmethod

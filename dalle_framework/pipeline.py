@@ -14,10 +14,11 @@ tokens, the first :class:`ImageCodec` decodes them and the first
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 
@@ -211,13 +212,14 @@ class Pipeline:
     # ------------------------------------------------------------------ roles in generation
 
     def role(self, contract: type) -> Optional[str]:
-        """The first stage (in training order) whose component implements ``contract``."""
+        """The first stage (in training order) whose component implements ``contract``, or None."""
         for name, spec in self.stages.items():
             if issubclass(KINDS[spec.kind][1], contract):
                 return name
         return None
 
-    def _part(self, contract: type) -> Any:
+    def part(self, contract: type) -> Any:
+        """The trained component that plays ``contract`` in generation (``pipe.part(Prior)``)."""
         name = self.role(contract)
         if name is None:
             raise UsageError(f"recipe {self.recipe.name!r} has no stage with a {contract.__name__}; generation needs one")
@@ -245,12 +247,16 @@ class Pipeline:
         prime_rows: int = 0,
         batch_size: Optional[int] = None,
         progress: bool = False,
+        on_progress: Optional[Callable[[int, int], None]] = None,
     ) -> Generation:
         """Draw ``candidates`` images per caption, rerank, keep the best ``keep``.
 
         ``prime_images[C or 1, 3, H, W]`` in [0, 1] with ``prime_rows > 0`` keeps the top
         rows of each image's tokens and lets the prior complete the rest.
         The same ``seed`` gives the same images (on the same device and build).
+        ``on_progress(done_tokens, total_tokens)`` counts image tokens drawn over all
+        candidates of all captions (after each token; after each batch for a prior whose
+        ``generate`` takes no ``on_step``). An exception it raises stops generation.
         """
         if not captions:
             raise UsageError("give at least one caption")
@@ -261,8 +267,8 @@ class Pipeline:
             raise UsageError(f"candidates ({n}) and keep ({keep}) must be at least 1")
         sampling = sampling or cfg.sampling
         batch_size = batch_size or cfg.batch_size
-        codec: ImageCodec = self._part(ImageCodec)
-        prior: Prior = self._part(Prior)
+        codec: ImageCodec = self.part(ImageCodec)
+        prior: Prior = self.part(Prior)
         tokenizer = self.tokenizer
         generator = torch.Generator(self.device).manual_seed(self.recipe.seed if seed is None else seed)
 
@@ -285,11 +291,21 @@ class Pipeline:
         from tqdm.auto import tqdm
 
         batches = range(0, len(text), batch_size)
+        per_image = codec.tokens_per_image
+        stepwise = on_progress is not None and "on_step" in inspect.signature(prior.generate).parameters
         for start in tqdm(batches, desc="generate", disable=not progress, leave=False):
             end = start + batch_size
+            rows = len(text[start:end])
+            hook = {}
+            if stepwise:
+                hook["on_step"] = lambda done, _total, start=start, rows=rows: on_progress(
+                    start * per_image + done * rows, len(text) * per_image
+                )
             part = prior.generate(
-                text[start:end], sampling, prime=None if prime is None else prime[start:end], generator=generator
+                text[start:end], sampling, prime=None if prime is None else prime[start:end], generator=generator, **hook
             )
+            if on_progress is not None and not stepwise:
+                on_progress((start + rows) * per_image, len(text) * per_image)
             decoded = codec.decode(part).clamp(0, 1)
             tokens.append(part)
             images.append(decoded)

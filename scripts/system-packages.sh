@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Debian packages the tests use: real data (emoji font and names, Fashion-MNIST).
+# Debian packages the tests use: real data (emoji font and names, Fashion-MNIST)
+# and the headless browser that drives `dalle serve`'s page (chromium + its driver).
 # Installs the missing ones when this machine lets us (root or sudo, apt-get);
 # otherwise says so, and the tests that need them skip with the same command.
 # Sourced by scripts/test.sh and .ci/run.
-DALLE_SYSTEM_PACKAGES="fonts-noto-color-emoji unicode-data dataset-fashion-mnist"
+DALLE_SYSTEM_PACKAGES="fonts-noto-color-emoji unicode-data dataset-fashion-mnist chromium chromium-driver"
 dalle_system_packages() {
   local missing=()
   for pkg in $DALLE_SYSTEM_PACKAGES; do

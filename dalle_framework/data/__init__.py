@@ -1,13 +1,26 @@
 """Core data IO shared by data sources, training and the CLI.
 
 - :mod:`.batches`: resumable shuffled batches (the data position of a run)
-- :mod:`.images`: image conversions, ``square_resize``, ``load_split``, ``batches``, ``save_grid``
+- :mod:`.images`: image conversions, ``square_resize``, ``load_split``, ``batches``, ``save_grid``,
+  ``captioned_grid`` (a caption beside each row of images, scores under them)
 - :mod:`.shards`: write any :class:`~dalle_framework.DataSource` as webdataset tar shards
 - :mod:`.tokens`: safetensors shards of pre-computed text + image tokens (stage 2)
 """
 
 from .batches import ShuffledBatches, chunks
-from .images import as_model_images, batches, decode_image, fit_images, load_split, save_grid, square_resize, to_pil, to_tensor
+from .images import (
+    as_model_images,
+    batches,
+    captioned_grid,
+    decode_image,
+    fit_images,
+    load_split,
+    save_captioned_grid,
+    save_grid,
+    square_resize,
+    to_pil,
+    to_tensor,
+)
 from .shards import folder_to_shards, shards_command, write_shards
 from .tokens import load_token_shard, load_token_shards, save_token_shard
 
@@ -16,12 +29,14 @@ __all__ = [
     "as_model_images",
     "batches",
     "chunks",
+    "captioned_grid",
     "decode_image",
     "fit_images",
     "folder_to_shards",
     "load_split",
     "load_token_shard",
     "load_token_shards",
+    "save_captioned_grid",
     "save_grid",
     "save_token_shard",
     "shards_command",

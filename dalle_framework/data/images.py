@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
@@ -168,4 +169,85 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: int = 8
     path = Path(path)
     with atomic_path(path) as tmp:
         to_pil(grid).save(tmp, format="PNG")
+    return path
+
+
+def _default_font(size: int):
+    """Pillow's bundled font (no font file needed); older Pillow has only its fixed-size bitmap font."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """Greedy word wrap of ``text`` to lines at most ``width`` pixels wide (a longer word gets its own line)."""
+    lines: list[str] = []
+    for word in text.split():
+        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
+            lines[-1] = f"{lines[-1]} {word}"
+        else:
+            lines.append(word)
+    return lines or [""]
+
+
+def captioned_grid(
+    images: torch.Tensor,
+    captions: list[str],
+    scores: Optional[torch.Tensor] = None,
+    *,
+    min_cell: int = 64,
+    caption_width: int = 180,
+    font_size: int = 12,
+    padding: int = 4,
+) -> Image.Image:
+    """One row per caption: the caption (wrapped) on the left, then its images, each with its score below.
+
+    ``images[C, K, 3, H, W]`` (float in ``[0, 1]`` or uint8), ``captions`` of length ``C``,
+    ``scores[C, K]`` or None (NaN scores, as without a reranker, are left out). Images
+    smaller than ``min_cell`` pixels are scaled up by a whole factor (nearest neighbour) so
+    that pixels stay crisp and a score fits under each. Returns an RGB PIL image on white.
+    """
+    from PIL import ImageDraw
+
+    assert images.ndim == 5 and images.shape[2] == 3, f"expected [C, K, 3, H, W], got {tuple(images.shape)}"
+    C, K, _, H, W = images.shape
+    assert len(captions) == C, f"{len(captions)} captions for {C} rows of images"
+    assert scores is None or tuple(scores.shape) == (C, K), f"scores must be [C={C}, K={K}], got {tuple(scores.shape)}"
+    if scores is not None and scores.float().isnan().all():
+        scores = None
+    scale = max(1, -(-min_cell // max(H, W)))  # ceil: the smallest whole factor reaching min_cell
+    cell_h, cell_w = H * scale, W * scale
+    font = _default_font(font_size)
+    line_h = font_size + 3
+    score_h = line_h if scores is not None else 0
+    wrapped = [_wrap(c, font, caption_width) for c in captions]
+    row_hs = [max(cell_h + score_h, len(lines) * line_h) for lines in wrapped]
+    width = padding + caption_width + padding + K * (cell_w + padding)
+    canvas = Image.new("RGB", (width, padding + sum(h + padding for h in row_hs)), "white")
+    draw = ImageDraw.Draw(canvas)
+    top = padding
+    for c, (lines, row_h) in enumerate(zip(wrapped, row_hs)):
+        for i, line in enumerate(lines):
+            draw.text((padding, top + i * line_h), line, fill="black", font=font)
+        for k in range(K):
+            left = 2 * padding + caption_width + k * (cell_w + padding)
+            img = images[c, k]
+            img = img.float() / 255.0 if img.dtype == torch.uint8 else img
+            canvas.paste(to_pil(img).resize((cell_w, cell_h), Image.NEAREST), (left, top))
+            if scores is not None and not math.isnan(float(scores[c, k])):
+                draw.text((left, top + cell_h + 1), f"{float(scores[c, k]):.3f}", fill="dimgray", font=font)
+        top += row_h + padding
+    return canvas
+
+
+def save_captioned_grid(
+    images: torch.Tensor, captions: list[str], path: Union[str, os.PathLike], scores: Optional[torch.Tensor] = None
+) -> Path:
+    """Write :func:`captioned_grid` as a PNG, atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        captioned_grid(images, captions, scores).save(tmp, format="PNG")
     return path

@@ -340,18 +340,16 @@ def _writer(path: Path):
 
 
 def _log_preview(writer, stage: Stage, module, device, step: int) -> None:
+    """The stage's preview as one captioned grid (a caption beside each row) in TensorBoard."""
     try:
         preview = stage.preview(module, device)
     except UsageError:
         return
     if preview is None:
         return
-    from torchvision.utils import make_grid
+    from ..data.images import captioned_grid, to_tensor
 
-    rows, cols = preview.images.shape[:2]
-    grid = make_grid(preview.images.flatten(0, 1).float().cpu().clamp(0, 1), nrow=cols)
-    writer.add_image(f"{stage.name}/preview", grid, step)
-    writer.add_text(f"{stage.name}/preview_captions", "\n\n".join(f"{i + 1}. {c}" for i, c in enumerate(preview.captions)), step)
+    writer.add_image(f"{stage.name}/preview", to_tensor(captioned_grid(preview.images.float().cpu(), preview.captions)), step)
 
 
 # ----------------------------------------------------------------------------- all stages

@@ -358,6 +358,7 @@ class TransformerPrior(Prior):
 
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the
         cache must match). Guidance runs ``[text; all-padding]`` as one ``2B`` batch.
+        ``on_step(done, h*w)`` follows each drawn position (progress for a caller).
         """
         B, T, N = text.shape[0], self.text_len, self.layout.image_len
         assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"

@@ -1,0 +1,438 @@
+"""``dalle serve``: a web page and a JSON API over a trained run.
+
+    >>> app = create_app(Pipeline.load("runs/shapes-demo"), Limits())
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+
+``POST /generate`` queues a job and answers its id at once; one worker thread
+runs the jobs one at a time on the model's device, reporting how many image
+tokens are drawn; ``GET /jobs/{id}`` shows progress and, when done, the ranked
+images as PNG URLs with their reranker scores. Every bound (queue length,
+candidates, keep, caption length, run time) is a :class:`Limits` field, and a
+request over one is answered 4xx with a message naming the field and the bound.
+
+The server serves only what it made: PNG bytes kept in memory under random ids,
+evicted oldest first once ``max_results`` finished jobs are held, plus the page's
+three files, read from this package at start. No route maps a path to a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import queue
+import secrets
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from . import rundir
+from .errors import UsageError
+from .interfaces import ImageCodec, Prior, Sampling
+
+PAGE_FILES = {"/": ("serve.html", "text/html"), "/app.js": ("serve.js", "text/javascript"), "/app.css": ("serve.css", "text/css")}
+
+
+class Limits(BaseModel):
+    """What one server accepts. Each field is a ``dalle serve`` option of the same name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_queue: int = Field(8, ge=1, description="jobs waiting or running at once; one more is refused with 429")
+    max_candidates: int = Field(64, ge=1, description="images drawn per request")
+    max_keep: int = Field(16, ge=1, description="best images kept per request")
+    max_caption_chars: int = Field(200, ge=1, description="characters in a caption")
+    max_seconds: float = Field(120.0, gt=0, description="run time of one job; a job that takes longer is stopped and failed")
+    max_results: int = Field(32, ge=1, description="finished jobs whose images are kept in memory; older ones are evicted")
+
+
+# ----------------------------------------------------------------------------- API models
+
+
+class GenerateRequest(BaseModel):
+    """One caption to draw images for. Options left out take the recipe's ``generate`` defaults (``GET /run``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    caption: str = Field(..., min_length=1, description="the text to draw; at most limits.max_caption_chars characters")
+    candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
+    keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
+    temperature: Optional[float] = Field(None, gt=0, description="softmax temperature of each token draw")
+    top_k: Optional[int] = Field(None, ge=1, description="draw only among the k most likely tokens")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="draw only within this nucleus probability mass")
+    guidance: Optional[float] = Field(None, ge=0, description="classifier-free guidance scale; 1 = off")
+    seed: Optional[int] = Field(
+        None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"
+    )
+
+
+class Progress(BaseModel):
+    done: int = Field(description="image tokens drawn so far, over all candidates")
+    total: int = Field(description="image tokens to draw: candidates x tokens per image")
+
+
+class ImageOut(BaseModel):
+    rank: int = Field(description="1 = best by reranker score")
+    url: str = Field(description="the PNG at the image's size, served as image/png")
+    score: Optional[float] = Field(description="reranker score (higher matches the caption better); null without a reranker")
+
+
+class JobOut(BaseModel):
+    id: str = Field(description="random job id")
+    status: Literal["queued", "running", "done", "failed"]
+    caption: str
+    seen_as: str = Field(description="the caption as the tokenizer reads it (unknown words, truncation)")
+    candidates: int
+    keep: int
+    sampling: dict[str, Any] = Field(description="the sampling options used (recipe defaults with the request's changes)")
+    seed: int = Field(description="the seed used; send it again to get the same images")
+    queue_position: Optional[int] = Field(description="1 = next to run; null once running")
+    progress: Progress
+    elapsed: Optional[float] = Field(description="seconds since the job started running")
+    error: Optional[str] = Field(description="why a failed job failed")
+    images: list[ImageOut] = Field(description="best first; empty until done")
+    grid_url: Optional[str] = Field(description="all kept images in one PNG with the caption and scores; null until done")
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(description="what is wrong, naming the field and the bound or the fix")
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+class _Stop(Exception):
+    """Raised from the progress callback to end a job that ran past ``max_seconds``."""
+
+
+class QueueFull(Exception):
+    """``max_queue`` jobs are already waiting or running."""
+
+
+@dataclass
+class _Job:
+    id: str
+    caption: str
+    seen_as: str
+    candidates: int
+    keep: int
+    sampling: Sampling
+    seed: int
+    status: str = "queued"
+    done: int = 0
+    total: int = 0
+    started: Optional[float] = None
+    finished: Optional[float] = None
+    error: Optional[str] = None
+    images: list[tuple[str, Optional[float]]] = field(default_factory=list)  # (image id, score), best first
+    grid: Optional[str] = None
+
+
+def png_bytes(image: torch.Tensor) -> bytes:
+    """Float ``[3, H, W]`` in [0, 1] -> PNG bytes (no metadata, so the bytes depend on the pixels only)."""
+    from .data.images import to_pil
+
+    buffer = io.BytesIO()
+    to_pil(image).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class JobQueue:
+    """Generation jobs run one at a time, in order, by a single worker thread.
+
+    Holds every job's state and the PNG bytes of finished ones; all access goes
+    through one lock. The worker starts with the first job and stops on :meth:`close`.
+    """
+
+    def __init__(self, pipeline: Any, limits: Limits) -> None:
+        self.pipeline = pipeline
+        self.limits = limits
+        self._lock = threading.Lock()
+        self._jobs: "OrderedDict[str, _Job]" = OrderedDict()
+        self._images: dict[str, bytes] = {}
+        self._pending: "queue.Queue[Optional[_Job]]" = queue.Queue()
+        self._worker: Optional[threading.Thread] = None
+
+    def submit(self, job: _Job) -> None:
+        with self._lock:
+            waiting = sum(j.status in ("queued", "running") for j in self._jobs.values())
+            if waiting >= self.limits.max_queue:
+                raise QueueFull(
+                    f"queue: {waiting} jobs are waiting or running, this server's bound (max_queue={self.limits.max_queue}); "
+                    "try again when one finishes"
+                )
+            self._jobs[job.id] = job
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="dalle-generate", daemon=True)
+                self._worker.start()
+        self._pending.put(job)
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._pending.put(None)
+        if self._worker is not None:
+            self._worker.join(timeout)
+
+    def image(self, image_id: str) -> Optional[bytes]:
+        with self._lock:
+            return self._images.get(image_id)
+
+    def describe(self, job_id: str) -> Optional[JobOut]:
+        """A consistent snapshot of a job for the API, or None for an unknown (or evicted) id."""
+        per_image = int(self.pipeline.part(ImageCodec).tokens_per_image)
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None:
+                return None
+            queued = [j.id for j in self._jobs.values() if j.status == "queued"]
+            return JobOut(
+                id=job.id,
+                status=job.status,  # type: ignore[arg-type]
+                caption=job.caption,
+                seen_as=job.seen_as,
+                candidates=job.candidates,
+                keep=job.keep,
+                sampling=job.sampling.model_dump(),
+                seed=job.seed,
+                queue_position=queued.index(job.id) + 1 if job.id in queued else None,
+                progress=Progress(done=job.done, total=job.total or job.candidates * per_image),
+                elapsed=None if job.started is None else round((job.finished or time.time()) - job.started, 3),
+                error=job.error,
+                images=[ImageOut(rank=i + 1, url=f"/images/{image_id}.png", score=score) for i, (image_id, score) in enumerate(job.images)],
+                grid_url=None if job.grid is None else f"/images/{job.grid}.png",
+            )
+
+    def _work(self) -> None:
+        while (job := self._pending.get()) is not None:
+            with self._lock:
+                job.status, job.started = "running", time.time()
+            try:
+                pngs, scores, grid = self._generate(job)
+            except _Stop as exc:
+                self._finish(job, error=str(exc))
+            except Exception as exc:  # a failed job must not take the worker down
+                self._finish(job, error=f"{type(exc).__name__}: {exc}")
+            else:
+                self._finish(job, pngs=pngs, scores=scores, grid=grid)
+
+    def _generate(self, job: _Job) -> tuple[list[bytes], list[Optional[float]], bytes]:
+        from .data.images import captioned_grid
+
+        deadline = time.monotonic() + self.limits.max_seconds
+
+        def on_progress(done: int, total: int) -> None:
+            job.done, job.total = done, total
+            if time.monotonic() > deadline:
+                raise _Stop(
+                    f"stopped after {self.limits.max_seconds:g} s, this server's bound on run time (max_seconds); "
+                    "ask for fewer candidates"
+                )
+
+        result = self.pipeline.generate(
+            [job.caption], candidates=job.candidates, keep=job.keep, sampling=job.sampling, seed=job.seed, on_progress=on_progress
+        )
+        scores = [None if math.isnan(float(s)) else float(s) for s in result.scores[0]]
+        pngs = [png_bytes(image) for image in result.images[0]]
+        grid = captioned_grid(result.images, [job.caption], result.scores)
+        buffer = io.BytesIO()
+        grid.save(buffer, format="PNG")
+        return pngs, scores, buffer.getvalue()
+
+    def _finish(self, job: _Job, *, pngs=(), scores=(), grid: Optional[bytes] = None, error: Optional[str] = None) -> None:
+        with self._lock:
+            for png, score in zip(pngs, scores):
+                image_id = secrets.token_urlsafe(16)
+                self._images[image_id] = png
+                job.images.append((image_id, score))
+            if grid is not None:
+                job.grid = secrets.token_urlsafe(16)
+                self._images[job.grid] = grid
+            job.status, job.error, job.finished = ("failed" if error else "done"), error, time.time()
+            if not error:
+                job.done = job.total
+            finished = [j for j in self._jobs.values() if j.status in ("done", "failed")]
+            for old in finished[: max(0, len(finished) - self.limits.max_results)]:
+                for image_id, _ in old.images:
+                    self._images.pop(image_id, None)
+                self._images.pop(old.grid or "", None)
+                del self._jobs[old.id]
+
+
+# ----------------------------------------------------------------------------- run facts
+
+
+def run_info(pipeline: Any, limits: Limits) -> dict[str, Any]:
+    """What ``GET /run`` answers: the recipe's components, each stage's held-out metrics, defaults, limits."""
+    recipe = pipeline.recipe
+    run_dir = Path(pipeline.run_dir)
+    codec = pipeline.part(ImageCodec)
+    components: dict[str, Any] = {}
+    blocks = {"data": recipe.data, "tokenizer": recipe.tokenizer, **recipe.stages}
+    for kind, block in blocks.items():
+        entry: dict[str, Any] = {"name": block.name, "params": block.params.model_dump(mode="json")}
+        meta = _read_json(run_dir / kind / rundir.META_FILE)
+        if meta is not None:
+            entry.update({key: meta.get(key) for key in ("plugin", "step", "seconds", "metrics")})
+        components[kind] = entry
+    return {
+        "run": run_dir.name,
+        "recipe": recipe.name,
+        "description": recipe.description,
+        "examples": _example_captions(pipeline),
+        "device": str(pipeline.device),
+        "image_size": int(codec.image_size),
+        "grid": list(codec.grid),
+        "reranker": pipeline.scorer() is not None,
+        "components": components,
+        "evaluation": _read_json(run_dir / "eval" / "report.json"),
+        "defaults": recipe.generate.model_dump(mode="json"),
+        "limits": limits.model_dump(),
+    }
+
+
+def _example_captions(pipeline: Any, count: int = 10) -> list[str]:
+    """Captions to offer on the page: the recipe's own, else held-out ones of its data (none if unreadable)."""
+    if pipeline.recipe.generate.captions:
+        return list(pipeline.recipe.generate.captions)[:count]
+    try:
+        return list(dict.fromkeys(pipeline.data.captions("heldout")))[:count]
+    except (UsageError, OSError):
+        return []
+
+
+def _read_json(path: Path) -> Optional[Any]:
+    """A JSON file of the run, or None when it is missing or unreadable (the page shows what there is)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------- the app
+
+
+def create_app(pipeline: Any, limits: Optional[Limits] = None):
+    """The FastAPI app over a loaded :class:`~dalle_framework.pipeline.Pipeline` (codec and prior trained)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, HTTPException, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, Response
+
+    limits = limits or Limits()
+    jobs = JobQueue(pipeline, limits)
+    info = run_info(pipeline, limits)  # also loads the codec, so a broken run fails at start
+    pipeline.part(Prior)  # load the prior now, not on the first request
+    pages = {route: (resources.files(__package__).joinpath("static", name).read_bytes(), kind) for route, (name, kind) in PAGE_FILES.items()}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        jobs.close()
+
+    app = FastAPI(
+        title="dalle serve",
+        description=f"Text-to-image generation from the trained run `{info['run']}` (recipe `{info['recipe']}`).",
+        version="1",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI and ReDoc load scripts from a CDN; the schema is at /openapi.json
+        redoc_url=None,
+    )
+    app.state.jobs = jobs
+    errors = {422: {"model": ErrorOut}, 404: {"model": ErrorOut}}
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        """One readable line per problem: ``candidates: Input should be greater than or equal to 1``."""
+        lines = [f"{'.'.join(str(p) for p in e['loc'][1:]) or 'body'}: {e['msg']}" for e in exc.errors()]
+        return JSONResponse({"detail": "; ".join(lines)}, status_code=422)
+
+    def page(route: str):
+        body, kind = pages[route]
+        return lambda: Response(body, media_type=kind)
+
+    for route in pages:
+        app.add_api_route(route, page(route), methods=["GET"], include_in_schema=False)
+
+    @app.get("/run", summary="the run: recipe components, held-out metrics, generation defaults, limits")
+    def get_run() -> dict[str, Any]:
+        return info
+
+    @app.post(
+        "/generate",
+        status_code=202,
+        response_model=JobOut,
+        responses={**errors, 400: {"model": ErrorOut}, 429: {"model": ErrorOut}},
+        summary="queue a generation job; poll GET /jobs/{id} for progress and the images",
+    )
+    def generate(request: GenerateRequest) -> JobOut:
+        job = _new_job(pipeline, limits, request)
+        try:
+            jobs.submit(job)
+        except QueueFull as exc:
+            raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
+        return jobs.describe(job.id)
+
+    @app.get("/jobs/{job_id}", response_model=JobOut, responses=errors, summary="a job's status, progress and, when done, its images")
+    def get_job(job_id: str) -> JobOut:
+        out = jobs.describe(job_id)
+        if out is None:
+            raise HTTPException(404, f"no job {job_id!r} here (finished jobs are kept until {limits.max_results} newer ones finish)")
+        return out
+
+    @app.get(
+        "/images/{image_id}.png",
+        response_class=Response,
+        responses={200: {"content": {"image/png": {}}}, 404: {"model": ErrorOut}},
+        summary="a PNG this server generated",
+    )
+    def get_image(image_id: str):
+        png = jobs.image(image_id)
+        if png is None:
+            raise HTTPException(404, f"no image {image_id!r} here (images are evicted with their job)")
+        return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
+
+    return app
+
+
+def _new_job(pipeline: Any, limits: Limits, request: GenerateRequest):
+    """Check ``request`` against the recipe and the bounds; a problem raises 422/400 naming the field."""
+    from fastapi import HTTPException
+
+    from .interfaces import Sampling
+
+    defaults = pipeline.recipe.generate
+    caption = request.caption.strip()
+    # Left-out sizes take the recipe's defaults, cut to this server's bounds.
+    candidates = request.candidates or min(defaults.candidates, limits.max_candidates)
+    keep = request.keep or min(defaults.keep, candidates, limits.max_keep)
+    problems = []
+    if not caption:
+        problems.append("caption: give some words to draw")
+    if len(caption) > limits.max_caption_chars:
+        problems.append(f"caption: {len(caption)} characters, over this server's bound of {limits.max_caption_chars} (max_caption_chars)")
+    if candidates > limits.max_candidates:
+        problems.append(f"candidates: {candidates} is over this server's bound of {limits.max_candidates} (max_candidates)")
+    if keep > limits.max_keep:
+        problems.append(f"keep: {keep} is over this server's bound of {limits.max_keep} (max_keep)")
+    if keep > candidates:
+        problems.append(f"keep: {keep} is more than candidates ({candidates})")
+    changes = {"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p, "guidance_scale": request.guidance}
+    try:
+        sampling = Sampling.model_validate({**defaults.sampling.model_dump(), **{k: v for k, v in changes.items() if v is not None}})
+    except ValidationError as exc:
+        problems += [f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+    if problems:
+        raise HTTPException(422, "; ".join(problems))
+    try:
+        seen_as = pipeline.tokenizer.decode(pipeline.tokenizer.encode([caption]))[0]
+    except (UsageError, ValueError, AssertionError) as exc:
+        raise HTTPException(400, f"caption: the tokenizer cannot read it ({exc})") from None
+    seed = request.seed if request.seed is not None else secrets.randbelow(2**31)
+    return _Job(id=secrets.token_urlsafe(12), caption=caption, seen_as=seen_as, candidates=candidates, keep=keep, sampling=sampling, seed=seed)

@@ -1,0 +1,464 @@
+"""`dalle serve`: the JSON API through FastAPI's TestClient, and the page in a real headless Chromium.
+
+Both run on a tiny shapes-demo run trained by `dalle run` inside the test module
+in seconds. The browser test also runs on another run when DALLE_SERVE_RUN names
+one (how the README's screenshot is taken; DALLE_SERVE_SCREENSHOT copies it out).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, run_cli
+
+CAPTION = "a green square in the top left"
+# shapes-demo made tiny: 2 samples per caption, small models, a few steps each.
+TINY = [
+    "device=cpu",
+    "data.params.samples_per_caption=2",
+    "data.params.heldout_samples_per_caption=1",
+    "codec.params.width=16",
+    "codec.params.vocab_size=32",
+    "codec.params.code_dim=16",
+    "codec.params.decoder_stem_width=16",
+    "codec.train.steps=6",
+    "codec.train.eval_every=6",
+    "prior.params.dim=32",
+    "prior.params.depth=1",
+    "prior.params.heads=2",
+    "prior.train.steps=6",
+    "prior.train.eval_every=6",
+    "reranker.params.config.embed_dim=16",
+    "reranker.params.config.vision_cfg={image_size: 32, patch_size: 16, width: 16, layers: 1, head_width: 8}",
+    "reranker.params.config.text_cfg={context_length: 16, width: 16, heads: 2, layers: 1}",
+    "reranker.train.steps=4",
+    "reranker.train.batch_size=32",
+    "reranker.train.eval_every=4",
+    "generate.candidates=4",
+    "generate.keep=2",
+    "evaluate.captions=2",
+    "evaluate.candidates=2",
+    "evaluate.rounds=1",
+    "evaluate.batches=1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """shapes-demo with tiny overrides, trained, sampled and evaluated by `dalle run` (seconds)."""
+    from dalle_framework.cli import main
+    from dalle_framework.plugins import PluginManager, set_plugin_manager
+
+    run = tmp_path_factory.mktemp("serve") / "shapes-tiny"
+    set_plugin_manager(PluginManager())
+    try:
+        assert main(["run", "shapes-demo", f"output_dir={run}", *TINY, "--quiet"]) == 0
+    finally:
+        set_plugin_manager(None)
+    return run
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_run):
+    from dalle_framework.pipeline import Pipeline
+
+    return Pipeline.load(tiny_run)
+
+
+def client_for(pipeline, **limits):
+    from fastapi.testclient import TestClient
+
+    from dalle_framework.serve import Limits, create_app
+
+    return TestClient(create_app(pipeline, Limits(**limits)))
+
+
+def wait(client, job_id: str, timeout: float = 120.0) -> dict:
+    """Poll GET /jobs/{id} until the job is done or failed."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in ("done", "failed"):
+            return job
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
+
+
+def generate(client, **body) -> dict:
+    response = client.post("/generate", json={"caption": CAPTION, **body})
+    assert response.status_code == 202, response.text
+    return wait(client, response.json()["id"])
+
+
+def png(client, url: str) -> bytes:
+    response = client.get(url)
+    assert response.status_code == 200 and response.headers["content-type"] == "image/png", response.text
+    return response.content
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def test_generate_returns_ranked_pngs_with_scores(pipe):
+    from PIL import Image
+
+    with client_for(pipe) as client:
+        job = generate(client, candidates=4, keep=3, seed=5, top_k=8, temperature=0.9, guidance=1.5)
+        assert job["status"] == "done", job["error"]
+        assert job["seed"] == 5 and job["candidates"] == 4 and job["keep"] == 3
+        assert job["sampling"]["top_k"] == 8 and job["sampling"]["guidance_scale"] == 1.5
+        assert job["seen_as"] == CAPTION and job["queue_position"] is None
+        assert job["progress"]["total"] == 4 * 64 and job["progress"]["done"] == job["progress"]["total"]
+        scores = [image["score"] for image in job["images"]]
+        assert [image["rank"] for image in job["images"]] == [1, 2, 3]
+        assert all(isinstance(s, float) for s in scores) and scores == sorted(scores, reverse=True)
+        for image in job["images"]:
+            with Image.open(io.BytesIO(png(client, image["url"]))) as im:
+                assert im.format == "PNG" and im.size == (32, 32)
+        with Image.open(io.BytesIO(png(client, job["grid_url"]))) as grid:
+            assert grid.size[0] > 3 * 64 and grid.size[1] >= 64  # a caption column, three upscaled images
+
+
+def test_same_seed_and_options_give_the_same_png_bytes(pipe):
+    with client_for(pipe) as client:
+        options = {"candidates": 3, "keep": 2, "seed": 11, "top_p": 0.9}
+        first, second = generate(client, **options), generate(client, **options)
+        other = generate(client, **{**options, "seed": 12})
+        pngs = lambda job: [png(client, image["url"]) for image in job["images"]]  # noqa: E731
+        assert first["images"][0]["url"] != second["images"][0]["url"]  # fresh ids, same pixels
+        assert pngs(first) == pngs(second)
+        assert [i["score"] for i in first["images"]] == [i["score"] for i in second["images"]]
+        assert pngs(first) != pngs(other)
+        unseeded = generate(client, candidates=2, keep=1)
+        assert isinstance(unseeded["seed"], int)  # a fresh seed, reported so the job can be repeated
+        again = generate(client, candidates=2, keep=1, seed=unseeded["seed"])
+        assert pngs(unseeded) == pngs(again)
+
+
+@pytest.mark.parametrize(
+    "body, field, bound",
+    [
+        ({"candidates": 5}, "candidates", "4 (max_candidates)"),
+        ({"candidates": 4, "keep": 3}, "keep", "2 (max_keep)"),
+        ({"caption": "a red circle in the top left corner"}, "caption", "20 (max_caption_chars)"),
+    ],
+)
+def test_requests_over_a_bound_get_422_naming_field_and_bound(pipe, body, field, bound):
+    with client_for(pipe, max_candidates=4, max_keep=2, max_caption_chars=20) as client:
+        response = client.post("/generate", json={"caption": "a red circle", **body})
+        assert response.status_code == 422
+        detail = response.json()["detail"]
+        assert detail.startswith(f"{field}:") and bound in detail, detail
+
+
+def test_left_out_sizes_take_the_recipe_defaults_cut_to_the_bounds(pipe):
+    with client_for(pipe) as client:
+        job = generate(client, seed=0)
+        assert (job["candidates"], job["keep"]) == (4, 2) and job["status"] == "done"  # the run's generate block
+    with client_for(pipe, max_candidates=3, max_keep=1) as client:
+        job = generate(client, seed=0)
+        assert (job["candidates"], job["keep"], len(job["images"])) == (3, 1, 1)
+
+
+def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
+    with client_for(pipe, max_seconds=1e-6) as client:
+        job = generate(client, candidates=2, keep=1, seed=0)
+        assert job["status"] == "failed" and "max_seconds" in job["error"] and job["images"] == []
+        assert 0 < job["progress"]["done"] < job["progress"]["total"]  # stopped after the first token
+
+
+@pytest.mark.parametrize(
+    "body, message",
+    [
+        ({}, "caption: Field required"),
+        ({"caption": "   "}, "caption: give some words"),
+        ({"caption": "a red circle", "candidates": "many"}, "candidates: Input should be a valid integer"),
+        ({"caption": "a red circle", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
+        ({"caption": "a red circle", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
+        ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than 0"),
+        ({"caption": "a red circle", "candidates": 2, "keep": 3}, "keep: 3 is more than candidates (2)"),
+        ({"caption": "a red circle", "colour": "red"}, "colour: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_input_gets_422_with_a_message(pipe, body, message):
+    with client_for(pipe) as client:
+        response = client.post("/generate", json=body)
+        assert response.status_code == 422 and message in response.json()["detail"], response.text
+
+
+def test_a_body_that_is_not_json_gets_422(pipe):
+    with client_for(pipe) as client:
+        response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
+        assert response.status_code == 422 and "JSON" in response.json()["detail"]
+
+
+class Gated:
+    """The real pipeline, except that each generate() first waits for the test to open a gate.
+
+    Records how many generate() calls overlap, to show that the worker runs one at a time.
+    """
+
+    def __init__(self, pipeline) -> None:
+        self._pipeline = pipeline
+        self.gate = threading.Event()
+        self.entered = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self.active = self.most_active = 0
+        self.spans: list[tuple[float, float]] = []
+
+    def __getattr__(self, name):
+        return getattr(self._pipeline, name)
+
+    def generate(self, *args, **kwargs):
+        with self._lock:
+            self.active += 1
+            self.most_active = max(self.most_active, self.active)
+        self.entered.release()
+        start = time.monotonic()
+        try:
+            assert self.gate.wait(60), "the test never opened the gate"
+            return self._pipeline.generate(*args, **kwargs)
+        finally:
+            with self._lock:
+                self.active -= 1
+                self.spans.append((start, time.monotonic()))
+
+
+def test_concurrent_requests_are_queued_and_run_one_at_a_time(pipe):
+    gated = Gated(pipe)
+    with client_for(gated, max_queue=3) as client:
+        # Three clients post at once; the worker takes one, the others wait in line.
+        with ThreadPoolExecutor(3) as pool:
+            posts = list(pool.map(lambda seed: client.post("/generate", json={"caption": CAPTION, "candidates": 2, "keep": 1, "seed": seed}), range(3)))
+        assert [p.status_code for p in posts] == [202] * 3
+        ids = [p.json()["id"] for p in posts]
+        assert gated.entered.acquire(timeout=60)  # one job is inside generate()
+        jobs = [client.get(f"/jobs/{i}").json() for i in ids]
+        assert sorted(j["status"] for j in jobs) == ["queued", "queued", "running"]
+        assert sorted(j["queue_position"] or 0 for j in jobs) == [0, 1, 2]
+        full = client.post("/generate", json={"caption": CAPTION})
+        assert full.status_code == 429 and "max_queue=3" in full.json()["detail"] and full.headers["retry-after"]
+        gated.gate.set()
+        done = [wait(client, i) for i in ids]
+    assert [j["status"] for j in done] == ["done"] * 3
+    assert gated.most_active == 1 and len(gated.spans) == 3
+    spans = sorted(gated.spans)
+    assert all(end <= next_start for (_, end), (next_start, _) in zip(spans, spans[1:]))
+
+
+def test_unknown_ids_404_and_no_path_reaches_the_run_directory(pipe, tiny_run):
+    with client_for(pipe, max_results=1) as client:
+        assert client.get("/jobs/nope").status_code == 404
+        assert "no job 'nope'" in client.get("/jobs/nope").json()["detail"]
+        assert client.get("/images/nope.png").status_code == 404
+        secret = (tiny_run / "recipe.yaml").read_bytes()
+        for path in [
+            "/images/..%2Frecipe.yaml",
+            "/images/..%2F..%2Frecipe.yaml.png",
+            "/images/%2e%2e/%2e%2e/recipe.yaml",
+            "/app.js/../recipe.yaml",
+            "/recipe.yaml",
+            "/prior/model.safetensors",
+            "/static/serve.js",
+            "/" + str(tiny_run / "recipe.yaml"),
+        ]:
+            response = client.get(path)
+            assert response.status_code == 404 and secret not in response.content, path
+        # Finished jobs beyond max_results are evicted with their images.
+        first = generate(client, candidates=2, keep=1, seed=0)
+        assert client.get(first["images"][0]["url"]).status_code == 200
+        generate(client, candidates=2, keep=1, seed=1)
+        assert client.get(f"/jobs/{first['id']}").status_code == 404
+        assert client.get(first["images"][0]["url"]).status_code == 404
+
+
+def test_run_page_and_openapi(pipe, tiny_run):
+    with client_for(pipe, max_candidates=9) as client:
+        run = client.get("/run").json()
+        assert run["recipe"] == "shapes-demo" and run["run"] == tiny_run.name and run["reranker"] is True
+        assert {k: v["name"] for k, v in run["components"].items()} == {
+            "data": "shapes", "tokenizer": "words", "codec": "vq-vae", "prior": "dense-transformer", "reranker": "clip"
+        }
+        assert run["components"]["prior"]["step"] == 6 and "bits_per_image_token" in run["components"]["prior"]["metrics"]
+        assert run["components"]["codec"]["plugin"] == "vqvae"
+        report = json.loads((tiny_run / "eval" / "report.json").read_text())
+        assert run["evaluation"]["generation"] == report["generation"]
+        assert run["limits"]["max_candidates"] == 9 and run["defaults"]["candidates"] == 4
+        assert run["examples"] and all(isinstance(c, str) for c in run["examples"])
+
+        page = client.get("/")
+        assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+        assert 'id="caption"' in page.text and 'id="generate"' in page.text
+        assert "http" not in page.text.split("<body>")[0]  # no CDN: every script and style is served here
+        for asset, kind in (("/app.js", "text/javascript"), ("/app.css", "text/css")):
+            response = client.get(asset)
+            assert response.status_code == 200 and response.headers["content-type"].startswith(kind)
+        assert "http://" not in client.get("/app.js").text and "https://" not in client.get("/app.js").text
+
+        schema = client.get("/openapi.json").json()
+        assert {"/generate", "/jobs/{job_id}", "/run", "/images/{image_id}.png"} <= set(schema["paths"])
+        request = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+        assert {"caption", "candidates", "keep", "top_k", "top_p", "temperature", "guidance", "seed"} == set(request)
+        assert all(field.get("description") for field in request.values())
+        assert "429" in schema["paths"]["/generate"]["post"]["responses"]
+
+
+def test_progress_is_reported_per_token(pipe):
+    from dalle_framework.interfaces import Sampling
+
+    text = pipe.tokenizer.encode([CAPTION, CAPTION]).to(pipe.device)
+    steps: list[tuple[int, int]] = []
+    prime = torch.zeros(2, 8, dtype=torch.long)
+    pipe.prior.generate(text, Sampling(), prime=prime, on_step=lambda done, total: steps.append((done, total)))
+    assert steps == [(d, 64) for d in range(9, 65)]  # primed positions count as done
+
+    calls: list[tuple[int, int]] = []
+    pipe.generate([CAPTION, "a red circle in the center"], candidates=3, keep=1, seed=0, batch_size=4, on_progress=lambda d, t: calls.append((d, t)))
+    done = [d for d, _ in calls]
+    assert {t for _, t in calls} == {2 * 3 * 64} and done == sorted(done) and done[-1] == 2 * 3 * 64
+    assert len(calls) == 2 * 64  # two batches (4 + 2 rows), one call per token position
+
+
+def test_serve_cli_refuses_bad_runs_and_bounds(tmp_path, tiny_run):
+    missing = run_cli("serve", str(tmp_path))
+    assert missing.returncode == 2 and "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
+    bad = run_cli("serve", str(tiny_run), "--max-queue", "0")
+    assert bad.returncode == 2 and "--max-queue" in bad.stderr
+
+
+def grid_size(rows: int, columns: int) -> tuple[int, int]:
+    """A captioned grid of 32 px images (scaled to 64) with scores: caption column, then the cells."""
+    return (4 + 180 + 4 + columns * (64 + 4), 4 + rows * (64 + 15 + 4))
+
+
+def test_run_grids_carry_captions_and_scores(tiny_run, tmp_path):
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with Image.open(tiny_run / "samples.png") as samples:  # dalle run: 4 held-out captions, keep 2
+        assert samples.size == grid_size(4, 2)
+    with Image.open(tiny_run / "eval" / "generated.png") as generated:  # dalle evaluate: 2 captions x 1 round, best 2
+        assert generated.size == grid_size(2, 2)
+    out = tmp_path / "grid.png"
+    result = run_cli("generate", str(tiny_run), CAPTION, "a red circle in the center", "-n", "3", "--keep", "3", "--out", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    with Image.open(out) as grid:
+        assert grid.size == grid_size(2, 3)
+    events = EventAccumulator(str(tiny_run / "tb" / "prior"))
+    events.Reload()
+    preview = events.Images("prior/preview")[-1]
+    with Image.open(io.BytesIO(preview.encoded_image_string)) as image:  # 4 held-out captions, one image each, no scores
+        assert image.size == (4 + 180 + 4 + 68, 4 + 4 * 68)
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    missing = [p for p in (chromium, driver) if not Path(p).exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[test]')")
+    if missing:
+        message = f"no headless browser ({', '.join(missing)} missing); apt-get install chromium chromium-driver"
+        if os.environ.get("DALLE_REQUIRE_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return chromium, driver
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def served(request, tmp_path):
+    """A real `dalle serve` process on a free port; yields its URL."""
+    run = os.environ.get("DALLE_SERVE_RUN") or str(request.getfixturevalue("tiny_run"))
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "dalle_framework", "serve", run, "--port", str(port), "--device", "cpu"],
+        cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        import urllib.request
+
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/run", timeout=5).read()
+                break
+            except OSError:
+                assert server.poll() is None, (tmp_path / "serve.log").read_text()
+                assert time.monotonic() < deadline, "dalle serve did not answer within 120 s"
+                time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+        log.close()
+
+
+@pytest.mark.slow
+def test_page_in_headless_chromium(served, tmp_path):
+    chromium, driver_path = _browser_paths()
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
+        options.add_argument(flag)
+    browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    try:
+        browser.get(served + "/")
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "components").text.strip())
+        assert "dense-transformer" in browser.find_element(By.ID, "components").text
+        caption = browser.find_element(By.ID, "caption")
+        caption.clear()
+        caption.send_keys(CAPTION)
+        for name, value in (("candidates", "16"), ("keep", "4"), ("seed", "3")):
+            box = browser.find_element(By.ID, name)
+            box.clear()
+            box.send_keys(value)
+        browser.find_element(By.ID, "generate").click()
+        loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+        WebDriverWait(browser, 300).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results figure")) == 4 and b.execute_script(loaded)
+        )
+        figures = browser.find_elements(By.CSS_SELECTOR, "#results figure")
+        scores = [float(f.get_attribute("data-score")) for f in figures]
+        assert scores == sorted(scores, reverse=True), scores
+        assert [f.get_attribute("data-rank") for f in figures] == ["1", "2", "3", "4"]
+        assert "score" in figures[0].text and "seed 3" in browser.find_element(By.ID, "status").text
+        assert browser.find_element(By.ID, "metrics").text.strip() != "none recorded"
+        shot = tmp_path / "serve.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        if os.environ.get("DALLE_SERVE_SCREENSHOT"):
+            shutil.copyfile(shot, os.environ["DALLE_SERVE_SCREENSHOT"])
+    finally:
+        browser.quit()
