@@ -46,6 +46,8 @@ def resolve_device(name: str) -> torch.device:
             raise UsageError(f"device {name!r}: this machine has no CUDA GPU; use --device cpu (or auto)")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise UsageError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) here")
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"device {name!r}: this machine has no Apple GPU; use --device cpu (or auto)")
     elif device.type not in ("cpu", "mps"):
         raise UsageError(f"device {name!r}: use auto, cpu, cuda or cuda:N")
     return device

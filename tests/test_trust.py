@@ -476,12 +476,13 @@ def test_damaged_run_files_are_clear_errors(trained_run, tmp_path, capsys):
         (["--seed", "12345678901234567890"], "--seed: 12345678901234567890 is out of range"),
         (["--device", "bogus"], "device 'bogus'"),
         (["--device", "cuda"], "no CUDA GPU"),
+        (["--device", "mps"], "no Apple GPU"),
         (["--prime", "/nonexistent.png", "--prime-rows", "1"], "--prime /nonexistent.png: cannot read"),
     ],
 )
 def test_bad_generate_arguments_are_clear_errors(trained_run, tmp_path, capsys, args, expected):
-    if expected == "no CUDA GPU" and torch.cuda.is_available():
-        pytest.skip("this machine has a GPU")
+    if (expected == "no CUDA GPU" and torch.cuda.is_available()) or (expected == "no Apple GPU" and torch.backends.mps.is_available()):
+        pytest.skip("this machine has that GPU")
     code, err = cli("generate", trained_run, "a red circle in the top left", "--quiet", "--out", tmp_path / "g.png", *args, capsys=capsys)
     assert code == 2 and expected in err and "Traceback" not in err, err
 
