@@ -25,54 +25,16 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
+from .config import ComponentBlock, EvaluateConfig, GenerateConfig, StageBlock
 from .errors import RecipeError, UsageError
-from .interfaces import EngineSpec, Sampling, Strict, TrainConfig
+from .interfaces import EngineSpec, Strict, TrainConfig
 
 RECIPE_PATH_ENV = "DALLE_RECIPE_PATH"
 MAX_RECIPE_BYTES = 1 * 2**20  # the largest shipped recipe is 3 KB
 MAX_RECIPE_NODES = 100_000  # values after YAML aliases are expanded (a 533-byte alias bomb makes billions)
 MAX_DEPTH = 64
-
-
-class ComponentBlock(Strict):
-    """``{name, params}``: a registered component and its params (a ``Params`` object once validated)."""
-
-    name: str = Field(..., max_length=200, description="a registered component of the block's kind")
-    params: Any = Field(default_factory=dict, description="validated against the component's own Params")
-
-
-class StageBlock(ComponentBlock):
-    """A stage's block: its component, how it trains, and optionally pretrained weights."""
-
-    train: Any = Field(default_factory=dict, description="validated against the stage's train schema")
-    weights: Optional[str] = Field(
-        None, max_length=4096, description="a safetensors file of this component's weights (e.g. from `dalle convert`), loaded before training"
-    )
-    frozen: bool = Field(False, description="never train this stage: use `weights` as they are")
-
-    @model_validator(mode="after")
-    def _frozen_needs_weights(self) -> "StageBlock":
-        if self.frozen and not self.weights:
-            raise ValueError("frozen: a frozen stage is never trained, so it needs `weights` (a safetensors file)")
-        return self
-
-
-class GenerateConfig(Strict):
-    candidates: int = Field(16, ge=1, le=100_000, description="samples drawn per caption")
-    keep: int = Field(4, ge=1, le=100_000, description="best candidates kept after reranking")
-    batch_size: int = Field(64, ge=1, le=100_000, description="candidates decoded per forward pass")
-    sampling: Sampling = Field(default_factory=Sampling)
-    captions: list[str] = Field(default_factory=list, description="default captions for `dalle generate`")
-
-
-class EvaluateConfig(Strict):
-    captions: int = Field(16, ge=1, le=100_000, description="held-out captions generated for")
-    candidates: int = Field(16, ge=1, le=100_000, description="samples per caption before reranking")
-    rounds: int = Field(1, ge=1, le=1000, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
-    batches: int = Field(8, ge=1, le=10**6, description="held-out batches for losses and PSNR")
-    batch_size: int = Field(64, ge=1, le=100_000)
 
 
 class Recipe(Strict):

@@ -24,18 +24,15 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 from torch import nn
 
 from . import rundir
+from .config import EvaluateConfig, StageBlock
 from .data.batches import ShuffledBatches, chunks
 from .interfaces import Component, TrainConfig
-
-if TYPE_CHECKING:  # the pipeline sits above this module
-    from .pipeline import Pipeline
-    from .recipe import EvaluateConfig, StageBlock
 
 
 @dataclass
@@ -55,8 +52,8 @@ class Stage(Component):
     uses: ClassVar[tuple[str, ...]] = ("data",)
     required: ClassVar[bool] = False
 
-    def __init__(self, pipe: "Pipeline") -> None:
-        self.pipe = pipe
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe  # the dalle_framework.pipeline.Pipeline this stage belongs to (it sits above this module)
 
     @classmethod
     def seed_offset(cls) -> int:
@@ -66,7 +63,7 @@ class Stage(Component):
     # ------------------------------------------------------------------ configuration
 
     @property
-    def block(self) -> "StageBlock":
+    def block(self) -> StageBlock:
         return self.pipe.recipe.stages[self.name]
 
     @property
@@ -150,7 +147,7 @@ class Stage(Component):
     def extra_metrics(self, module: nn.Module, device: torch.device, limit: int) -> dict[str, float]:
         return {}
 
-    def report(self, module: nn.Module, device: torch.device, cfg: "EvaluateConfig") -> dict[str, Any]:
+    def report(self, module: nn.Module, device: torch.device, cfg: EvaluateConfig) -> dict[str, Any]:
         """This stage's part of ``dalle evaluate`` (held-out metrics; grids go under ``<run>/eval``)."""
         return self.evaluate(module, device, limit=cfg.batches * cfg.batch_size)
 

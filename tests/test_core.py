@@ -290,3 +290,61 @@ def test_every_shipped_recipe_validates(manager, path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     assert recipe.codec.train.steps > 0 and recipe.codec.params.vocab_size >= 2
+
+
+# ----------------------------------------------------------------------------- the plugin API
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def framework_imports(source: str) -> list[str]:
+    """Every ``dalle_framework`` name or module a file imports, as dotted paths, and every other ``dalle_*`` module."""
+    import ast
+
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.startswith("dalle_")]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("dalle_"):
+            if node.module == "dalle_framework":
+                found += [f"dalle_framework.{alias.name}" for alias in node.names]
+            else:
+                found.append(node.module)
+    return found
+
+
+def plugin_api_violations(source: str, own: str) -> list[str]:
+    import dalle_framework
+
+    bad = []
+    for name in framework_imports(source):
+        root, _, rest = name.partition(".")
+        if root == "dalle_framework":
+            exported = rest in dalle_framework.__all__ and "." not in rest
+            if not (exported or name in dalle_framework.PLUGIN_API or name.rpartition(".")[0] in dalle_framework.PLUGIN_API[1:]):
+                bad.append(name)
+        elif root != own:
+            bad.append(name)
+    return bad
+
+
+def test_the_plugin_api_check_catches_violations():
+    assert plugin_api_violations("from dalle_framework import ImageCodec, rundir\nfrom dalle_framework.nn import conv", "dalle_x") == []
+    assert plugin_api_violations("from dalle_framework.interfaces import Prior", "dalle_x") == ["dalle_framework.interfaces"]
+    assert plugin_api_violations("from dalle_framework import pipeline", "dalle_x") == ["dalle_framework.pipeline"]
+    assert plugin_api_violations("import dalle_vqvae.model", "dalle_x") == ["dalle_vqvae.model"]
+
+
+PLUGIN_FILES = sorted((REPO / "plugins").glob("dalle_*/**/*.py"))
+
+
+@pytest.mark.parametrize("path", PLUGIN_FILES, ids=lambda p: str(p.relative_to(REPO / "plugins")))
+def test_plugins_import_only_the_declared_plugin_api_and_no_other_plugin(path):
+    own = path.relative_to(REPO / "plugins").parts[0]
+    assert plugin_api_violations(path.read_text(), own) == [], f"{path} imports outside dalle_framework.PLUGIN_API or another plugin"
+
+
+def test_the_core_imports_no_plugin():
+    for path in sorted((REPO / "dalle_framework").rglob("*.py")):
+        plugins = [m for m in framework_imports(path.read_text()) if not m.startswith("dalle_framework")]
+        assert not plugins, f"{path} imports plugins {plugins}"

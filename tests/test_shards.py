@@ -125,8 +125,6 @@ def test_dataloader_workers_read_every_sample_once(data_registry, shard_dir):
 
 
 def test_folder_to_shards(manager, tmp_path):
-    from dalle_framework.data import folder_to_shards
-
     root = tmp_path / "imgs"
     root.mkdir()
     from PIL import Image
@@ -134,7 +132,8 @@ def test_folder_to_shards(manager, tmp_path):
     for i in range(12):
         Image.fromarray(np.full((10, 10, 3), i * 20, np.uint8)).save(root / f"{i}.png")
         (root / f"{i}.txt").write_text(f"shade {i}")
-    stats = folder_to_shards(root, tmp_path / "out", params={"image_size": 8}, progress=False)
+    folder = manager.registry("data").build({"name": "folder", "params": {"root": str(root), "image_size": 8}})
+    stats = write_shards(folder, tmp_path / "out", progress=False)
     assert stats["train"]["count"] + stats["heldout"]["count"] == 12 and stats["skipped"] == 0
     src = manager.registry("data").build({"name": "webdataset", "params": {"train_urls": stats["train"]["pattern"]}})
     assert all(s.caption.startswith("shade ") and s.image.shape == (8, 8, 3) for s in src.samples("train"))

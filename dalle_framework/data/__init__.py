@@ -21,7 +21,7 @@ from .images import (
     to_pil,
     to_tensor,
 )
-from .shards import folder_to_shards, shards_command, write_shards
+from .shards import write_shards
 from .tokens import load_token_shard, load_token_shards, save_token_shard
 
 __all__ = [
@@ -32,14 +32,12 @@ __all__ = [
     "captioned_grid",
     "decode_image",
     "fit_images",
-    "folder_to_shards",
     "load_split",
     "load_token_shard",
     "load_token_shards",
     "save_captioned_grid",
     "save_grid",
     "save_token_shard",
-    "shards_command",
     "square_resize",
     "to_pil",
     "to_tensor",

@@ -101,28 +101,3 @@ def write_shards(
     result["skipped"] = int(getattr(source, "skipped", 0))
     (out / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
-
-
-def _build_source(name: str, params: dict[str, Any]) -> Any:
-    from ..plugins import registry
-
-    return registry("data").build({"name": name, "params": params})
-
-
-def shards_command(
-    source: Union[str, Any], out: Union[str, os.PathLike], *, params: Optional[dict] = None, **opts: Any
-) -> dict[str, Any]:
-    """``dalle data shards SOURCE OUT``: build the named source (or take an instance) and write its shards.
-
-    ``params`` are the source's params; ``opts`` go to :func:`write_shards`
-    (``splits``, ``max_per_shard``, ``limit``, ``progress``).
-    """
-    src = _build_source(source, params or {}) if isinstance(source, str) else source
-    return write_shards(src, out, **opts)
-
-
-def folder_to_shards(
-    root: Union[str, os.PathLike], out: Union[str, os.PathLike], *, params: Optional[dict] = None, **opts: Any
-) -> dict[str, Any]:
-    """A folder of images with same-named ``.txt`` captions -> shards (the ``folder`` source's split)."""
-    return shards_command("folder", out, params={"root": str(root), **(params or {})}, **opts)
