@@ -32,7 +32,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 import dalle_framework
-from dalle_framework import UsageError
+from dalle_framework import UsageError, distributed
 
 
 # The BPE vocabulary bundled with open_clip (49,408 ids); a custom config's text
@@ -353,9 +353,8 @@ def _clip_loss(*, gather: bool) -> nn.Module:
     """ClipLoss for this process: global-batch negatives when training distributed."""
     from open_clip import ClipLoss
 
-    dist = torch.distributed
-    if gather and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        return ClipLoss(local_loss=True, gather_with_grad=True, rank=dist.get_rank(), world_size=dist.get_world_size())
+    if gather and distributed.is_initialized() and distributed.world_size() > 1:
+        return ClipLoss(local_loss=True, gather_with_grad=True, rank=distributed.rank(), world_size=distributed.world_size())
     return ClipLoss()
 
 

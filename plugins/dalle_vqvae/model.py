@@ -23,13 +23,13 @@ from einops import rearrange
 from pydantic import Field
 from torch import nn
 
-from dalle_framework import CodecFacts, ImageCodec
+from dalle_framework import CodecFacts, ImageCodec, distributed
 from dalle_framework.metrics import codebook_usage
 from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, nearest_code, sample_rows
 
 
 def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return distributed.is_initialized() and distributed.world_size() > 1
 
 
 class EMACodebook(nn.Module):
