@@ -88,7 +88,7 @@ def test_a_plugin_adds_a_stage_that_dalle_run_trains_evaluates_and_keeps_fresh(e
     done = run_cli("run", str(recipe), "--quiet", env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert report["colour-scorer"]["retrieval_i2t_top1"] >= 0 and "bits_per_image_token" in report["prior"]
+    assert report["colour-scorer"]["loss"] >= 0 and "bits_per_image_token" in report["prior"]
     assert report["generation"]["clip_score_all"] is not None  # the plugin's stage ranks the candidates
     run = tmp_path / "runs" / "toy"
     assert json.loads((run / "colour-scorer" / "meta.json").read_text())["plugin"] == "example"

@@ -104,7 +104,7 @@ class _Training:
         record = _resume_record(self.stage_dir)
         if checkpoint is None:
             if resume and distributed.is_main():
-                log.warning("--resume: no checkpoint in %s; starting from scratch", self.state_dir)
+                log.info("no checkpoint to resume in %s; starting from scratch", self.state_dir)
             return None
         fits = record is not None and record.get("identity") == self.stage.identity(with_train=False)
         if not fits:

@@ -48,6 +48,11 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 
 def adamw(module: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
     """torch AdamW over :func:`param_groups` with the stage's lr and betas."""
+    if not any(p.requires_grad for p in module.parameters()):
+        raise UsageError(
+            f"{type(module).__name__} has no trainable parameters, so there is nothing to train; "
+            "give the stage pretrained `weights` and `frozen: true` instead"
+        )
     return torch.optim.AdamW(
         param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
     )
