@@ -70,7 +70,8 @@ def convert_taming_files(codec_cls, files: list[Path], out_dir: Path, *, trust_p
         raise UsageError(f"{checkpoint_path}: expected a Lightning checkpoint with a state_dict, found {type(content).__name__}")
     state = {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
     params["quantizer"] = "gumbel" if "quantize.proj.weight" in state else "vq"
-    target = (config.get("model") or {}).get("target") if isinstance(config.get("model"), dict) else None
+    model = config.get("model")
+    target = model.get("target") if isinstance(model, dict) else None  # recorded, not used: the weights decide
     return write_converted(
         codec_cls,
         out_dir,
