@@ -407,6 +407,21 @@ def cmd_data(args) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- convert
+
+
+def cmd_convert(args) -> int:
+    """Released weights -> OUT/model.safetensors + codec.yaml + conversion.json (the codec's converter)."""
+    from .plugins import get_plugin_manager
+
+    if len(args.files_and_out) < 2:
+        raise UsageError("dalle convert COMPONENT FILE [FILE ...] OUT [--trust-pickle]")
+    *files, out = map(Path, args.files_and_out)
+    codec_cls = get_plugin_manager().registry("codec").get(args.component)
+    _print_json(codec_cls.convert_released(files, out, trust_pickle=args.trust_pickle))
+    return 0
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -509,6 +524,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.description} (default: {spec.default:g})")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("convert", help="convert a codec's released weights (e.g. OpenAI's dVAE, a VQGAN) to safetensors")
+    p.add_argument("component", help="registered codec name (dalle components codec)")
+    p.add_argument("files_and_out", nargs="+", metavar="FILE... OUT", help="the released files, then the output directory")
+    p.add_argument("--trust-pickle", action="store_true", help="allow reading pickles (only for files you trust)")
+    p.set_defaults(func=cmd_convert)
     return parser
 
 

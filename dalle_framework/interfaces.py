@@ -26,6 +26,8 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from .errors import UsageError
+
 PAD_ID = 0  # every tokenizer reserves id 0 for padding; priors give each padded position its own learned token
 
 
@@ -84,19 +86,23 @@ class Tokenizer(Component, abc.ABC):
     @abc.abstractmethod
     def decode(self, ids: torch.Tensor) -> list[str]: ...
 
+    # Tokenizers that learn a vocabulary from captions (BPE) override the four below;
+    # the rest are fully described by their params and store nothing.
+
     @property
     def needs_fit(self) -> bool:
-        """True while the tokenizer must be fitted (or loaded) before it can encode."""
+        """True while the tokenizer must be fitted (``fit``) or loaded (``load``) before use."""
         return False
 
     def fit(self, captions: list[str]) -> None:
-        """Learn the vocabulary from training captions."""
+        """Learn the vocabulary from training captions; ``vocab_size`` does not change."""
+        raise UsageError(f"tokenizer {self.name or type(self).__name__!r} learns nothing from captions")
 
     def save(self, directory: Path) -> None:
-        """Write what ``fit`` learned into ``directory``."""
+        """Write what ``fit`` learned to ``directory/tokenizer.json`` (atomically)."""
 
     def load(self, directory: Path) -> None:
-        """Read what ``save`` wrote."""
+        """Read what ``save`` wrote to ``directory``."""
 
 
 # --------------------------------------------------------------------------- stage 1
@@ -151,6 +157,16 @@ class ImageCodec(ModuleComponent):
         with torch.device("meta"):
             codec = cls(params)
         return CodecFacts(int(codec.vocab_size), (int(codec.grid[0]), int(codec.grid[1])), int(codec.image_size))
+
+    @classmethod
+    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
+        """Convert weights released elsewhere (``dalle convert NAME FILE... OUT``).
+
+        Writes ``out_dir/model.safetensors`` (this class's state dict), ``codec.yaml``
+        (a recipe codec block) and ``conversion.json``; returns a summary. Helpers:
+        :mod:`dalle_framework.convert`. A pickle may only be read when ``trust_pickle``.
+        """
+        raise UsageError(f"codec {cls.name or cls.__name__!r} has no converter for released weights")
 
 
 # --------------------------------------------------------------------------- stage 2

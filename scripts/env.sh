@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create (or refresh) the project's virtual environment in .venv.
 # Sourced by the other scripts; safe to run again: it reinstalls only when
-# pyproject.toml changed since the last install.
+# pyproject.toml or this script changed since the last install.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${DALLE_VENV:-$ROOT/.venv}"
 PYTHON="${PYTHON:-python3}"
-STAMP="$VENV/.installed-$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+STAMP="$VENV/.installed-$(cat "$ROOT/pyproject.toml" "$ROOT/scripts/env.sh" | sha256sum | cut -c1-16)"
 if [ ! -f "$STAMP" ]; then
   echo "setting up $VENV (first run installs torch, DeepSpeed, open_clip...; a few minutes)" >&2
   [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
@@ -15,6 +15,11 @@ if [ ! -f "$STAMP" ]; then
   "$VENV/bin/python" -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1" >&2 \
     || "$VENV/bin/python" -m pip install --quiet torch torchvision >&2
   "$VENV/bin/python" -m pip install --quiet -e "$ROOT[test]" >&2
+  # Test-only: the reference dVAE / VQGAN code the pretrained-codec tests compare against.
+  # Their pins are old (lightning, blobfile...) and the tests need only their modules, so
+  # no dependencies beyond the two small ones they import.
+  "$VENV/bin/python" -m pip install --quiet attrs requests >&2
+  "$VENV/bin/python" -m pip install --quiet --no-deps "dall-e==0.1" "taming-transformers-rom1504==0.0.6" >&2
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

@@ -289,6 +289,11 @@ def _write_meta(pipe: Pipeline, stage: Stage, metrics: dict[str, Any], **facts: 
 def install_frozen(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     """A frozen stage is not trained: its pretrained ``weights`` are checked, copied into the run and measured."""
     source = Path(stage.block.weights)
+    if not source.is_file():
+        raise UsageError(
+            f"{stage.name}.weights: {str(source)!r} not found; a frozen {stage.name} loads weights made elsewhere "
+            f"(`dalle convert {stage.block.name} FILE... OUT` writes them), nothing here trains it"
+        )
     module = stage.build()
     rundir.load_into(module, source)
     device = pipe.device

@@ -1,0 +1,122 @@
+"""OpenAI's released DALL-E dVAE (Ramesh et al. 2021, appendix A), as a codec.
+
+The released encoder and decoder are the paper's architecture, which the core
+already implements (:class:`dalle_framework.nn.ConvEncoder` / ``ConvDecoder``):
+four groups of bottleneck residual blocks (encoder kernels 3,3,3,1; decoder
+1,3,3,3), residual branches scaled by ``1 / n_layers**2``, 2x2 max-pooling down,
+nearest-neighbour upsampling, a 7x7 encoder stem and a 1x1 decoder stem of
+``decoder_init`` channels over one-hot codes. So a 256x256 image becomes a
+32x32 grid of 8192 codes. What is specific to the release:
+
+- pixels: the encoder reads ``map_pixels(x) = 0.8 x + 0.1`` (the paper's
+  ``[eps, 1 - eps]`` squeeze, eps = 0.1); the decoder outputs logit-Laplace
+  parameters (6 channels) and the image is ``unmap_pixels(sigmoid(mu))``.
+- tokens: ``encode`` takes the argmax of the encoder's logits.
+
+``loss`` is the paper's objective at the end of its schedules, for fine-tuning:
+Gumbel-softmax relaxation at temperature ``tau`` (paper: annealed to 1/16),
+logit-Laplace NLL per pixel dimension + ``kl_weight`` (paper: 6.6) times the KL of
+the posterior to the uniform prior, normalised by the same count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from pydantic import Field, model_validator
+
+from dalle_framework import ImageCodec, Params
+from dalle_framework.metrics import codebook_usage
+from dalle_framework.nn import ConvDecoder, ConvEncoder, LogitLaplace
+
+GROUPS = 4  # the released encoder / decoder have 4 groups: a grid of image_size / 8
+LOGIT_LAPLACE_EPS = 0.1  # dall_e's map_pixels / unmap_pixels
+
+
+class OpenAIDVAE(ImageCodec):
+    """OpenAI's released DALL-E dVAE: 8192 codes, a 32x32 grid at 256x256.
+
+    - ``encode(images[B,3,H,W] in [0,1]) -> LongTensor[B, (H/8)*(W/8)]`` (argmax codes)
+    - ``decode(LongTensor[B, h*w]) -> images[B,3,8h,8w]`` in [0,1]
+    - ``loss(images, step) -> {loss, recon, kl, perplexity, usage, psnr}`` (the paper's, to fine-tune)
+
+    Weights come from ``dalle convert openai-dvae encoder.pkl decoder.pkl OUT --trust-pickle``.
+    """
+
+    class Params(Params):
+        image_size: int = Field(256, gt=0, description="square input side; a multiple of 8 (released: trained at 256)")
+        vocab_size: int = Field(8192, ge=2, description="codes (released: 8192)")
+        hidden: int = Field(256, ge=4, description="base channels n_hid; groups are 1, 2, 4, 8 times this (released: 256)")
+        blocks_per_group: int = Field(2, ge=1, description="residual blocks per group (released: 2)")
+        decoder_init: int = Field(128, ge=1, description="channels of the decoder's 1x1 stem over one-hot codes (released: 128)")
+        tau: float = Field(1 / 16, gt=0, description="Gumbel-softmax temperature of loss() (paper's final value: 1/16)")
+        kl_weight: float = Field(6.6, ge=0, description="weight of KL(q || uniform) in loss() (paper: 6.6)")
+
+        @model_validator(mode="after")
+        def _shapes(self) -> "OpenAIDVAE.Params":
+            factor = 2 ** (GROUPS - 1)
+            if self.image_size % factor:
+                raise ValueError(f"image_size {self.image_size} must be a multiple of {factor} (the encoder pools 3 times)")
+            if self.hidden % 4:
+                raise ValueError(f"hidden must be a multiple of 4 (bottleneck width = hidden / 4), got {self.hidden}")
+            return self
+
+    def __init__(self, params: Optional["OpenAIDVAE.Params"] = None, **runtime: Any) -> None:
+        super().__init__()
+        self.params = params = params or self.Params()
+        self.vocab_size = params.vocab_size
+        self.image_size = params.image_size
+        side = params.image_size // 2 ** (GROUPS - 1)
+        self.grid = (side, side)
+        self.pixels = LogitLaplace(LOGIT_LAPLACE_EPS)
+        shape = dict(width=params.hidden, channel_mults=[1, 2, 4, 8], blocks_per_group=params.blocks_per_group)
+        self.encoder = ConvEncoder(out_channels=params.vocab_size, stem_kernel=7, **shape)
+        self.decoder = ConvDecoder(
+            in_channels=params.vocab_size, out_channels=self.pixels.out_channels, stem_width=params.decoder_init, **shape
+        )
+
+    def logits(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, H, W]`` in [0, 1] -> code logits ``[B, K, H/8, W/8]``."""
+        assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
+        assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
+        return self.encoder(self.pixels.map_pixels(images))
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        return rearrange(self.logits(images).argmax(dim=1), "b h w -> b (h w)")
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        h, w = self.grid
+        assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
+        grid = rearrange(tokens.long(), "b (h w) -> b h w", h=h, w=w)
+        return self.pixels.to_image(self.decoder.forward_tokens(grid))
+
+    def loss(self, images: torch.Tensor, step: int = 0) -> dict[str, Any]:
+        logits = self.logits(images)  # [B, K, h, w]
+        out = self.decoder(F.gumbel_softmax(logits, tau=self.params.tau, hard=False, dim=1))
+        recon = self.pixels.nll(out, images)
+        # KL(q || uniform) per cell, summed over cells and divided by the pixel dimensions like recon.
+        log_q = F.log_softmax(logits.float(), dim=1)
+        kl = ((log_q.exp() * log_q).sum(dim=1) + math.log(self.vocab_size)).sum(dim=(1, 2)).mean() / images[0].numel()
+        with torch.no_grad():
+            stats = codebook_usage(logits.argmax(dim=1), self.vocab_size)
+            mse = F.mse_loss(self.pixels.to_image(out).float(), images.float()).clamp_min(1e-10)
+        return {
+            "loss": recon + self.params.kl_weight * kl,
+            "recon": recon.detach(),
+            "kl": kl.detach(),
+            "perplexity": stats["perplexity"],
+            "usage": stats["usage"],
+            "psnr": float(-10 * torch.log10(mse)),
+        }
+
+    @classmethod
+    def convert_released(cls, files, out_dir, *, trust_pickle: bool) -> dict:
+        from .convert import convert_openai_files
+
+        return convert_openai_files(cls, files, out_dir, trust_pickle=trust_pickle)
