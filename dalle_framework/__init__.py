@@ -11,7 +11,8 @@ checks every built-in plugin against this list):
 - ``dalle_framework.metrics``: PSNR, codebook usage, retrieval accuracy;
 - ``dalle_framework.data``: image conversions, splits, shards, token shards, batches;
 - ``dalle_framework.rundir``: atomic files and directories, weights, weights-only torch files;
-- ``dalle_framework.distributed``: ranks, barriers and agreement between processes.
+- ``dalle_framework.distributed``: ranks, barriers and agreement between processes;
+- ``dalle_framework.convert``: reading released weights (restricted unpicklers) for ``dalle convert``.
 """
 
 from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, UsageError
@@ -49,6 +50,7 @@ PLUGIN_API = (
     "dalle_framework.data",
     "dalle_framework.rundir",
     "dalle_framework.distributed",
+    "dalle_framework.convert",
 )
 
 __all__ = [

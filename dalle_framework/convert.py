@@ -33,7 +33,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 import yaml
 
-from .checkpoint import WEIGHTS_FILE, save_weights, write_json, write_text
+from .rundir import WEIGHTS_FILE, save_weights, write_json, write_text
 from .errors import UsageError
 
 CODEC_BLOCK_FILE = "codec.yaml"

@@ -27,7 +27,7 @@ from safetensors.torch import load_file
 from conftest import run_cli
 from dalle_framework import UsageError
 from dalle_framework.cli import main as dalle_main
-from dalle_framework.checkpoint import load_into
+from dalle_framework.rundir import load_into
 from dalle_framework.plugins import registry
 
 PIXEL_ATOL = 1e-4
@@ -471,3 +471,42 @@ def test_released_shapes_match_reference(tmp_path):
         tokens = codec.encode(images)
         assert tokens.shape == (1, side * side) and torch.equal(tokens, ref_codes)
         assert torch.allclose(codec.decode(tokens), ref_pixels, atol=PIXEL_ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------- recipes on converted codecs
+
+
+def test_a_recipe_with_a_converted_frozen_codec_trains_only_the_prior_and_generates(openai_files, tmp_path):
+    """`weights:` + `frozen: true`: stage 1 is never trained; `dalle run` copies the converted weights
+    into the run, encodes tokens with them, trains the prior and generates."""
+    from test_train import tiny_recipe
+
+    *_, encoder, decoder, block = openai_files
+    recipe = tiny_recipe(tmp_path / "run", **{"data.params.image_size": 32, "prior.train.steps": 3})
+    recipe["codec"] = {**block, "params": {**block["params"], "image_size": 32}, "train": {"steps": 1000}}
+    recipe["evaluate"] = {"captions": 2, "candidates": 2, "batches": 1, "batch_size": 8}
+    path = tmp_path / "converted.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    done = run_cli("run", str(path), "--quiet")
+    assert done.returncode == 0, done.stderr[-3000:]
+    meta = json.loads((tmp_path / "run" / "codec" / "meta.json").read_text())
+    assert meta["frozen"] and meta["step"] == 0 and meta["source"] == block["weights"]
+    copied, converted = load_file(tmp_path / "run" / "codec" / "model.safetensors"), load_file(block["weights"])
+    assert copied.keys() == converted.keys() and all(torch.equal(copied[k], converted[k]) for k in copied)
+    # the prior trained on the converted codec's tokens: the reference dVAE encodes the same images the same way
+    from dalle_framework.data import load_token_shard
+    from dalle_framework.pipeline import Pipeline
+
+    shard = load_token_shard(tmp_path / "run" / "tokens" / "heldout.safetensors")
+    pipe = Pipeline.load(tmp_path / "run")
+    images = pipe.split("heldout")[0][:4].float() / 255
+    reference_codes, _ = dall_e_reference(encoder, decoder, images)
+    assert torch.equal(shard["image_tokens"][:4], reference_codes)
+    report = json.loads(done.stdout)
+    assert report["prior"]["bits_per_image_token"] > 0 and Path(report["samples"]).is_file()
+    # a missing converted file is a clear error, not a traceback
+    recipe["codec"]["weights"] = str(tmp_path / "nope.safetensors")
+    recipe["output_dir"] = str(tmp_path / "other")
+    path.write_text(yaml.safe_dump(recipe))
+    missing = run_cli("run", str(path), "--quiet")
+    assert missing.returncode == 2 and "codec.weights" in missing.stderr and "dalle convert openai-dvae" in missing.stderr

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field
 
 from dalle_framework import PAD_ID, Params, Tokenizer, UsageError
-from dalle_framework.checkpoint import write_text
+from dalle_framework.rundir import write_text
 
 PAD_TOKEN = "<pad>"
 FILE = "tokenizer.json"
