@@ -148,3 +148,40 @@ def test_trains_on_the_emoji_captions_in_seconds(tmp_path):
     again = build(text_len=32)
     again.load(tmp_path)
     assert torch.equal(again.encode(heldout), ids)
+
+
+def test_tokenizer_train_command_and_training_fit_it_into_the_run(tmp_path):
+    """`dalle tokenizer train` fits the recipe's bpe on its training captions into <run>/tokenizer;
+    `dalle train` fits it first when missing, and the run loads it back with identical ids."""
+    import yaml
+
+    from conftest import run_cli
+    from test_train import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.steps": 2, "prior.train.steps": 2})
+    recipe["tokenizer"] = {"name": "bpe", "params": {"vocab_size": 300, "text_len": 12, "min_frequency": 1}}
+    path = tmp_path / "bpe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    fitted = run_cli("tokenizer", "train", str(path), "--vocab-size", "320")
+    assert fitted.returncode == 0, fitted.stderr
+    summary = json.loads(fitted.stdout)
+    assert summary["vocab_size"] == 320 and summary["captions"] > 0
+    assert (tmp_path / "run" / "tokenizer" / "tokenizer.json").is_file()
+    # --vocab-size changed the recipe's tokenizer: training with the file's 300 is another tokenizer
+    refused = run_cli("train", str(path), "--quiet")
+    assert refused.returncode == 2 and "tokenizer.params.vocab_size: 320 in the run, 300 now" in refused.stderr
+    trained = run_cli("train", str(path), "--quiet", "tokenizer.params.vocab_size=320")
+    assert trained.returncode == 0, trained.stderr
+
+    from dalle_framework.pipeline import Pipeline
+
+    pipe = Pipeline.load(tmp_path / "run")
+    caption = "a red circle in the top left"
+    again = Pipeline.load(tmp_path / "run").tokenizer.encode([caption])
+    assert torch.equal(pipe.tokenizer.encode([caption]), again) and int(again[0, 0]) != 0
+    assert pipe.tokenizer.decode(again) == [caption]
+    shard = pipe.stage("prior").tokens("heldout")  # the prior trained on the fitted tokenizer's ids
+    assert torch.equal(shard["text"], pipe.tokenizer.encode(shard["captions"])) and int(shard["text"].max()) < 320
+    # a recipe whose tokenizer learns nothing: the command says so
+    plain = run_cli("tokenizer", "train", "shapes-demo", f"output_dir={tmp_path / 'plain'}")
+    assert plain.returncode == 2 and "learns nothing" in plain.stderr
