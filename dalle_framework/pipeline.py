@@ -173,7 +173,8 @@ class Pipeline:
         """The stage's component on this pipeline's device, in eval mode, with its weights."""
         if stage not in self._components:
             spec = self.stage(stage)
-            module = spec.build()
+            with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the caller's RNG alone
+                module = spec.build()
             if self.has_weights(stage):
                 self._check_fresh(stage)
                 rundir.load_into(module, self.run_dir / stage / rundir.WEIGHTS_FILE)

@@ -57,7 +57,7 @@ class Stage(Component):
 
     @classmethod
     def seed_offset(cls) -> int:
-        """Added to the recipe's seed for this stage's initialisation and data order."""
+        """Added to the recipe's seed for this stage's initialisation (data order uses the recipe's seed)."""
         return zlib.crc32(cls.name.encode()) % 100_000
 
     # ------------------------------------------------------------------ configuration
@@ -105,11 +105,7 @@ class Stage(Component):
 
     def batches(self, *, rank: int, world_size: int) -> ShuffledBatches:
         return ShuffledBatches(
-            self.columns("train"),
-            batch_size=self.train.batch_size,
-            seed=self.pipe.recipe.seed + self.seed_offset(),
-            rank=rank,
-            world_size=world_size,
+            self.columns("train"), batch_size=self.train.batch_size, seed=self.pipe.recipe.seed, rank=rank, world_size=world_size
         )
 
     def step_args(self, batch: list[Any], step: int, device: torch.device) -> tuple:

@@ -122,8 +122,7 @@ class _Training:
 
     def run(self) -> dict[str, Any]:
         pipe, stage, train = self.pipe, self.stage, self.train
-        _require_data(stage)
-        stage.prepare()
+        _require_data(stage)  # both splits and what they need (the prior's tokens), before seeding: cached or not, the same stream
         torch.manual_seed(pipe.recipe.seed + stage.seed_offset())
         engine = pipe.build("engine", train.engine)
         with engine.model_context(train):
