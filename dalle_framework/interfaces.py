@@ -14,7 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Literal, Optional
+from typing import Any, Callable, ClassVar, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -110,6 +110,17 @@ class Sampling(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus mass to keep")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = off")
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
+    draws: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="device = Gumbel-max with counter-based noise on the model's device (no host sync per token); "
+        "host = multinomial with a CPU generator (same draws on every device, one host sync per token); "
+        "auto = device on CUDA, host elsewhere",
+    )
+    decode: Literal["auto", "eager", "graph", "compile"] = Field(
+        "auto",
+        description="how each cached decode step runs: eager; graph = captured once in a CUDA graph and replayed; "
+        "compile = torch.compile (then captured on CUDA); auto = graph on CUDA, eager elsewhere",
+    )
 
 
 class Prior(nn.Module, Component):
@@ -119,8 +130,10 @@ class Prior(nn.Module, Component):
 
     - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted), and
       ``text_loss`` / ``image_loss`` in nats per token.
-    - ``generate(text[B,T], sampling, prime=None, generator=None) -> LongTensor[B,h*w]``;
-      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming).
+    - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
+      ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
+      ``on_step(done, total)`` is called after each image position is drawn
+      (``done`` positions of ``total = h*w`` known, primed ones included).
     """
 
     def __init__(self) -> None:
@@ -136,6 +149,7 @@ class Prior(nn.Module, Component):
         sampling: Sampling,
         prime: Optional[torch.Tensor] = None,
         generator: Optional[torch.Generator] = None,
+        on_step: Optional[Callable[[int, int], None]] = None,
     ) -> torch.Tensor: ...
 
     def forward(self, text: torch.Tensor, image_tokens: torch.Tensor) -> dict[str, Any]:
