@@ -155,6 +155,8 @@ def _sampling(args, defaults):
     }
     if args.no_cache:
         overrides["use_cache"] = False
+    if args.draws is not None:
+        overrides["draws"] = args.draws
     from pydantic import ValidationError
 
     try:
@@ -184,6 +186,7 @@ def cmd_generate(args) -> int:
         seed=args.seed,
         prime_images=prime_images,
         prime_rows=args.prime_rows,
+        batch_size=args.batch_size,
         progress=not args.quiet,
     )
     out = Path(args.out)
@@ -365,6 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float)
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step")
+    p.add_argument("--batch-size", type=int, help="candidates drawn at once (bounds memory; default: the recipe's)")
+    p.add_argument("--draws", choices=("auto", "device", "host"), help="where tokens are drawn (host: same on every device)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--prime", help="image whose top token rows are kept")
     p.add_argument("--prime-rows", type=int, default=0)
