@@ -47,10 +47,15 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def adamw(module: nn.Module, train) -> torch.optim.AdamW:
-    """torch AdamW over :func:`param_groups` with the stage's lr and betas."""
+def adamw(module: nn.Module, train, *, fused: bool = False) -> torch.optim.AdamW:
+    """torch AdamW over :func:`param_groups` with the stage's lr and betas.
+
+    ``fused``: one kernel for the whole update (engines set it on CUDA; DeepSpeed's own
+    FusedAdam would first JIT-build a CUDA extension). The CPU keeps the foreach update.
+    """
     return torch.optim.AdamW(
-        param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+        fused=fused or None,
     )
 
 
