@@ -408,6 +408,52 @@ def test_draws_and_decode_modes_resolve_by_device():
     assert runner.used == "eager" and torch.equal(runner(), torch.ones(2))
 
 
+def test_a_decode_step_that_fails_to_compile_runs_eagerly(monkeypatch):
+    """A failed compile (or CUDA graph capture) falls back to the eager step and says so."""
+
+    def broken_compile(fn, **kwargs):
+        def compiled():
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    calls: list[int] = []
+    runner = StepRunner(lambda: calls.append(1) or torch.ones(1), "compile", torch.device("cpu"))
+    with pytest.warns(UserWarning, match="running eagerly"):
+        assert torch.equal(runner(), torch.ones(1))
+    runner()
+    assert runner.used == "eager" and "no compiler here" in runner.fallback and len(calls) == 2
+    prior = build(SparseTransformer)
+    sampling = Sampling(draws="device", decode="compile", guidance_scale=2.0)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        out = prior.generate(captions(), sampling, generator=torch.Generator().manual_seed(2))
+    assert prior.last_decode["decode"] == "eager" and "no compiler here" in prior.last_decode["fallback"]
+    reference = prior.generate(captions(), sampling.model_copy(update={"use_cache": False}), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sparse_prior_trains_the_same_way_under_deepspeed_zero(stage):
+    """One model code path: under ZeRO-2 and ZeRO-3 (bf16) the sparse prior runs its chosen kernels and learns."""
+    from dalle_framework.plugins import registry
+    from dalle_framework.recipe import TrainConfig
+
+    config = TrainConfig(steps=20, lr=3e-3, batch_size=3, precision="bf16", engine={"name": "deepspeed", "params": {"zero_stage": stage}})
+    engine = registry("engine").build(config.engine)
+    torch.manual_seed(0)
+    with engine.model_context(config):
+        prior = SparseTransformer(SparseTransformer.Params(**TINY), text_vocab_size=TEXT_VOCAB, text_len=TEXT_LEN,
+                                  image_vocab_size=IMAGE_VOCAB, grid=GRID)
+    run = engine.prepare(prior, config)
+    text, image = captions(), codes()
+    reset_kernel_calls()
+    losses = [run.step(text, image)["loss"] for _ in range(12)]
+    assert kernel_calls() == {name: {"sdpa-mask": 12} for name in ("row", "column", "conv")}
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("draws", ["device", "host"])
 def test_compiled_decode_step_equals_recomputation_on_cpu(draws):
