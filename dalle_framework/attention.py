@@ -446,7 +446,9 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: Position = 0, 
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
     _record("dense", "sdpa-mask")
     rows = positions(q_start, lq, q.device)[:, None]
-    mask = _arange(lk, _device_key(q.device))[None, :] <= rows
+    # eager steps reuse one cached arange; under torch.compile it is simply part of the graph
+    keys = torch.arange(lk, device=q.device) if torch.compiler.is_compiling() else _arange(lk, _device_key(q.device))
+    mask = keys[None, :] <= rows
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
