@@ -343,6 +343,7 @@ def section_sampling(ctx: Context) -> None:
         text, image = tokens(ctx, rows)
         prior.generate(text, sampling, prime=image[:, : N - 4], generator=torch.Generator().manual_seed(1))  # first-use costs
         g = torch.Generator().manual_seed(0)
+        reset_kernel_calls()  # eager calls only: prefill and the steps before a graph's capture
         seconds = ctx.seconds(lambda: prior.generate(text, sampling, generator=g))
         runs[label] = {
             "rows": rows, "sampling": {"top_k": 64, **extra},
@@ -350,6 +351,7 @@ def section_sampling(ctx: Context) -> None:
             "ms_per_step": round(seconds / N * 1000, 4),
             "seconds": round(seconds, 3),
             "ran": dict(prior.last_decode),
+            "attention_kernels": kernel_calls(),
         }
         ctx.publish()
     for label in ("sparse_batch1", f"sparse_batch{C}"):
@@ -431,12 +433,13 @@ def section_decode_1b(ctx: Context) -> None:
                     ctx.sync()
                     marks["start"] = time.perf_counter()
 
+            reset_kernel_calls()
             prior.generate(text, sampling, prime=prime, generator=torch.Generator().manual_seed(0), on_step=after_prefill)
             ctx.sync()
             ms = (time.perf_counter() - marks["start"]) / (steps - 1) * 1000
             kv = kv_bytes_needed(prior, rows, N - steps + 1, N)
             entry = {"prior": kind, "rows": rows, "ms_per_step": round(ms, 4), "image_tokens_per_s": round(rows / ms * 1000, 1),
-                     "kv_bytes_needed_per_step": round(kv), "ran": dict(prior.last_decode)}
+                     "kv_bytes_needed_per_step": round(kv), "ran": dict(prior.last_decode), "attention_kernels": kernel_calls()}
             if bandwidth:
                 entry["bound_ms_weights"] = round(weights / (bandwidth * 1e9) * 1000, 4)
                 entry["bound_ms_weights_and_kv"] = round((weights + kv) / (bandwidth * 1e9) * 1000, 4)

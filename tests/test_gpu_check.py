@@ -51,6 +51,7 @@ def test_quick_mode_runs_every_section_on_the_cpu(tmp_path):
     assert sections["sampling"]["sparse_batch1_tokens_per_s"] > 0 and sections["sampling"]["sparse_batch4_tokens_per_s"] > 0
     assert runs["sparse_batch1"]["ran"] == {"draws": "host", "decode": "eager", "fallback": None}
     assert runs["sparse_batch4_guided"]["rows"] == 4
+    assert set(runs["sparse_batch1"]["attention_kernels"]) == {"row", "conv"}  # the prior's two layers
 
     equivalence = sections["equivalence"]
     assert equivalence["all_equal"] is True and equivalence["tokens_compared"] > 0
