@@ -63,9 +63,9 @@ class StepRunner:
         self.capture = device.type == "cuda" and mode in ("graph", "compile")
         if mode == "compile":
             self.fn = torch.compile(step, dynamic=False)
-        self.used = {"eager": "eager", "graph": "graph" if self.capture else "eager"}.get(
-            mode, "compile+graph" if self.capture else "compile"
-        )
+            self.used = "compile+graph" if self.capture else "compile"
+        else:
+            self.used = "graph" if self.capture else "eager"
 
     def _fall_back(self, exc: BaseException) -> Optional[Tensor]:
         self.fallback = f"{type(exc).__name__}: {exc}"

@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import run_cli
+from dalle_framework import UsageError
 from test_train import tiny_recipe
 
 CAPTIONS = ["a red circle in the top left", "a blue square in the center"]
@@ -109,8 +110,26 @@ def test_many_candidates_keep_only_the_best_images_and_report_progress(trained_r
     assert {t for _, t in seen} == {total}
     done = [d for d, _ in seen]
     assert done == sorted(done) and done[-1] == total and len(done) == 5 * n_tokens  # 18 rows in 5 batches, a call per position
-    with pytest.raises(Exception, match="batch size"):
+    with pytest.raises(UsageError, match="batch size"):
         pipe.generate(CAPTIONS, batch_size=0)
+
+
+def test_running_best_equals_a_stable_sort_of_all_candidates():
+    from dalle_framework.candidates import RunningBest
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (3, 11), generator=g).float()  # many ties: order must stay stable
+    images = torch.arange(3 * 11).float().view(3, 11, 1)
+    best = RunningBest(3, keep=4, candidates=11)
+    for caption in range(3):
+        for part in torch.arange(11).split(3):  # batches in drawing order
+            best.add(caption, part, images[caption, part], scores[caption, part])
+    expected = scores.argsort(dim=1, descending=True, stable=True)[:, :4]
+    assert torch.equal(best.index(), expected) and torch.equal(best.scores, scores)
+    assert torch.equal(best.images()[..., 0], images[..., 0].gather(1, expected))
+    unscored = RunningBest(1, keep=3, candidates=5)  # no reranker: the first ones drawn
+    unscored.add(0, torch.arange(5), images[0, :5], torch.full((5,), float("nan")))
+    assert unscored.index().tolist() == [[0, 1, 2]]
 
 
 def test_priming_keeps_the_top_rows(trained_run):
