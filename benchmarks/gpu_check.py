@@ -68,7 +68,6 @@ from dalle_framework.attention import (  # noqa: E402
     flex_attention_fn,
     kernel_calls,
     kernel_for,
-    key_table,
     mask_density,
     reference_attention,
     reset_kernel_calls,
