@@ -6,7 +6,8 @@ checks every built-in plugin against this list):
 
 - ``dalle_framework``: the contracts, ``Params``, ``Stage``, ``Registry``, errors, ``hookimpl``;
 - ``dalle_framework.attention``: ``[text | image]`` layouts, sparse patterns and their kernels;
-- ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits;
+- ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits, token draws;
+- ``dalle_framework.decoding``: fixed-shape decode steps run eagerly, compiled or as CUDA graphs;
 - ``dalle_framework.nn``: convolutional codec blocks, schedules, reconstruction losses;
 - ``dalle_framework.metrics``: PSNR, codebook usage, retrieval accuracy;
 - ``dalle_framework.data``: image conversions, splits, shards, token shards, batches;
@@ -45,6 +46,7 @@ PLUGIN_API = (
     "dalle_framework",
     "dalle_framework.attention",
     "dalle_framework.sampling",
+    "dalle_framework.decoding",
     "dalle_framework.nn",
     "dalle_framework.metrics",
     "dalle_framework.data",

@@ -34,14 +34,19 @@ Patterns (``PATTERNS``, a name -> rule dict; add one with :func:`register_patter
 Masks and block masks are built once per (pattern, layout, device) and cached:
 Dynamo recompiles flex kernels per new block mask shape and falls back to eager
 after 8 recompiles.
+
+Which kernel runs is decided by :func:`kernel_for` (one place, testable) and every
+eager call is counted per pattern in :func:`kernel_calls`, so a benchmark can report
+what actually ran rather than what was intended.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Optional
+from typing import Callable, Literal, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +55,8 @@ from torch import Tensor
 from .errors import UsageError
 
 Backend = Literal["auto", "flex", "sdpa"]
+Kernel = Literal["flex", "sdpa-mask", "sdpa-gather", "sdpa-causal"]
+Position = Union[int, Tensor]  # a Python int, or a 0-d LongTensor on the device (static decode steps)
 
 
 @dataclass(frozen=True)
@@ -187,19 +194,26 @@ def dense_mask(pattern: str, layout: Layout, device: torch.device | str = "cpu")
 
 
 @functools.lru_cache(maxsize=64)
-def _block_mask(pattern: str, layout: Layout, device: str, block_size: int, compile_mask: bool):
+def _block_mask(pattern: str, layout: Layout, device: str, block_size: int, compile_mask: bool, length: int):
     from torch.nn.attention.flex_attention import create_block_mask
 
-    n = layout.seq_len
     return create_block_mask(
-        mask_mod(pattern, layout), None, None, n, n, device=device, BLOCK_SIZE=block_size, _compile=compile_mask
+        mask_mod(pattern, layout), None, None, length, length, device=device, BLOCK_SIZE=block_size, _compile=compile_mask
     )
 
 
-def block_mask(pattern: str, layout: Layout, device: torch.device | str, block_size: int = 128):
-    """flex_attention ``BlockMask`` for ``pattern`` (empty blocks are skipped), cached."""
+def block_mask(
+    pattern: str, layout: Layout, device: torch.device | str, block_size: int = 128, length: Optional[int] = None
+):
+    """flex_attention ``BlockMask`` for ``pattern`` over positions ``[0, length)`` (default: all ``L``), cached.
+
+    Training feeds ``L - 1`` tokens (the last one predicts nothing), so block masks are
+    built for the length actually fed; empty blocks are skipped.
+    """
     key = _device_key(device)
-    return _block_mask(pattern, layout, key, block_size, key.startswith("cuda"))
+    n = layout.seq_len if length is None else length
+    assert 0 < n <= layout.seq_len, f"block mask length {n} outside 1..{layout.seq_len}"
+    return _block_mask(pattern, layout, key, block_size, key.startswith("cuda"), n)
 
 
 def mean_keys_per_query(pattern: str, layout: Layout) -> float:
@@ -215,6 +229,39 @@ def block_density(pattern: str, layout: Layout, block_size: int = 128) -> float:
     padded = F.pad(mask, (0, nb * block_size - n, 0, nb * block_size - n))
     blocks = padded.reshape(nb, block_size, nb, block_size).any(dim=(1, 3))
     return blocks.float().mean().item()
+
+
+@functools.lru_cache(maxsize=64)
+def _key_table(pattern: str, layout: Layout, device: str) -> Optional[tuple[Tensor, Tensor]]:
+    if device != "cpu":  # built on the host once, then copied: no device sync
+        table = _key_table(pattern, layout, "cpu")
+        return None if table is None else (table[0].to(device), table[1].to(device))
+    mask = _dense_mask(pattern, layout, device)
+    counts = mask.sum(dim=1)
+    width = int(counts.max())
+    if width > layout.seq_len // 2:
+        return None  # gathering would read about as much as attending over every slot
+    # stable sort of "not allowed" puts each row's allowed keys first, in position order
+    order = torch.sort((~mask).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    return torch.where(valid, order, torch.zeros_like(order)), valid
+
+
+def key_table(pattern: str, layout: Layout, device: torch.device | str = "cpu") -> Optional[tuple[Tensor, Tensor]]:
+    """Per query position, the keys it may attend: ``(index [L, K], valid [L, K])``, or None.
+
+    ``K`` is the most keys any position sees. A decode step gathers those ``K`` cached
+    keys instead of attending over all ``L`` slots: at the paper's shape a row or
+    column layer reads 289 of 1280. None when ``K > L / 2`` (dense-like patterns),
+    where gathering would not pay. Padding entries point at key 0 with ``valid`` False.
+    """
+    return _key_table(pattern, layout, _device_key(device))
+
+
+def mask_density(pattern: str, layout: Layout) -> float:
+    """Mean number of keys an image query attends to, over ``L`` (what a decode step needs)."""
+    mask = dense_mask(pattern, layout)
+    return float(mask[layout.text_len :].sum(dim=1).float().mean() / layout.seq_len)
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -240,6 +287,87 @@ def reference_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor
     return scores.softmax(dim=-1) @ v
 
 
+_KERNEL_CALLS: collections.Counter = collections.Counter()
+# A decode step gathers its pattern's keys only when that skips at least this many cached
+# key elements (rows * heads * head_dim per slot): a gather is four extra ops, which cost
+# more than they save at small batches (measured: 1 row x 4 heads at 1280 tokens on a CPU
+# gathers 15% slower; 8 rows x 8 heads x 64 gathers 5x faster). Tests set it to 0.
+GATHER_MIN_ELEMENTS = 1 << 20
+
+
+def kernel_calls() -> dict[str, dict[str, int]]:
+    """Eager attention calls in this process so far: ``{pattern: {kernel: count}}``.
+
+    Dense priors count under ``"dense"``. Calls traced by ``torch.compile`` or replayed
+    from a CUDA graph are not counted (their Python does not run), only recorded ones.
+    """
+    out: dict[str, dict[str, int]] = {}
+    for (pattern, kernel), count in sorted(_KERNEL_CALLS.items()):
+        out.setdefault(pattern, {})[kernel] = count
+    return out
+
+
+def reset_kernel_calls() -> None:
+    _KERNEL_CALLS.clear()
+
+
+def _record(pattern: str, kernel: str) -> None:
+    if not torch.compiler.is_compiling():
+        _KERNEL_CALLS[pattern, kernel] += 1
+
+
+def kernel_for(
+    *,
+    layout: Layout,
+    lq: int,
+    lk: int,
+    q_start: Position = 0,
+    backend: Backend = "auto",
+    device_type: str = "cpu",
+    dropout_p: float = 0.0,
+    pattern: Optional[str] = None,
+    slot_elements: int = 0,
+) -> Kernel:
+    """The kernel :func:`pattern_attention` runs for this call (decided here only).
+
+    - ``flex`` (block-sparse): self-attention over a prefix (``q_start == 0``, ``Lq == Lk``)
+      without dropout, when forced (``backend="flex"``) or, with ``auto``, on CUDA for the
+      training shapes: ``L - 1`` fed tokens (the last predicts nothing) or all ``L``.
+      Shorter prefixes (sampling's prefill) stay on SDPA: one flex compile per prompt
+      length would cost more than it saves. flex has no CPU backward, so ``auto`` never
+      picks it on the CPU.
+    - ``sdpa-gather``: one query at a device-tensor position (a static decode step) under
+      a pattern whose :func:`key_table` is narrow, when the keys it skips hold at least
+      :data:`GATHER_MIN_ELEMENTS` (``slot_elements`` = batch * heads * head_dim per key
+      slot): SDPA over the gathered keys only.
+    - ``sdpa-mask``: SDPA with the matching rows of the cached boolean mask.
+    """
+    static_prefix = isinstance(q_start, int) and q_start == 0 and lq == lk and dropout_p == 0.0
+    if static_prefix and (backend == "flex" or (backend == "auto" and device_type == "cuda" and lq >= layout.seq_len - 1)):
+        return "flex"
+    if isinstance(q_start, Tensor) and lq == 1 and pattern is not None and slot_elements * lk >= GATHER_MIN_ELEMENTS:
+        table = key_table(pattern, layout, "cpu")
+        if table is not None and slot_elements * (lk - table[0].shape[1]) >= GATHER_MIN_ELEMENTS:
+            return "sdpa-gather"
+    return "sdpa-mask"
+
+
+@functools.lru_cache(maxsize=64)
+def _arange(n: int, device: str) -> Tensor:
+    return torch.arange(n, device=device)
+
+
+def positions(start: Position, n: int, device: torch.device) -> Tensor:
+    """LongTensor ``[n]`` of positions ``start..start+n-1`` (``start`` an int or a 0-d tensor).
+
+    A decode step's single position is a view of its 0-d tensor (no new op: these run
+    in every layer of every step).
+    """
+    if n == 1 and isinstance(start, Tensor):
+        return start.view(1)
+    return _arange(n, _device_key(device)) + start
+
+
 def pattern_attention(
     q: Tensor,
     k: Tensor,
@@ -247,50 +375,95 @@ def pattern_attention(
     *,
     pattern: str,
     layout: Layout,
-    q_start: int = 0,
+    q_start: Position = 0,
     backend: Backend = "auto",
     dropout_p: float = 0.0,
     compiled: Optional[bool] = None,
 ) -> Tensor:
     """Masked attention of queries at positions ``[q_start, q_start + Lq)`` over keys ``[0, Lk)``.
 
-    q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` -> ``[B, H, Lq, D]``. Full-sequence calls
-    (training, ``Lq == Lk == L``) run block-sparse flex_attention on GPU (``auto``) or
-    when ``backend="flex"``; partial ones (KV-cache steps, prefixes) use SDPA with the
-    matching rows of the cached boolean mask. flex has no dropout and no CPU backward,
-    so ``auto`` picks SDPA for those.
+    q ``[B, H, Lq, D]``, k/v ``[B, H, Lk, D]`` -> ``[B, H, Lq, D]``. ``q_start`` is an int,
+    or a 0-d LongTensor on the device for decode steps whose shapes never change (so
+    they can be compiled or captured in a CUDA graph). :func:`kernel_for` picks the
+    kernel: block-sparse flex_attention for training shapes on GPU, SDPA over gathered
+    keys for decode steps of sparse patterns, SDPA with mask rows otherwise.
     """
+    run = _untraced_pattern_attention if torch.compiler.is_compiling() else _pattern_attention
+    return run(q, k, v, pattern=pattern, layout=layout, q_start=q_start, backend=backend, dropout_p=dropout_p, compiled=compiled)
+
+
+def _pattern_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    pattern: str,
+    layout: Layout,
+    q_start: Position,
+    backend: Backend,
+    dropout_p: float,
+    compiled: Optional[bool],
+) -> Tensor:
     lq, lk = q.shape[-2], k.shape[-2]
-    assert q_start + lq <= layout.seq_len and lk <= layout.seq_len, (
-        f"positions {q_start}+{lq} / {lk} exceed sequence length {layout.seq_len}"
+    if isinstance(q_start, int):
+        assert q_start + lq <= layout.seq_len and lk <= layout.seq_len, (
+            f"positions {q_start}+{lq} / {lk} exceed sequence length {layout.seq_len}"
+        )
+    kernel = kernel_for(
+        layout=layout, lq=lq, lk=lk, q_start=q_start, backend=backend, device_type=q.device.type,
+        dropout_p=dropout_p, pattern=pattern, slot_elements=q.shape[0] * q.shape[1] * q.shape[-1],
     )
-    full = q_start == 0 and lq == lk == layout.seq_len
-    use_flex = full and dropout_p == 0.0 and (backend == "flex" or (backend == "auto" and q.is_cuda))
-    if use_flex:
+    _record(pattern, kernel)
+    if kernel == "flex":
         compile_kernel = q.is_cuda if compiled is None else compiled
-        return flex_attention_fn(compile_kernel)(q, k, v, block_mask=block_mask(pattern, layout, q.device))
-    mask = dense_mask(pattern, layout, q.device)[q_start : q_start + lq, :lk]
+        return flex_attention_fn(compile_kernel)(q, k, v, block_mask=block_mask(pattern, layout, q.device, length=lq))
+    if kernel == "sdpa-gather":
+        index, valid = key_table(pattern, layout, q.device)
+        keys = index.index_select(0, q_start.view(1)).view(-1)  # [K] cached slots this position may see
+        mask = valid.index_select(0, q_start.view(1))  # [1, K]
+        k, v = k.index_select(2, keys), v.index_select(2, keys)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    table = dense_mask(pattern, layout, q.device)
+    if isinstance(q_start, int):
+        mask = table[q_start : q_start + lq, :lk]
+    else:
+        mask = table.index_select(0, positions(q_start, lq, q.device))[:, :lk]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: int = 0, dropout_p: float = 0.0) -> Tensor:
+# Not traced by torch.compile (a compiled block or decode step breaks its graph here): the
+# mask tables and block masks come from caches that Dynamo would otherwise rebuild inside
+# every graph, and flex_attention is compiled on its own (flex_attention_fn). Only entered
+# while compiling: the wrapper costs microseconds per eager call.
+_untraced_pattern_attention = torch.compiler.disable(_pattern_attention)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, *, q_start: Position = 0, dropout_p: float = 0.0) -> Tensor:
     """Dense causal attention of queries at ``[q_start, q_start + Lq)`` over keys ``[0, Lk)``.
 
     ``is_causal`` (flash) when queries and keys line up; otherwise (KV-cache steps, whose
     keys may run past the queries into unwritten cache slots) an explicit causal mask.
+    ``q_start`` may be a 0-d device tensor (static decode steps).
     """
     lq, lk = q.shape[-2], k.shape[-2]
-    if q_start == 0 and lq == lk:
+    if isinstance(q_start, int) and q_start == 0 and lq == lk:
+        _record("dense", "sdpa-causal")
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=dropout_p)
-    rows = torch.arange(q_start, q_start + lq, device=q.device)[:, None]
-    mask = torch.arange(lk, device=q.device)[None, :] <= rows
+    _record("dense", "sdpa-mask")
+    rows = positions(q_start, lq, q.device)[:, None]
+    # eager steps reuse one cached arange; under torch.compile it is simply part of the graph
+    keys = torch.arange(lk, device=q.device) if torch.compiler.is_compiling() else _arange(lk, _device_key(q.device))
+    mask = keys[None, :] <= rows
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
 
 
 __all__ = [
     "PATTERNS",
     "Backend",
+    "GATHER_MIN_ELEMENTS",
+    "Kernel",
     "Layout",
+    "Position",
     "allowed",
     "block_density",
     "block_mask",
@@ -299,9 +472,15 @@ __all__ = [
     "dense_mask",
     "flex_attention_fn",
     "get_rule",
+    "kernel_calls",
+    "kernel_for",
+    "key_table",
+    "mask_density",
     "mask_mod",
     "mean_keys_per_query",
     "pattern_attention",
+    "positions",
     "reference_attention",
     "register_pattern",
+    "reset_kernel_calls",
 ]

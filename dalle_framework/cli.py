@@ -214,9 +214,12 @@ def _sampling(args, defaults):
     }
     if args.no_cache:
         overrides["use_cache"] = False
+    if args.draws is not None:
+        overrides["draws"] = args.draws
     from pydantic import ValidationError
 
-    flags = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance_scale": "--guidance", "use_cache": "--no-cache"}
+    flags = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "guidance_scale": "--guidance",
+             "use_cache": "--no-cache", "draws": "--draws"}
     try:
         return type(defaults).model_validate({**defaults.model_dump(), **overrides})
     except ValidationError as exc:
@@ -485,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
     p.add_argument("--guidance", type=_number, help="classifier-free guidance scale (1 = off)")
     p.add_argument("--no-cache", action="store_true", help="recompute the whole prefix each step (slow; a check of the cache)")
+    p.add_argument("--draws", choices=("auto", "device", "host"), help="where tokens are drawn: device (no host sync per token), "
+                   "host (the same draws on every device); auto = device on CUDA, host elsewhere")
     p.add_argument("--seed", type=_count(0, MAX_SEED), default=None, help="the same seed draws the same images (default: the recipe's seed)")
     p.add_argument("--prime", help="an image whose top token rows are kept (image priming)")
     p.add_argument("--prime-rows", type=_count(0, 4096), default=0, help="how many token rows of --prime to keep")

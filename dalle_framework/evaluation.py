@@ -40,7 +40,9 @@ def generation_metrics(
     "before" judges every candidate (the expected share for one unreranked
     sample); "after" judges the single best candidate per caption.
     """
-    result = pipe.generate(captions, candidates=candidates, keep=min(keep, candidates), seed=seed, progress=progress)
+    result = pipe.generate(
+        captions, candidates=candidates, keep=min(keep, candidates), seed=seed, progress=progress, keep_candidates=True
+    )
     out: dict[str, Any] = {"captions": len(captions), "candidates": candidates}
     scores = result.candidate_scores
     if not scores.isnan().all():

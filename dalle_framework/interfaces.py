@@ -182,6 +182,17 @@ class Sampling(BaseModel):
     top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus mass to keep")
     guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = off")
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
+    draws: Literal["auto", "device", "host"] = Field(
+        "auto",
+        description="device = Gumbel-max with counter-based noise on the model's device (no host sync per token); "
+        "host = multinomial with a CPU generator (same draws on every device, one host sync per token); "
+        "auto = device on CUDA, host elsewhere",
+    )
+    decode: Literal["auto", "eager", "graph", "compile"] = Field(
+        "auto",
+        description="how each cached decode step runs: eager; graph = captured once in a CUDA graph and replayed; "
+        "compile = torch.compile (then captured on CUDA); auto = graph on CUDA, eager elsewhere",
+    )
 
 
 StepCallback = Callable[[int, int], None]  # (image positions drawn, positions in all) per batch

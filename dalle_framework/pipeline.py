@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import rundir
+from .candidates import RunningBest
 from .data.images import fit_images, load_split
 from .errors import UsageError
 from .interfaces import DataSource, ImageCodec, Prior, Reranker, Sampling, Tokenizer
@@ -58,16 +59,19 @@ class Generation:
     """What :meth:`Pipeline.generate` returns.
 
     ``images[C, keep, 3, H, W]`` in [0, 1] and ``scores[C, keep]`` are the kept
-    candidates of each caption, best first; ``candidates`` / ``candidate_scores``
-    hold all ``N`` drawn per caption in sampling order (scores are NaN without a reranker).
+    candidates of each caption, best first, and ``best[C, keep]`` says which candidates
+    they are; ``candidate_scores[C, N]`` and ``tokens[C, N, h*w]`` cover all ``N`` drawn
+    per caption in sampling order (scores are NaN without a reranker). ``candidates``
+    holds all ``N`` images only when asked for (``keep_candidates=True``), else None.
     """
 
     captions: list[str]
     images: torch.Tensor
     scores: torch.Tensor
-    candidates: torch.Tensor
+    candidates: Optional[torch.Tensor]
     candidate_scores: torch.Tensor
     tokens: torch.Tensor
+    best: Optional[torch.Tensor] = None
 
     def pil(self) -> list[list[Any]]:
         from torchvision.transforms.functional import to_pil_image
@@ -250,16 +254,20 @@ class Pipeline:
         prime_rows: int = 0,
         batch_size: Optional[int] = None,
         progress: bool = False,
+        keep_candidates: bool = False,
         on_progress: Optional[Callable[[int, int], None]] = None,
     ) -> Generation:
         """Draw ``candidates`` images per caption, rerank, keep the best ``keep``.
 
         ``prime_images[C or 1, 3, H, W]`` in [0, 1] with ``prime_rows > 0`` keeps the top
         rows of each image's tokens and lets the prior complete the rest.
-        The same ``seed`` gives the same images (on the same device and build).
-        ``on_progress(done_tokens, total_tokens)`` counts image tokens drawn over all
-        candidates of all captions (after each token; after each batch for a prior whose
-        ``generate`` takes no ``on_step``). An exception it raises stops generation.
+        Candidates of all captions are drawn ``batch_size`` at a time and only the best
+        ``keep`` images per caption are held (all of them with ``keep_candidates``), so
+        ``candidates=512`` needs the memory of one batch. The same ``seed`` gives the same
+        images (on the same device and build). ``on_progress(done_tokens, total_tokens)``
+        counts image tokens drawn over all candidates of all captions (after each token;
+        after each batch for a prior whose ``generate`` takes no ``on_step``). An exception
+        it raises stops generation.
         """
         if not captions:
             raise UsageError("give at least one caption")
@@ -269,11 +277,14 @@ class Pipeline:
         if n < 1 or keep < 1:
             raise UsageError(f"candidates ({n}) and keep ({keep}) must be at least 1")
         sampling = sampling or cfg.sampling
-        batch_size = batch_size or cfg.batch_size
+        batch_size = cfg.batch_size if batch_size is None else batch_size
+        if batch_size < 1:
+            raise UsageError(f"batch size (--batch-size, generate.batch_size) must be at least 1, got {batch_size}")
         codec: ImageCodec = self.part(ImageCodec)
         prior: Prior = self.part(Prior)
         tokenizer = self.tokenizer
-        generator = torch.Generator(self.device).manual_seed(self.recipe.seed if seed is None else seed)
+        # a CPU generator: host draws are then the same on every device; device draws take one seed from it
+        generator = torch.Generator().manual_seed(self.recipe.seed if seed is None else seed)
 
         prime = None
         if prime_rows:
@@ -286,49 +297,54 @@ class Pipeline:
             codes = codes.expand(len(captions), -1) if len(codes) == 1 else codes
             if len(codes) != len(captions):
                 raise UsageError(f"{len(codes)} prime images for {len(captions)} captions; give one or one per caption")
-            prime = codes[:, : prime_rows * w].repeat_interleave(n, dim=0)
+            prime = codes[:, : prime_rows * w]
 
-        text = tokenizer.encode(captions).to(self.device).repeat_interleave(n, dim=0)
-        flat_captions = [c for c in captions for _ in range(n)]
-        tokens, images, scores = [], [], []
+        text = tokenizer.encode(captions).to(self.device)
+        image_len = codec.grid[0] * codec.grid[1]
+        total_rows, total_tokens = len(captions) * n, len(captions) * n * image_len
+        best = RunningBest(len(captions), keep, n)
+        tokens = torch.zeros(len(captions), n, image_len, dtype=torch.long)
+        all_images: list[torch.Tensor] = []
         from tqdm.auto import tqdm
 
-        batches = range(0, len(text), batch_size)
-        per_image = codec.tokens_per_image
-        stepwise = on_progress is not None and "on_step" in inspect.signature(prior.generate).parameters
-        for start in tqdm(batches, desc="generate", disable=not progress, leave=False):
-            end = start + batch_size
-            rows = len(text[start:end])
-            hook = {}
-            if stepwise:
-                hook["on_step"] = lambda done, _total, start=start, rows=rows: on_progress(
-                    start * per_image + done * rows, len(text) * per_image
-                )
-            part = prior.generate(
-                text[start:end], sampling, prime=None if prime is None else prime[start:end], generator=generator, **hook
-            )
-            if on_progress is not None and not stepwise:
-                on_progress((start + rows) * per_image, len(text) * per_image)
+        bar = tqdm(total=total_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
+        stepwise = "on_step" in inspect.signature(prior.generate).parameters
+        for start in range(0, total_rows, batch_size):
+            flat = torch.arange(start, min(start + batch_size, total_rows))
+            caption_of, number = flat // n, flat % n  # which caption, which of its candidates
+            rows_here = caption_of.to(self.device)
+
+            def step(done: int, total: int, rows: int = len(flat), before: int = start * image_len) -> None:
+                tokens_done = before + rows * done
+                bar.update(tokens_done - bar.n)
+                if on_progress is not None:
+                    on_progress(tokens_done, total_tokens)
+
+            track = {"on_step": step} if stepwise and (progress or on_progress is not None) else {}
+            part_prime = None if prime is None else prime[rows_here]
+            part = prior.generate(text[rows_here], sampling, prime=part_prime, generator=generator, **track)
+            if not stepwise:  # a prior written before the on_step contract: progress per batch
+                step(image_len, image_len)
             decoded = codec.decode(part).clamp(0, 1)
-            tokens.append(part)
-            images.append(decoded)
-            scores.append(self.score(decoded, flat_captions[start:end]))
-        tokens_t = torch.cat(tokens).view(len(captions), n, -1)
-        images_t = torch.cat(images).view(len(captions), n, *images[0].shape[1:])
-        scores_t = torch.cat(scores).view(len(captions), n)
-        if scores_t.isnan().all():  # no reranker: keep the first candidates drawn
-            order = torch.arange(n, device=scores_t.device).expand(len(captions), n)
-        else:
-            order = scores_t.argsort(dim=1, descending=True, stable=True)
-        best = order[:, :keep]
-        rows = torch.arange(len(captions), device=best.device)[:, None]
+            scores = self.score(decoded, [captions[c] for c in caption_of.tolist()])
+            tokens[caption_of, number] = part.cpu()
+            if keep_candidates:
+                all_images.append(decoded.cpu())
+            for c in caption_of.unique().tolist():
+                mine = (caption_of == c).nonzero().squeeze(1)
+                best.add(c, number[mine], decoded[mine.to(decoded.device)], scores[mine.to(scores.device)])
+        bar.close()
+        candidates_t = None
+        if keep_candidates:
+            candidates_t = torch.cat(all_images).view(len(captions), n, *all_images[0].shape[1:])
         return Generation(
             captions=list(captions),
-            images=images_t[rows, best].cpu(),
-            scores=scores_t.gather(1, best).cpu(),
-            candidates=images_t.cpu(),
-            candidate_scores=scores_t.cpu(),
-            tokens=tokens_t.cpu(),
+            images=best.images().cpu(),
+            scores=best.best_scores().cpu(),
+            candidates=candidates_t,
+            candidate_scores=best.scores,
+            tokens=tokens,
+            best=best.index().cpu(),
         )
 
     @torch.no_grad()

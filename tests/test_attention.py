@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dalle_framework import UsageError
+from dalle_framework import UsageError, attention
 from dalle_framework.attention import (
     PATTERNS,
     Layout,
@@ -16,9 +16,13 @@ from dalle_framework.attention import (
     dense_mask,
     flex_attention_fn,
     get_rule,
+    kernel_calls,
+    kernel_for,
+    key_table,
     pattern_attention,
     reference_attention,
     register_pattern,
+    reset_kernel_calls,
 )
 
 SMALL = Layout(6, (4, 4))  # the paper's Fig. 11 toy: 6 text tokens, a 4x4 grid
@@ -207,3 +211,97 @@ def test_compiled_flex_matches_reference_on_cpu():
             out = pattern_attention(q, k, v, pattern=pattern, layout=layout, backend="flex", compiled=True)
             ref = reference_attention(q, k, v, dense_mask(pattern, layout))
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- which kernel runs
+
+
+def test_kernel_choice_for_training_prefill_and_decode_shapes():
+    paper = Layout(256, (32, 32))
+    L = paper.seq_len
+    choose = lambda **kw: kernel_for(layout=paper, **{"lq": L - 1, "lk": L - 1, **kw})  # noqa: E731
+    # training feeds L - 1 tokens: block-sparse on GPU, SDPA on the CPU (flex has no CPU backward)
+    assert choose(device_type="cuda") == "flex"
+    assert choose(device_type="cuda", lq=L, lk=L) == "flex"
+    assert choose(device_type="cpu") == "sdpa-mask"
+    assert choose(device_type="cpu", backend="flex") == "flex"
+    assert choose(device_type="cuda", backend="sdpa") == "sdpa-mask"
+    assert choose(device_type="cuda", dropout_p=0.1) == "sdpa-mask"  # flex has no dropout
+    # sampling: the prefill of a caption stays on SDPA (no flex compile per prompt length) ...
+    assert choose(device_type="cuda", lq=256, lk=256) == "sdpa-mask"
+    assert choose(device_type="cuda", lq=1, lk=L, q_start=700) == "sdpa-mask"
+    # ... and a static decode step gathers the keys of a narrow pattern when that skips enough work
+    pos = torch.tensor(700)
+    many = 64 * 8 * 64  # 64 rows x 8 heads x head_dim 64 per key slot
+    assert choose(device_type="cuda", lq=1, lk=L, q_start=pos, pattern="row", slot_elements=many) == "sdpa-gather"
+    assert choose(device_type="cpu", lq=1, lk=L, q_start=pos, pattern="conv", slot_elements=many) == "sdpa-gather"
+    assert choose(device_type="cpu", lq=1, lk=L, q_start=pos, pattern="row", slot_elements=4 * 32) == "sdpa-mask"
+    assert choose(device_type="cuda", lq=1, lk=L, q_start=pos, pattern="causal", slot_elements=many) == "sdpa-mask"
+
+
+def test_kernel_calls_record_what_ran(monkeypatch):
+    monkeypatch.setattr(attention, "GATHER_MIN_ELEMENTS", 0)
+    reset_kernel_calls()
+    layout = SMALL
+    q, k, v = qkv(layout)
+    n = layout.seq_len - 1  # a training-shaped call
+    with torch.no_grad():
+        pattern_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], pattern="row", layout=layout, backend="flex", compiled=False)
+    pattern_attention(q[:, :, :n], k[:, :, :n], v[:, :, :n], pattern="row", layout=layout)
+    pattern_attention(q[:, :, 9:10], k, v, pattern="column", layout=layout, q_start=torch.tensor(9))
+    causal_attention(q, k, v)
+    assert kernel_calls() == {
+        "row": {"flex": 1, "sdpa-mask": 1}, "column": {"sdpa-gather": 1}, "dense": {"sdpa-causal": 1},
+    }
+    reset_kernel_calls()
+    assert kernel_calls() == {}
+
+
+@pytest.mark.parametrize("pattern", ALL)
+def test_flex_at_the_training_length_matches_the_reference(pattern):
+    """Training feeds L - 1 tokens; the block mask is built for that length (not a multiple of the block)."""
+    layout = WIDE
+    n = layout.seq_len - 1
+    q, k, v = (t[:, :, :n] for t in qkv(layout, seed=5))
+    reference = reference_attention(q, k, v, dense_mask(pattern, layout)[:n, :n])
+    with torch.no_grad():
+        out = pattern_attention(q, k, v, pattern=pattern, layout=layout, backend="flex", compiled=False)
+    torch.testing.assert_close(out, reference, atol=1e-5, rtol=0)
+    assert block_mask(pattern, layout, "cpu", length=n).shape[-2:] == (n, n)
+
+
+@pytest.mark.parametrize("gather", [True, False], ids=["gather", "mask-row"])
+@pytest.mark.parametrize("pattern", ALL)
+def test_decode_steps_at_device_positions_match_the_full_computation(pattern, gather, monkeypatch):
+    """A static decode step: one query at a 0-d tensor position over every cache slot (junk beyond it)."""
+    monkeypatch.setattr(attention, "GATHER_MIN_ELEMENTS", 0 if gather else 1 << 60)
+    layout = WIDE
+    q, k, v = qkv(layout, seed=6)
+    full = pattern_attention(q, k, v, pattern=pattern, layout=layout, backend="sdpa")
+    table = key_table(pattern, layout)
+    if pattern in ("row", "column", "conv"):  # the paper's layers gather few keys
+        assert table is not None and table[0].shape[1] <= layout.seq_len // 2
+    if pattern == "causal":
+        assert table is None
+    for start in (layout.text_len, 40, layout.seq_len - 1):
+        junk_k, junk_v = k.clone(), v.clone()
+        junk_k[:, :, start + 1 :], junk_v[:, :, start + 1 :] = 1e3, -1e3
+        step = pattern_attention(q[:, :, start : start + 1], junk_k, junk_v, pattern=pattern, layout=layout, q_start=torch.tensor(start))
+        torch.testing.assert_close(step, full[:, :, start : start + 1], atol=1e-5, rtol=0)
+    # several queries at a tensor position use the mask rows
+    rows = pattern_attention(q[:, :, 30:33], k, v, pattern=pattern, layout=layout, q_start=torch.tensor(30))
+    torch.testing.assert_close(rows, full[:, :, 30:33], atol=1e-5, rtol=0)
+    dense_step = causal_attention(q[:, :, 40:41], k, v, q_start=torch.tensor(40))
+    torch.testing.assert_close(dense_step, causal_attention(q, k, v)[:, :, 40:41], atol=1e-5, rtol=0)
+
+
+def test_key_table_lists_exactly_the_allowed_keys():
+    layout = WIDE
+    for pattern in ALL:
+        table = key_table(pattern, layout)
+        if table is None:
+            continue
+        index, valid = table
+        mask = dense_mask(pattern, layout)
+        for row in range(layout.seq_len):
+            assert index[row][valid[row]].tolist() == mask[row].nonzero().flatten().tolist()

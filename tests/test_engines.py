@@ -107,6 +107,24 @@ def test_weight_decay_skips_biases_norms_and_embeddings():
     assert "embed.weight" in {names[id(p)] for p in rest["params"]}
 
 
+def test_fused_adamw_is_asked_for_on_cuda_only_and_steps_like_the_default():
+    from dalle_engines.common import adamw
+
+    config = TrainConfig(steps=5, lr=1e-2, weight_decay=0.1)
+    assert prepare("torch").optimizer.defaults["fused"] is None  # the CPU keeps the foreach update
+    models = [TinyModel(), TinyModel()]
+    models[1].load_state_dict(models[0].state_dict())
+    optimizers = [adamw(models[0], config), adamw(models[1], config, fused=True)]
+    assert optimizers[1].defaults["fused"] is True
+    for _ in range(3):
+        for model, optimizer in zip(models, optimizers):
+            model(*batch(0, 0))["loss"].backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+
+
 def test_warmup_cosine_and_constant_schedules():
     from dalle_engines.common import lr_at
 

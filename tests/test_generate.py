@@ -10,6 +10,7 @@ import torch
 import yaml
 
 from conftest import run_cli
+from dalle_framework import UsageError
 from test_train import tiny_recipe
 
 CAPTIONS = ["a red circle in the top left", "a blue square in the center"]
@@ -60,9 +61,13 @@ def test_generate_cli_is_deterministic_and_reranked(trained_run, tmp_path):
 
 
 def test_generate_cli_options_and_errors(trained_run, tmp_path):
-    ok = run_cli("generate", str(trained_run), CAPTIONS[0], "-n", "2", "--top-k", "5", "--top-p", "0.9",
-                 "--temperature", "0.8", "--guidance", "2.0", "--out", str(tmp_path / "g.png"), "--quiet")
+    ok = run_cli("generate", str(trained_run), CAPTIONS[0], "-n", "5", "--keep", "2", "--batch-size", "2", "--top-k", "5",
+                 "--top-p", "0.9", "--temperature", "0.8", "--guidance", "2.0", "--draws", "device",
+                 "--out", str(tmp_path / "g.png"), "--quiet")
     assert ok.returncode == 0, ok.stderr
+    assert len(json.loads(ok.stdout)["rows"][0]["scores"]) == 2
+    zero = run_cli("generate", str(trained_run), CAPTIONS[0], "--batch-size", "0", "--quiet")
+    assert zero.returncode == 2 and "--batch-size" in zero.stderr and "Traceback" not in zero.stderr
     bad = run_cli("generate", str(trained_run), CAPTIONS[0], "--top-p", "1.5", "--quiet")
     assert bad.returncode == 2 and "--top-p" in bad.stderr and "Traceback" not in bad.stderr
     missing = run_cli("generate", str(trained_run), CAPTIONS[0], "--prime", str(tmp_path / "nope.png"), "--prime-rows", "2")
@@ -73,17 +78,58 @@ def test_reranking_keeps_the_best_candidates_in_order(trained_run):
     from dalle_framework.pipeline import Pipeline
 
     pipe = Pipeline.load(trained_run)
-    out = pipe.generate(CAPTIONS, candidates=6, keep=3, seed=0)
+    # batches of 4 straddle the two captions' 6 candidates: the running best must merge across batches
+    out = pipe.generate(CAPTIONS, candidates=6, keep=3, seed=0, batch_size=4, keep_candidates=True)
     assert out.candidates.shape[:2] == (2, 6) and out.images.shape[:2] == (2, 3)
     for c in range(2):
         best = out.candidate_scores[c].sort(descending=True).values[:3]
         torch.testing.assert_close(out.scores[c], best)
         # the kept images are the candidates with those scores
         index = out.candidate_scores[c].argsort(descending=True, stable=True)[:3]
+        assert torch.equal(out.best[c], index)
         assert torch.equal(out.images[c], out.candidates[c, index])
+        assert torch.equal(out.images[c], pipe.codec.decode(out.tokens[c, index]).clamp(0, 1))
     # and the scores are the reranker's scores of those very images
     rescored = pipe.reranker.score(out.images[0], [CAPTIONS[0]] * 3)
     torch.testing.assert_close(rescored, out.scores[0], atol=1e-5, rtol=0)
+
+
+def test_many_candidates_keep_only_the_best_images_and_report_progress(trained_run):
+    from dalle_framework.pipeline import Pipeline
+
+    pipe = Pipeline.load(trained_run)
+    seen: list[tuple[int, int]] = []
+    out = pipe.generate(CAPTIONS, candidates=9, keep=2, seed=4, batch_size=4, on_progress=lambda d, t: seen.append((d, t)))
+    n_tokens = pipe.codec.grid[0] * pipe.codec.grid[1]
+    assert out.candidates is None, "all candidates' images are only kept when asked for"
+    assert out.images.shape[:2] == (2, 2) and out.candidate_scores.shape == (2, 9) and out.tokens.shape == (2, 9, n_tokens)
+    assert not out.candidate_scores.isnan().any()
+    for c in range(2):
+        assert torch.equal(out.best[c], out.candidate_scores[c].argsort(descending=True, stable=True)[:2])
+    total = 2 * 9 * n_tokens
+    assert {t for _, t in seen} == {total}
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and done[-1] == total and len(done) == 5 * n_tokens  # 18 rows in 5 batches, a call per position
+    with pytest.raises(UsageError, match="batch size"):
+        pipe.generate(CAPTIONS, batch_size=0)
+
+
+def test_running_best_equals_a_stable_sort_of_all_candidates():
+    from dalle_framework.candidates import RunningBest
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (3, 11), generator=g).float()  # many ties: order must stay stable
+    images = torch.arange(3 * 11).float().view(3, 11, 1)
+    best = RunningBest(3, keep=4, candidates=11)
+    for caption in range(3):
+        for part in torch.arange(11).split(3):  # batches in drawing order
+            best.add(caption, part, images[caption, part], scores[caption, part])
+    expected = scores.argsort(dim=1, descending=True, stable=True)[:, :4]
+    assert torch.equal(best.index(), expected) and torch.equal(best.scores, scores)
+    assert torch.equal(best.images()[..., 0], images[..., 0].gather(1, expected))
+    unscored = RunningBest(1, keep=3, candidates=5)  # no reranker: the first ones drawn
+    unscored.add(0, torch.arange(5), images[0, :5], torch.full((5,), float("nan")))
+    assert unscored.index().tolist() == [[0, 1, 2]]
 
 
 def test_priming_keeps_the_top_rows(trained_run):

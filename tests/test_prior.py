@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from pydantic import ValidationError
 
-from dalle_framework import PAD_ID, Prior, Sampling
-from dalle_framework.attention import PATTERNS
+import copy
+from unittest import mock
+
+from dalle_framework import PAD_ID, Prior, Sampling, attention
+from dalle_framework.attention import PATTERNS, kernel_calls, reset_kernel_calls
+from dalle_framework.decoding import StepRunner, resolve_decode
 from dalle_framework.plugins import PluginManager
-from dalle_framework.sampling import filter_logits, guided_logits, sample_tokens, split_guidance
+from dalle_framework.sampling import (
+    TokenDrawer,
+    counter_uniform,
+    filter_logits,
+    guided_logits,
+    gumbel_tokens,
+    resolve_draws,
+    sample_tokens,
+    split_guidance,
+)
 from dalle_transformer import DenseTransformer, SparseTransformer
 
 TEXT_VOCAB, TEXT_LEN, IMAGE_VOCAB, GRID = 24, 6, 16, (4, 4)
@@ -187,6 +202,24 @@ def test_sparse_backends_agree_on_the_loss():
         torch.testing.assert_close(flex.loss(text, image)["loss"], sdpa.loss(text, image)["loss"], atol=1e-5, rtol=0)
 
 
+def test_training_shaped_calls_run_the_chosen_kernel_in_every_layer():
+    """Training feeds L - 1 tokens; a forced flex backend must run flex there (it used to fall back)."""
+    layers = ["row", "column", "conv"]
+    flex = build(SparseTransformer, attention_backend="flex", layers=layers, final_layer=None, depth=3)
+    auto = build(SparseTransformer, layers=layers, final_layer=None, depth=3)
+    text, image = captions(), codes()
+    reset_kernel_calls()
+    with torch.no_grad():  # flex has no backward on the CPU
+        flex.loss(text, image)
+    assert kernel_calls() == {name: {"flex": 1} for name in layers}
+    reset_kernel_calls()
+    auto.loss(text, image)["loss"].backward()  # auto on the CPU: SDPA with the mask, trainable
+    assert kernel_calls() == {name: {"sdpa-mask": 1} for name in layers}
+    reset_kernel_calls()
+    build(DenseTransformer).loss(text, image)
+    assert kernel_calls() == {"dense": {"sdpa-causal": TINY["depth"]}}
+
+
 def test_a_dense_pattern_prior_matches_the_dense_prior():
     dense = build(DenseTransformer)
     sparse = build(SparseTransformer, layers=["causal"], final_layer=None)
@@ -204,12 +237,16 @@ SAMPLINGS = {
     "plain": Sampling(),
     "guided": Sampling(guidance_scale=3.0),
     "topk-topp": Sampling(top_k=5, top_p=0.9, temperature=0.8),
+    "device-draws": Sampling(draws="device"),
+    "device-guided-topk-topp": Sampling(draws="device", guidance_scale=3.0, top_k=5, top_p=0.9, temperature=0.8),
 }
 
 
 @pytest.mark.parametrize("sampling", list(SAMPLINGS), ids=str)
 @pytest.mark.parametrize("name,cls,params", PRIORS, ids=[p[0] for p in PRIORS])
-def test_cached_generation_equals_recomputation(name, cls, params, sampling):
+def test_cached_generation_equals_recomputation(name, cls, params, sampling, monkeypatch):
+    # decode steps of sparse layers gather their keys only at large shapes: force it for half the cases
+    monkeypatch.setattr(attention, "GATHER_MIN_ELEMENTS", 0 if sampling.startswith("device") else 1 << 60)
     prior = build(cls, **params)
     text, prime = captions(), codes()[:, :3]
     results = {}
@@ -233,6 +270,38 @@ def test_cache_computes_only_the_new_token():
     finally:
         handle.remove()
     assert seen == [TEXT_LEN] + [1] * (N - 1)  # one prefill of the caption, then one token per step
+
+
+@pytest.mark.parametrize("cls", [DenseTransformer, SparseTransformer])
+def test_device_draws_never_read_the_device_from_the_host(cls, monkeypatch):
+    """With device draws, nothing per token waits for the host (one-time mask tables aside)."""
+    monkeypatch.setattr(attention, "GATHER_MIN_ELEMENTS", 0)
+    prior = build(cls)
+    sampling = Sampling(draws="device", top_k=5, top_p=0.9, guidance_scale=2.0)
+    text = captions()
+    expected = prior.generate(text, sampling, generator=torch.Generator().manual_seed(0))  # builds cached tables
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("a tensor was read on the host while decoding")
+
+    reads = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__index__", "__float__")
+    with contextlib.ExitStack() as stack:
+        for name in reads:
+            stack.enter_context(mock.patch.object(torch.Tensor, name, host_read))
+        out = prior.generate(text, sampling, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, expected)
+    assert prior.last_decode == {"draws": "device", "decode": "eager", "fallback": None}
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_on_step_reports_every_drawn_position(use_cache):
+    prior = build(SparseTransformer)
+    calls: list[tuple[int, int]] = []
+    prior.generate(captions(2), Sampling(use_cache=use_cache), on_step=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, N) for i in range(1, N + 1)]
+    calls.clear()
+    prior.generate(captions(2), Sampling(use_cache=use_cache), prime=codes(2)[:, :5], on_step=lambda d, t: calls.append((d, t)))
+    assert calls == [(i, N) for i in range(6, N + 1)]
 
 
 def test_guidance_batches_both_branches_and_changes_samples():
@@ -298,3 +367,123 @@ def test_guidance_combination():
     torch.testing.assert_close(guided_logits(cond, uncond, 0.0), uncond)
     torch.testing.assert_close(guided_logits(cond, uncond, 3.0), torch.tensor([[4.0, -2.0]]))
     torch.testing.assert_close(split_guidance(torch.cat([cond, uncond]), 3.0), torch.tensor([[4.0, -2.0]]))
+
+
+def test_counter_noise_is_a_pure_function_of_seed_step_row_and_token():
+    cpu = torch.device("cpu")
+    a = counter_uniform(7, 3, 4, 50, cpu)
+    assert torch.equal(a, counter_uniform(torch.tensor(7), torch.tensor(3), 4, 50, cpu))
+    assert torch.equal(a[:2], counter_uniform(7, 3, 2, 50, cpu)), "a row's noise does not depend on the batch size"
+    assert not torch.equal(a, counter_uniform(7, 4, 4, 50, cpu)) and not torch.equal(a, counter_uniform(8, 3, 4, 50, cpu))
+    assert 0 < a.min() and a.max() < 1
+    many = counter_uniform(1, 0, 400, 500, cpu)
+    assert abs(float(many.mean()) - 0.5) < 0.01 and abs(float(many.std()) - 12**-0.5) < 0.01
+
+
+def test_gumbel_draws_follow_the_filtered_softmax():
+    logits = torch.log(torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03]))
+    rows = logits.expand(20000, -1)
+    draws = gumbel_tokens(rows, Sampling(), seed=3, step=0)
+    freq = torch.bincount(draws, minlength=5).float() / len(draws)
+    torch.testing.assert_close(freq, logits.softmax(-1), atol=0.015, rtol=0)
+    top2 = gumbel_tokens(rows, Sampling(top_k=2), seed=3, step=0)
+    assert set(top2.tolist()) == {0, 1}
+    freq2 = torch.bincount(top2, minlength=2).float() / len(top2)
+    torch.testing.assert_close(freq2, torch.tensor([2 / 3, 1 / 3]), atol=0.015, rtol=0)
+    assert torch.equal(gumbel_tokens(rows[:4], Sampling(temperature=1e-4), seed=1, step=9), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(draws, gumbel_tokens(rows, Sampling(), seed=3, step=0))
+
+
+def test_draws_and_decode_modes_resolve_by_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_draws(Sampling(), cpu) == "host" and resolve_draws(Sampling(), cuda) == "device"
+    assert resolve_draws(Sampling(draws="device"), cpu) == "device"
+    assert resolve_decode(Sampling(), cpu) == "eager" and resolve_decode(Sampling(), cuda) == "graph"
+    assert resolve_decode(Sampling(decode="graph"), cpu) == "eager"  # nothing to capture off CUDA
+    assert resolve_decode(Sampling(decode="compile"), cpu) == "compile"
+    logits = torch.randn(6, 9, generator=torch.Generator().manual_seed(0))
+    host = TokenDrawer(Sampling(), cpu, torch.Generator().manual_seed(2))
+    assert torch.equal(host.draw(logits, 0), sample_tokens(logits, Sampling(), torch.Generator().manual_seed(2)))
+    runner = StepRunner(lambda: torch.ones(2), "graph", cpu)
+    assert runner.used == "eager" and torch.equal(runner(), torch.ones(2))
+
+
+def test_a_decode_step_that_fails_to_compile_runs_eagerly(monkeypatch):
+    """A failed compile (or CUDA graph capture) falls back to the eager step and says so."""
+
+    def broken_compile(fn, **kwargs):
+        def compiled():
+            raise RuntimeError("no compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    calls: list[int] = []
+    runner = StepRunner(lambda: calls.append(1) or torch.ones(1), "compile", torch.device("cpu"))
+    with pytest.warns(UserWarning, match="running eagerly"):
+        assert torch.equal(runner(), torch.ones(1))
+    runner()
+    assert runner.used == "eager" and "no compiler here" in runner.fallback and len(calls) == 2
+    prior = build(SparseTransformer)
+    sampling = Sampling(draws="device", decode="compile", guidance_scale=2.0)
+    with pytest.warns(UserWarning, match="running eagerly"):
+        out = prior.generate(captions(), sampling, generator=torch.Generator().manual_seed(2))
+    assert prior.last_decode["decode"] == "eager" and "no compiler here" in prior.last_decode["fallback"]
+    reference = prior.generate(captions(), sampling.model_copy(update={"use_cache": False}), generator=torch.Generator().manual_seed(2))
+    assert torch.equal(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_sparse_prior_trains_the_same_way_under_deepspeed_zero(stage):
+    """One model code path: under ZeRO-2 and ZeRO-3 (bf16) the sparse prior runs its chosen kernels and learns."""
+    from dalle_framework.plugins import registry
+    from dalle_framework.recipe import TrainConfig
+
+    config = TrainConfig(steps=20, lr=3e-3, batch_size=3, precision="bf16", engine={"name": "deepspeed", "params": {"zero_stage": stage}})
+    engine = registry("engine").build(config.engine)
+    torch.manual_seed(0)
+    with engine.model_context(config):
+        prior = SparseTransformer(SparseTransformer.Params(**TINY), text_vocab_size=TEXT_VOCAB, text_len=TEXT_LEN,
+                                  image_vocab_size=IMAGE_VOCAB, grid=GRID)
+    run = engine.prepare(prior, config)
+    text, image = captions(), codes()
+    reset_kernel_calls()
+    losses = [run.step(text, image)["loss"] for _ in range(12)]
+    assert kernel_calls() == {name: {"sdpa-mask": 12} for name in ("row", "column", "conv")}
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("draws", ["device", "host"])
+def test_compiled_decode_step_equals_recomputation_on_cpu(draws):
+    """The same static step, compiled by torch.compile (inductor, CPU): token for token."""
+    for cls, params in [(DenseTransformer, {}), (SparseTransformer, {"rotary": True})]:
+        prior = build(cls, **params)
+        text, prime = captions(), codes()[:, :3]
+        base = Sampling(draws=draws, guidance_scale=2.0, top_k=6)
+        compiled = prior.generate(text, base.model_copy(update={"decode": "compile"}), prime=prime, generator=torch.Generator().manual_seed(1))
+        assert prior.last_decode["decode"] == "compile" and prior.last_decode["fallback"] is None
+        recomputed = prior.generate(text, base.model_copy(update={"use_cache": False}), prime=prime, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(compiled, recomputed), cls.__name__
+
+
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_blocks():
+    eager = build(SparseTransformer, dim=32, depth=2, grad_checkpointing=True)
+    compiled = build(SparseTransformer, dim=32, depth=2, grad_checkpointing=True, compile_blocks=True)
+    compiled.load_state_dict(eager.state_dict())
+    text, image = captions(), codes()
+    losses = [m.loss(text, image)["loss"] for m in (eager, compiled)]
+    torch.testing.assert_close(losses[1], losses[0], atol=1e-5, rtol=1e-5)
+    for loss in losses:
+        loss.backward()
+    for (name, a), b in zip(eager.named_parameters(), compiled.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-5, rtol=1e-4, msg=name)
+    # a deep copy (EMA weights) computes with its own parameters, not the original's
+    twin = copy.deepcopy(compiled)
+    with torch.no_grad():
+        for param in twin.parameters():
+            param.zero_()
+    assert twin.loss(text, image)["loss"].item() != losses[1].item()
+    torch.testing.assert_close(compiled.loss(text, image)["loss"], losses[1])

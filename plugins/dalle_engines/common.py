@@ -46,15 +46,20 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]
     return [g for g in groups if g["params"]]
 
 
-def adamw(module: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
-    """torch AdamW over :func:`param_groups` with the stage's lr and betas."""
+def adamw(module: nn.Module, train: TrainConfig, *, fused: bool = False) -> torch.optim.AdamW:
+    """torch AdamW over :func:`param_groups` with the stage's lr and betas.
+
+    ``fused``: one kernel for the whole update (engines set it on CUDA; DeepSpeed's own
+    FusedAdam would first JIT-build a CUDA extension). The CPU keeps the foreach update.
+    """
     if not any(p.requires_grad for p in module.parameters()):
         raise UsageError(
             f"{type(module).__name__} has no trainable parameters, so there is nothing to train; "
             "give the stage pretrained `weights` and `frozen: true` instead"
         )
     return torch.optim.AdamW(
-        param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay
+        param_groups(module, train.weight_decay), lr=train.lr, betas=tuple(train.betas), weight_decay=train.weight_decay,
+        fused=fused or None,
     )
 
 

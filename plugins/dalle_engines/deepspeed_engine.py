@@ -127,7 +127,7 @@ class DeepSpeedRun(EngineRun):
         self.train = train
         self.params = params
         self.config = build_config(train, params)
-        optimizer = common.adamw(module, train)
+        optimizer = common.adamw(module, train, fused=self.device.type == "cuda")  # DeepSpeed moves the module there
         scheduler = SCHEDULERS[params.scheduler](train)
         self.engine, _, _, _ = deepspeed.initialize(
             model=module, optimizer=optimizer, lr_scheduler=scheduler, config=self.config

@@ -49,7 +49,7 @@ class TorchRun(EngineRun):
             self.model = nn.parallel.DistributedDataParallel(
                 self.module, device_ids=ids, find_unused_parameters=params.find_unused_parameters
             )
-        self.optimizer = common.adamw(self.module, train)
+        self.optimizer = common.adamw(self.module, train, fused=self.device.type == "cuda")
         self.scheduler = common.lambda_lr(self.optimizer, train)
         self.autocast_dtype = AUTOCAST_DTYPES[train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")

@@ -15,10 +15,15 @@ Reads like the paper (Ramesh et al. 2021, section 2.2 and appendix B):
    caption and predicts the first image code). ``loss = w_text * text + w_image * image``
    with the paper's 1/8 and 7/8 by default.
 
-Sampling draws image codes one at a time. With ``use_cache`` each step computes
-q/k/v only for the newest token and attends over a key/value cache (sparse layers
-use the mask row of the current position). Classifier-free guidance batches the
-conditional and the all-padding (unconditional) captions together as ``2B`` rows.
+Sampling draws image codes one at a time. With ``use_cache`` a prefill pass runs the
+caption (and any primed codes), then every step computes q/k/v only for the newest
+token and attends over a preallocated key/value cache. A step's shapes never change:
+its position is a 0-d device tensor, the cache is written at that index, dense layers
+mask the unwritten slots and sparse layers gather only the keys their pattern allows.
+So the step can be replayed from a CUDA graph or compiled (``Sampling.decode``), and
+with device draws (``Sampling.draws``) nothing in the loop waits for the host.
+Classifier-free guidance batches the conditional and the all-padding (unconditional)
+captions together as ``2B`` rows.
 """
 
 from __future__ import annotations
@@ -35,9 +40,19 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback
-from dalle_framework.attention import PATTERNS, Backend, Layout, causal_attention, mean_keys_per_query, pattern_attention
+from dalle_framework.attention import (
+    PATTERNS,
+    Backend,
+    Layout,
+    Position,
+    causal_attention,
+    mean_keys_per_query,
+    pattern_attention,
+    positions,
+)
+from dalle_framework.decoding import StepRunner, resolve_decode
 from dalle_framework.metrics import flops_per_token
-from dalle_framework.sampling import sample_tokens, split_guidance
+from dalle_framework.sampling import TokenDrawer, split_guidance
 
 AttentionKernel = Callable[..., Tensor]  # (q, k, v, *, q_start, dropout_p) -> out
 
@@ -62,6 +77,9 @@ class TransformerParams(Params):
     )
     tie_image_embedding: bool = Field(False, description="share the image code embedding with the image output head")
     grad_checkpointing: bool = Field(False, description="recompute blocks in backward to save activation memory")
+    compile_blocks: bool = Field(
+        False, description="torch.compile each block for training (fuses norms, MLP and residuals; the first steps compile)"
+    )
     init_std: float = Field(0.02, gt=0, le=10, description="std of the normal init of weights (GPT-2 style)")
 
     @model_validator(mode="after")
@@ -88,10 +106,15 @@ class Rotary(nn.Module):
         self.register_buffer("cos", angles.cos(), persistent=False)
         self.register_buffer("sin", angles.sin(), persistent=False)
 
-    def forward(self, x: Tensor, start: int) -> Tensor:
+    def forward(self, x: Tensor, start: Position) -> Tensor:
         """x ``[B, H, n, D]`` at positions ``start..start+n-1`` -> rotated, same shape."""
         n = x.shape[-2]
-        cos, sin = self.cos[start : start + n].to(x.dtype), self.sin[start : start + n].to(x.dtype)
+        if isinstance(start, int):
+            cos, sin = self.cos[start : start + n], self.sin[start : start + n]
+        else:  # a device position (static decode step): gather instead of slicing
+            idx = positions(start, n, x.device)
+            cos, sin = self.cos.index_select(0, idx), self.sin.index_select(0, idx)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
 
@@ -108,19 +131,25 @@ class KVCache:
         self.k: Optional[Tensor] = None
         self.v: Optional[Tensor] = None
 
-    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+    def update(self, k: Tensor, v: Tensor, start: Position) -> tuple[Tensor, Tensor]:
         """Write ``k/v [B, H, n, D]`` at ``start``; return the whole buffers ``[B, H, max_len, D]``.
 
-        Every step attends over all ``max_len`` slots (the causal mask hides the unwritten
-        ones) so attention shapes never change while decoding: on GPU a new key length
-        per step would rebuild SDPA's cuDNN graph (tens of ms) at every token.
+        Every step sees all ``max_len`` slots (masks hide the unwritten ones) so attention
+        shapes never change while decoding: on GPU a new key length per step would rebuild
+        SDPA's cuDNN graph (tens of ms) at every token, and a CUDA graph needs fixed shapes.
+        A device-tensor ``start`` writes by index, without reading the position on the host.
         """
         if self.k is None:
             self.k = k.new_zeros(self.shape)
             self.v = v.new_zeros(self.shape)
-        end = start + k.shape[-2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
+        if isinstance(start, int):
+            end = start + k.shape[-2]
+            self.k[:, :, start:end] = k
+            self.v[:, :, start:end] = v
+        else:
+            idx = positions(start, k.shape[-2], k.device)
+            self.k.index_copy_(2, idx, k)
+            self.v.index_copy_(2, idx, v)
         return self.k, self.v
 
 
@@ -132,7 +161,7 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(heads * head_dim, dim, bias=False)
         self.rotary = rotary
 
-    def forward(self, x: Tensor, start: int = 0, cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, start: Position = 0, cache: Optional[KVCache] = None) -> Tensor:
         """x ``[B, n, dim]`` holding positions ``start..start+n-1`` -> ``[B, n, dim]``."""
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         if self.rotary is not None:
@@ -177,7 +206,7 @@ class Block(nn.Module):
         self.mlp = MLPS[p.mlp](p.dim, p.mlp_ratio)
         self.drop = nn.Dropout(p.resid_dropout)
 
-    def forward(self, x: Tensor, start: int = 0, cache: Optional[KVCache] = None) -> Tensor:
+    def forward(self, x: Tensor, start: Position = 0, cache: Optional[KVCache] = None) -> Tensor:
         x = x + self.drop(self.attn(self.norm1(x), start, cache))
         return x + self.drop(self.mlp(self.norm2(x)))
 
@@ -269,9 +298,15 @@ class TransformerPrior(Prior):
 
     # -- 1. embeddings ----------------------------------------------------------------------
 
-    def embed(self, tokens: Tensor, start: int = 0) -> Tensor:
-        """tokens ``[B, n]`` at sequence positions ``start..start+n-1`` -> ``[B, n, dim]``."""
+    def embed(self, tokens: Tensor, start: Position = 0) -> Tensor:
+        """tokens ``[B, n]`` at sequence positions ``start..start+n-1`` -> ``[B, n, dim]``.
+
+        A device-tensor ``start`` (a decode step) must point into the image part.
+        """
         T, w = self.text_len, self.grid[1]
+        if not isinstance(start, int):
+            idx = positions(start - T, tokens.shape[1], tokens.device)
+            return self.emb_drop(self.image_emb(tokens) + self.image_row[idx // w] + self.image_col[idx % w])
         n_text = max(0, min(T - start, tokens.shape[1]))
         parts = []
         if n_text:
@@ -288,15 +323,17 @@ class TransformerPrior(Prior):
 
     # -- 2. the stack -----------------------------------------------------------------------
 
-    def hidden(self, tokens: Tensor, start: int = 0, caches: Optional[list[KVCache]] = None) -> Tensor:
+    def hidden(self, tokens: Tensor, start: Position = 0, caches: Optional[list[KVCache]] = None) -> Tensor:
         """tokens ``[B, n]`` (positions ``start..``) -> final-normed states ``[B, n, dim]``."""
         x = self.embed(tokens, start)
+        # compiled blocks only in training: sampling's shapes vary (prefill lengths, steps)
+        run = compiled_block_call() if self.params.compile_blocks and self.training else call_block
         for i, block in enumerate(self.blocks):
             cache = caches[i] if caches is not None else None
             if self.params.grad_checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, start, None, use_reentrant=False)
+                x = checkpoint(run, block, x, start, None, use_reentrant=False)
             else:
-                x = block(x, start, cache)
+                x = run(block, x, start, cache)
         return self.norm(x)
 
     # -- 3. loss ----------------------------------------------------------------------------
@@ -345,6 +382,11 @@ class TransformerPrior(Prior):
         """One empty key/value cache per block for ``rows`` sequences of the full length."""
         return [KVCache(rows, self.heads, self.layout.seq_len, self.head_dim) for _ in self.blocks]
 
+    def image_logits(self, last: Tensor, guidance_scale: float) -> Tensor:
+        """Final states ``[rows, dim]`` -> float logits ``[B, image_vocab]`` (guided when rows = 2B)."""
+        logits = self.image_head(last).float()
+        return split_guidance(logits, guidance_scale) if guidance_scale != 1.0 else logits
+
     @torch.no_grad()
     def generate(
         self,
@@ -358,7 +400,8 @@ class TransformerPrior(Prior):
 
         ``use_cache=False`` recomputes the whole prefix at every step (the reference the
         cache must match). Guidance runs ``[text; all-padding]`` as one ``2B`` batch.
-        ``on_step(done, h*w)`` follows each drawn position (progress for a caller).
+        ``on_step(done, h*w)`` follows every drawn position. ``self.last_decode`` records
+        how the steps ran (draws, decode mode, any fallback).
         """
         B, T, N = text.shape[0], self.text_len, self.layout.image_len
         assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
@@ -372,28 +415,76 @@ class TransformerPrior(Prior):
             n0 = prime.shape[1]
             assert prime.shape[0] == B and n0 <= N, f"prime must be [B={B}, n<={N}], got {tuple(prime.shape)}"
             seq[:, T : T + n0] = prime.repeat(rows // B, 1)
+        drawer = TokenDrawer(sampling, text.device, generator)
+        self.last_decode = {"draws": drawer.mode, "decode": "recompute", "fallback": None}
         was_training = self.training
         self.eval()  # dropout off: cached and recomputed sampling must agree
         try:
-            caches = self.new_caches(rows) if sampling.use_cache else None
-            for i in range(n0, N):
-                end = T + i  # positions 0..end-1 are known; position end-1 predicts image code i
-                if caches is None:
-                    h = self.hidden(seq[:, :end])
-                elif i == n0:  # prefill: caption and prime in one pass
-                    h = self.hidden(seq[:, :end], 0, caches)
-                else:
-                    h = self.hidden(seq[:, end - 1 : end], end - 1, caches)
-                logits = self.image_head(h[:, -1]).float()
-                if guided:
-                    logits = split_guidance(logits, sampling.guidance_scale)
-                token = sample_tokens(logits, sampling, generator)
-                seq[:, end] = token.repeat(rows // B)
-                if on_step is not None:
-                    on_step(i + 1, N)
+            if n0 < N:
+                decode = self._decode_cached if sampling.use_cache else self._decode_recomputed
+                decode(seq, n0, sampling, drawer, on_step or (lambda done, total: None))
         finally:
             self.train(was_training)
         return seq[:B, T:]
+
+    def _decode_recomputed(self, seq: Tensor, n0: int, sampling: Sampling, drawer: TokenDrawer, on_step) -> None:
+        """The reference: every step is a forward over the whole known prefix."""
+        T, N = self.text_len, self.layout.image_len
+        reps = 2 if sampling.guidance_scale != 1.0 else 1
+        for i in range(n0, N):
+            h = self.hidden(seq[:, : T + i])  # positions 0..T+i-1 are known; the last predicts code i
+            token = drawer.draw(self.image_logits(h[:, -1], sampling.guidance_scale), i)
+            seq[:, T + i] = token.repeat(reps)
+            on_step(i + 1, N)
+
+    def _decode_cached(self, seq: Tensor, n0: int, sampling: Sampling, drawer: TokenDrawer, on_step) -> None:
+        """Prefill the caches with the known prefix, then one fixed-shape step per code."""
+        T, N, rows, scale = self.text_len, self.layout.image_len, seq.shape[0], sampling.guidance_scale
+        reps = 2 if scale != 1.0 else 1
+        caches = self.new_caches(rows)
+        h = self.hidden(seq[:, : T + n0], 0, caches)
+        seq[:, T + n0] = drawer.draw(self.image_logits(h[:, -1], scale), n0).repeat(reps)
+        on_step(n0 + 1, N)
+        if n0 + 1 == N:
+            return
+        # step state, updated in place: the newest token of every row and its position
+        current = seq[:, T + n0].clone()
+        pos = torch.full((), T + n0, dtype=torch.long, device=seq.device)
+
+        def forward_step() -> Tensor:
+            return self.image_logits(self.hidden(current[:, None], pos, caches)[:, -1], scale)
+
+        def accept(token: Tensor) -> None:  # token [B] -> every row at position pos + 1
+            current.copy_(token.repeat(reps))
+            pos.add_(1)
+            seq.index_copy_(1, pos.view(1), current[:, None])
+
+        def step_and_draw() -> None:
+            accept(drawer.draw(forward_step(), pos - (T - 1)))
+
+        runner = StepRunner(step_and_draw if drawer.on_device else forward_step, resolve_decode(sampling, seq.device), seq.device)
+        for i in range(n0 + 1, N):
+            logits = runner()
+            if not drawer.on_device:  # host draws: a sync per token, outside the captured step
+                accept(drawer.draw(logits, i))
+            on_step(i + 1, N)
+        self.last_decode.update(decode=runner.used, fallback=runner.fallback)
+
+
+def call_block(block: Block, x: Tensor, start: Position, cache: Optional[KVCache]) -> Tensor:
+    return block(x, start, cache)
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_block_call() -> Callable[..., Tensor]:
+    """:func:`call_block` compiled once per process; the compiled code is shared by every prior.
+
+    Held here, not on the module, so ``copy.deepcopy`` of a prior (EMA weights) never
+    copies a compiled wrapper that still points at the original blocks. Blocks of one
+    configuration share one graph; each attention pattern is its own compile.
+    """
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(call_block, dynamic=False)
 
 
 # ----------------------------------------------------------------------------- the two priors
@@ -417,7 +508,9 @@ class SparseParams(TransformerParams):
     )
     final_layer: Optional[str] = Field("conv", description="pattern forced on the last layer (paper: conv); null = keep the cycle")
     attention_backend: Backend = Field(
-        "auto", description="auto = block-sparse flex_attention on GPU, masked SDPA on CPU; flex | sdpa forces one"
+        "auto",
+        description="auto = block-sparse flex_attention for training shapes on GPU, masked SDPA on CPU and for sampling; "
+        "flex | sdpa forces one (see dalle_framework.attention.kernel_for)",
     )
 
     @field_validator("layers")
