@@ -14,6 +14,7 @@ from __future__ import annotations
 import abc
 import contextlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Iterator, Literal, Optional
 
 import torch
@@ -206,6 +207,15 @@ class DataSource(Component, abc.ABC):
 
     def judge(self, images: torch.Tensor, captions: list[str]) -> Optional[dict[str, list[bool]]]:
         """Oracle verdicts per attribute (e.g. ``colour``, ``shape``, ``position``) or None."""
+        return None
+
+    def prepare_judge(self, cache_dir: Path) -> Optional[dict]:
+        """Get ``judge`` ready: a learned judge is trained, or loaded from ``cache_dir`` where cached.
+
+        Returns the judge's own accuracy on real held-out images, the ceiling for generated
+        ones: ``{"all": share}``, optionally with ``per_caption: {caption: share}``; None when
+        the judge is exact (rules, no model) or there is none.
+        """
         return None
 
 
