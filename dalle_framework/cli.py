@@ -217,6 +217,16 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate_run
 
     pipe = _pipeline_for(args.run, [], args.device)
+    if args.sweep:
+        from .checkpoint import write_text
+        from .sweep import format_table, sweep_sampling
+
+        result = sweep_sampling(pipe, args.sweep, progress=not args.quiet)
+        out = Path(args.out) if args.out else pipe.run_dir / "eval" / "sweep.json"
+        write_text(out, json.dumps(result, indent=2) + "\n")
+        print(format_table(result))
+        print(f"sweep JSON: {out}", file=sys.stderr)
+        return 0
     stages = None if args.stage == "all" else [args.stage]
     report = evaluate_run(pipe, stages, progress=not args.quiet)
     text = json.dumps(report, indent=2)
@@ -375,6 +385,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--stage", choices=(*STAGE_CHOICES, "generation"), default="all")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="judge generation under each sampling setting (repeatable: all combinations); prints a table, "
+        "writes the JSON to --out or <run>/eval/sweep.json. E.g. --sweep guidance_scale=1,2,3 --sweep top_k=null,32",
+    )
     common(p)
     p.set_defaults(func=cmd_evaluate)
 
