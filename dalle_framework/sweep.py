@@ -124,7 +124,7 @@ def format_table(result: dict[str, Any]) -> str:
     header = [*axes, *(f"unreranked {k}" for k in before_keys), f"best of {n} all"]
     if result.get("judge_ceiling"):
         header += ["unreranked / ceiling", f"best of {n} / ceiling"]
-    header += ["clip", "seconds"]
+    header += ["clip"]  # seconds stay in the JSON: they depend on the machine's load
     lines = []
     for row in rows:
         before, after = row.get("faithfulness_before_rerank", {}), row.get("faithfulness_after_rerank", {})
@@ -134,7 +134,7 @@ def format_table(result: dict[str, Any]) -> str:
             relative = row.get("relative_to_ceiling", {})
             cells += [_percent(relative.get("before_rerank")), _percent(relative.get("after_rerank"))]
         clip = row.get("clip_score_all")
-        cells += ["-" if clip is None else f"{clip:.3f}", f"{row['seconds']:.0f}"]
+        cells += ["-" if clip is None else f"{clip:.3f}"]
         lines.append(cells)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
 

@@ -163,7 +163,7 @@ class FashionMnistSource(DataSource):
 
     # ------------------------------------------------------------------ judge
 
-    def _split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_tensors(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         """The whole split (``limit`` ignored), uint8 ``[N, S, S]`` and labels ``[N]``."""
         images = resized_grey(self.params.root, FILES[split], self.params.image_size)
         labels = read_fashion_mnist(self.params.root, FILES[split])[1]
@@ -180,7 +180,7 @@ class FashionMnistSource(DataSource):
         config = JudgeConfig(image_size=self.image_size, epochs=self.params.judge_epochs, seed=self.params.judge_seed)
         if self._judge is None or self._judge.config != config:
             self._judge = FashionJudge.load_or_train(
-                cache_dir, config, LABELS, self._split_tensors("train"), self._split_tensors("heldout")
+                cache_dir, config, LABELS, self.split_tensors("train"), self.split_tensors("heldout")
             )
         ceiling = dict(self._judge.ceiling)
         labels = {caption: label_of(caption) for caption in self.captions("heldout")}
