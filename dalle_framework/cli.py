@@ -290,6 +290,15 @@ def cmd_evaluate(args) -> int:
             raise UsageError(f"--stage {args.stage!r}: choose one of {', '.join(sections(pipe))} or all")
         wanted = [args.stage]
     with locked(pipe.run_dir, command_line()):
+        if args.sweep:
+            from .sweep import format_table, sweep_sampling
+
+            result = sweep_sampling(pipe, args.sweep, progress=not args.quiet)
+            out = Path(args.out) if args.out else pipe.run_dir / "eval" / "sweep.json"
+            write_text(out, json.dumps(result, indent=2) + "\n")
+            print(format_table(result))
+            print(f"sweep JSON: {out}", file=sys.stderr)
+            return 0
         report = evaluate_run(pipe, wanted, progress=not args.quiet)
     text = json.dumps(report, indent=2)
     if args.out:
@@ -500,6 +509,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory (or a recipe whose run directory is trained)")
     p.add_argument("--stage", default="all", help="one stage of the run, generation, or all (default)")
     p.add_argument("--out", help="also write the JSON here")
+    p.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="judge generation under each sampling setting (repeatable: all combinations); prints a table, "
+        "writes the JSON to --out or <run>/eval/sweep.json. E.g. --sweep guidance_scale=1,2,3 --sweep top_k=null,32",
+    )
     common(p)
     p.set_defaults(func=cmd_evaluate)
 

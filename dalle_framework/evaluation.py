@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 import torch
 
-from .interfaces import Prior
+from .interfaces import Prior, Sampling
 from .pipeline import Pipeline
 
 GENERATION = "generation"  # the report section that is not a stage
@@ -22,6 +22,16 @@ GENERATION = "generation"  # the report section that is not a stage
 
 def judge_rates(verdicts: dict[str, list[bool]]) -> dict[str, float]:
     return {key: sum(map(bool, values)) / max(len(values), 1) for key, values in verdicts.items()}
+
+
+def _rates_by(groups: list[str], verdicts: list[bool]) -> dict[str, float]:
+    """Share of True per group, groups in first-seen order."""
+    counts: dict[str, list[int]] = {}
+    for group, ok in zip(groups, verdicts):
+        count = counts.setdefault(group, [0, 0])
+        count[0] += bool(ok)
+        count[1] += 1
+    return {group: right / total for group, (right, total) in counts.items()}
 
 
 @torch.no_grad()
@@ -34,14 +44,24 @@ def generation_metrics(
     grid_path: Optional[Path] = None,
     keep: int = 4,
     progress: bool = True,
+    sampling: Optional[Sampling] = None,
+    ceiling: Optional[dict] = None,
 ) -> dict[str, Any]:
     """Faithfulness before and after reranking, and the reranker's score of samples.
 
     "before" judges every candidate (the expected share for one unreranked
-    sample); "after" judges the single best candidate per caption.
+    sample); "after" judges the single best candidate per caption. ``sampling``
+    defaults to the recipe's; ``ceiling`` is what ``DataSource.prepare_judge``
+    returned (the judge's accuracy on real images), reported beside the rates.
     """
     result = pipe.generate(
-        captions, candidates=candidates, keep=min(keep, candidates), seed=seed, progress=progress, keep_candidates=True
+        captions,
+        candidates=candidates,
+        keep=min(keep, candidates),
+        sampling=sampling,
+        seed=seed,
+        progress=progress,
+        keep_candidates=True,
     )
     out: dict[str, Any] = {"captions": len(captions), "candidates": candidates}
     scores = result.candidate_scores
@@ -59,6 +79,21 @@ def generation_metrics(
         for caption, ok in zip(captions, after["all"]):
             per_caption.setdefault(caption, []).append(bool(ok))
         out["per_caption_after"] = {c: f"{sum(v)}/{len(v)}" for c, v in per_caption.items()}
+        if ceiling:
+            real = ceiling.get("per_caption", {})
+            out["judge_ceiling"] = {k: v for k, v in ceiling.items() if k != "per_caption"}
+            out["relative_to_ceiling"] = {
+                "before_rerank": out["faithfulness_before_rerank"]["all"] / ceiling["all"],
+                "after_rerank": out["faithfulness_after_rerank"]["all"] / ceiling["all"],
+            }
+        # per caption: one unreranked sample, the best of N, and the judge on real images of that caption
+        before_by_caption = _rates_by(flat_captions, before["all"])
+        after_by_caption = _rates_by(captions, after["all"])
+        out["per_caption"] = {
+            c: {"before_rerank": round(before_by_caption[c], 4), "after_rerank": round(after_by_caption[c], 4)}
+            | ({"judge_on_real": real.get(c)} if ceiling else {})
+            for c in before_by_caption
+        }
     if grid_path is not None:
         from .data.images import save_captioned_grid
 
@@ -90,6 +125,7 @@ def evaluate_run(pipe: Pipeline, wanted: Optional[list[str]] = None, *, progress
             seed=pipe.recipe.seed,
             grid_path=pipe.run_dir / "eval" / "generated.png",
             progress=progress,
+            ceiling=pipe.data.prepare_judge(pipe.run_dir / "judge"),
         )
     return finite(report)
 

@@ -316,6 +316,15 @@ class DataSource(Component, abc.ABC):
         """Oracle verdicts per attribute (e.g. ``colour``, ``shape``, ``position``) or None."""
         return None
 
+    def prepare_judge(self, cache_dir: Path) -> Optional[dict]:
+        """Get ``judge`` ready: a learned judge is trained, or loaded from ``cache_dir`` where cached.
+
+        Returns the judge's own accuracy on real held-out images, the ceiling for generated
+        ones: ``{"all": share}``, optionally with ``per_caption: {caption: share}``; None when
+        the judge is exact (rules, no model) or there is none.
+        """
+        return None
+
 
 # --------------------------------------------------------------------------- training configuration
 

@@ -1,0 +1,151 @@
+"""Sweeps of sampling settings, judged by the data source's oracle.
+
+Every setting draws for the same held-out captions with the same seed as
+``dalle evaluate`` (the recipe's ``evaluate`` block), so the row with the
+recipe's own settings repeats the evaluation's generation figures::
+
+    dalle evaluate runs/fashion-demo --sweep guidance_scale=1,2,3,4 --sweep top_k=null,32
+
+prints a table and writes the JSON to ``<run>/eval/sweep.json``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any, Optional
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import UsageError
+from .evaluation import generation_metrics
+from .interfaces import Prior, Sampling
+from .pipeline import Pipeline
+
+
+def parse_axes(items: list[str]) -> dict[str, list[Any]]:
+    """``["guidance_scale=1,2", "top_k=null,32"]`` -> ``{"guidance_scale": [1, 2], "top_k": [None, 32]}``.
+
+    Values are read as YAML (``null`` is None). Keys must be fields of :class:`Sampling`.
+    """
+    fields = [name for name in Sampling.model_fields]
+    axes: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not raw.strip():
+            raise UsageError(f"--sweep {item!r} must look like KEY=V1,V2 (e.g. guidance_scale=1,2,3)")
+        if key not in fields:
+            raise UsageError(f"--sweep {key}: not a sampling setting; choose from {', '.join(fields)}")
+        if key in axes:
+            raise UsageError(f"--sweep {key} is given twice; list all its values once: {key}=V1,V2")
+        try:
+            axes[key] = [yaml.safe_load(value) for value in raw.split(",")]
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--sweep {item!r}: cannot read the values ({exc})") from None
+    return axes
+
+
+def settings(axes: dict[str, list[Any]], base: Sampling) -> list[Sampling]:
+    """Every combination of the axes' values on top of ``base``, last axis varying fastest."""
+    out = []
+    for values in itertools.product(*axes.values()):
+        changed = dict(zip(axes, values))
+        try:
+            out.append(Sampling.model_validate({**base.model_dump(), **changed}))
+        except ValidationError as exc:
+            lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            raise UsageError(f"--sweep {changed}: {lines}") from None
+    return out
+
+
+def sweep_sampling(pipe: Pipeline, items: list[str], *, progress: bool = False) -> dict[str, Any]:
+    """Generate and judge held-out captions under each sampling setting of the ``--sweep`` items.
+
+    Returns ``{"run", "captions", "rounds", "candidates", "seed", "judge_ceiling", "rows"}``;
+    each row holds the swept settings (``sampling``), faithfulness before and after
+    reranking, their share of the judge's ceiling, the CLIP score and the seconds it took.
+    """
+    axes = parse_axes(items)
+    cfg = pipe.recipe.evaluate
+    prior = pipe.role(Prior)
+    if prior is None or not pipe.has_weights(prior):
+        raise UsageError(f"{pipe.run_dir}: nothing to sample from yet; run `dalle train {pipe.run_dir}/recipe.yaml` first")
+    captions = pipe.data.captions("heldout")[: cfg.captions]
+    ceiling = pipe.data.prepare_judge(pipe.run_dir / "judge")
+    rows = []
+    for sampling in settings(axes, pipe.recipe.generate.sampling):
+        started = time.monotonic()
+        metrics = generation_metrics(
+            pipe,
+            captions * cfg.rounds,
+            candidates=cfg.candidates,
+            seed=pipe.recipe.seed,
+            progress=progress,
+            sampling=sampling,
+            ceiling=ceiling,
+        )
+        row = {"sampling": {key: getattr(sampling, key) for key in axes}, "seconds": round(time.monotonic() - started, 1)}
+        for key in ("faithfulness_before_rerank", "faithfulness_after_rerank", "relative_to_ceiling", "clip_score_all", "clip_score_kept"):
+            if key in metrics:
+                row[key] = metrics[key]
+        rows.append(row)
+    return {
+        "run": str(pipe.run_dir),
+        "captions": len(captions),
+        "rounds": cfg.rounds,
+        "candidates": cfg.candidates,
+        "seed": pipe.recipe.seed,
+        "base_sampling": pipe.recipe.generate.sampling.model_dump(),
+        "judge_ceiling": None if ceiling is None else ceiling["all"],
+        "rows": rows,
+    }
+
+
+def _percent(value: Optional[float]) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def _setting(value: Any) -> str:
+    """A swept value as it would be typed: ``null``, ``2`` for 2.0, ``0.95``."""
+    if value is None:
+        return "null"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """The sweep as a plain text table: one row per setting, rates in percent."""
+    rows = result["rows"]
+    if not rows:
+        return "(no settings)"
+    axes = list(rows[0]["sampling"])
+    before_keys = list(rows[0].get("faithfulness_before_rerank", {}))
+    n = result["candidates"]
+    header = [*axes, *(f"unreranked {k}" for k in before_keys), f"best of {n} all"]
+    if result.get("judge_ceiling"):
+        header += ["unreranked / ceiling", f"best of {n} / ceiling"]
+    header += ["clip"]  # seconds stay in the JSON: they depend on the machine's load
+    lines = []
+    for row in rows:
+        before, after = row.get("faithfulness_before_rerank", {}), row.get("faithfulness_after_rerank", {})
+        cells = [_setting(row["sampling"][a]) for a in axes]
+        cells += [_percent(before.get(k)) for k in before_keys] + [_percent(after.get("all"))]
+        if result.get("judge_ceiling"):
+            relative = row.get("relative_to_ceiling", {})
+            cells += [_percent(relative.get("before_rerank")), _percent(relative.get("after_rerank"))]
+        clip = row.get("clip_score_all")
+        cells += ["-" if clip is None else f"{clip:.3f}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()
+
+    title = (
+        f"{result['run']}: {result['captions']} held-out captions x {result['rounds']} rounds x {n} candidates, "
+        f"seed {result['seed']}; rates in %"
+    )
+    if result.get("judge_ceiling"):
+        title += f"; judge ceiling {_percent(result['judge_ceiling'])}% on real held-out images"
+    return "\n".join([title, render(header), render(["-" * w for w in widths]), *map(render, lines)])
