@@ -191,7 +191,7 @@ class FashionMnistSource(DataSource):
         """``{"class", "all"}`` -> B bools: the judge names the class the caption names.
 
         ``images[B, 3, H, W]`` in [0, 1]. A caption that names no class (or several) fails.
-        Without ``prepare_judge`` first, the judge is trained here (about a minute) and not cached.
+        Without ``prepare_judge`` first, the judge is trained here (a minute or two) and not cached.
         """
         assert len(captions) == images.shape[0], f"{len(captions)} captions for {images.shape[0]} images"
         if self._judge is None:

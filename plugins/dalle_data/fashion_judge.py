@@ -4,7 +4,7 @@ It is the oracle of the ``fashion-mnist`` source, and on purpose it is no part o
 the text-to-image model: it is trained only on the real training split, never on
 generated images, and its accuracy on the real held-out split is the ceiling any
 generator can be measured against. Training is deterministic given the seed (on
-the same build and thread count) and takes about a minute on two CPU cores; the
+the same build and thread count) and takes under two minutes on one CPU thread; the
 weights are cached as safetensors with the accuracy in the file's metadata, so
 evaluating a run trains it once.
 """
