@@ -202,3 +202,40 @@ def test_evaluate_sweep_prints_a_table_and_repeats_the_evaluation(trained_run, t
 def test_evaluate_sweep_errors_are_usage_errors(trained_run):  # noqa: F811
     bad = run_cli("evaluate", str(trained_run), "--sweep", "guidance=1,2", "--quiet")
     assert bad.returncode == 2 and "--sweep guidance" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.debian_data("fashion-mnist")
+def test_dalle_run_fashion_demo_reports_faithfulness_against_the_judges_ceiling(tmp_path):
+    """The shipped recipe end to end, shortened: every figure the README's Fashion-MNIST table shows is in the report."""
+    run = tmp_path / "fashion"
+    result = run_cli(
+        "run", "fashion-demo", f"output_dir={run}", "data.params.limit=512", "data.params.judge_epochs=1",
+        "codec.train.steps=30", "prior.train.steps=30", "reranker.train.steps=10",
+        "evaluate.rounds=1", "evaluate.candidates=4", "generate.candidates=2", "generate.keep=1", "--quiet",
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    generation = report["generation"]
+    ceiling = generation["judge_ceiling"]
+    assert ceiling["all"] > 0.8 and ceiling["images"] == 10_000, "judged on the whole real held-out split, limit or not"
+    assert list(ceiling["per_class"]) == [
+        "t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"
+    ]
+    before, after = generation["faithfulness_before_rerank"]["all"], generation["faithfulness_after_rerank"]["all"]
+    assert generation["relative_to_ceiling"] == {"before_rerank": before / ceiling["all"], "after_rerank": after / ceiling["all"]}
+    per_caption = generation["per_caption"]
+    assert len(per_caption) == 10 and all(c.startswith("a photo of ") for c in per_caption)
+    assert all(row["judge_on_real"] == ceiling["per_class"][c.removeprefix("a photo of ").removeprefix("a ").removeprefix("an ")]
+               for c, row in per_caption.items())
+    assert sum(row["before_rerank"] for row in per_caption.values()) / 10 == pytest.approx(before, abs=1e-3)
+    # the judge is cached in the run: evaluating again loads it
+    assert len(list((run / "judge").glob("fashion-judge-32px-*.safetensors"))) == 1
+    again = json.loads(run_cli("evaluate", str(run), "--stage", "generation", "--quiet").stdout)["generation"]
+    assert again["judge_ceiling"] == ceiling and again["faithfulness_before_rerank"] == generation["faithfulness_before_rerank"]
+    # samples for every class, as the recipe lists them
+    from PIL import Image
+
+    with Image.open(run / "samples.png") as grid:
+        assert grid.height > 10 * 32
