@@ -285,6 +285,8 @@ def cmd_evaluate(args) -> int:
 
     pipe = _pipeline_for(args.run, [], args.device)
     wanted = None
+    if args.sweep and args.stage not in (None, "all", "generation"):
+        raise UsageError(f"--sweep judges generation only; drop --stage {args.stage}")
     if args.stage not in (None, "all"):
         if args.stage not in sections(pipe):
             raise UsageError(f"--stage {args.stage!r}: choose one of {', '.join(sections(pipe))} or all")

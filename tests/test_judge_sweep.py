@@ -202,6 +202,8 @@ def test_evaluate_sweep_prints_a_table_and_repeats_the_evaluation(trained_run, t
 def test_evaluate_sweep_errors_are_usage_errors(trained_run):  # noqa: F811
     bad = run_cli("evaluate", str(trained_run), "--sweep", "guidance=1,2", "--quiet")
     assert bad.returncode == 2 and "--sweep guidance" in bad.stderr and "Traceback" not in bad.stderr
+    mixed = run_cli("evaluate", str(trained_run), "--sweep", "top_k=null,4", "--stage", "codec", "--quiet")
+    assert mixed.returncode == 2 and "drop --stage codec" in mixed.stderr
 
 
 @pytest.mark.slow
