@@ -316,8 +316,9 @@ class DataSource(Component, abc.ABC):
         """Oracle verdicts per attribute (e.g. ``colour``, ``shape``, ``position``) or None."""
         return None
 
-    def prepare_judge(self, cache_dir: Path) -> Optional[dict]:
-        """Get ``judge`` ready: a learned judge is trained, or loaded from ``cache_dir`` where cached.
+    def prepare_judge(self, cache_dir: Optional[Path]) -> Optional[dict]:
+        """Get ``judge`` ready: a learned judge is trained, or loaded from ``cache_dir`` where cached
+        (None: train without caching).
 
         Returns the judge's own accuracy on real held-out images, the ceiling for generated
         ones: ``{"all": share}``, optionally with ``per_caption: {caption: share}``; None when
