@@ -10,7 +10,9 @@ A trained pipeline is a directory::
     <stage>/resume.json        which recipe block the state/ checkpoint belongs to
     tokens/<split>.safetensors image tokens pre-encoded by the frozen codec
     tokenizer/                 a fitted tokenizer (BPE), when the recipe's needs one
+    judge/                     a data source's learned judge, cached (DataSource.prepare_judge)
     tb/<stage>/                TensorBoard event files
+    eval/                      `dalle evaluate`'s report, grids and sweeps
 
 Every file is written to a temporary name, fsynced and renamed, so a crash
 leaves either the old file or the new one, never half of one; directories
