@@ -79,8 +79,9 @@ def generation_metrics(
         for caption, ok in zip(captions, after["all"]):
             per_caption.setdefault(caption, []).append(bool(ok))
         out["per_caption_after"] = {c: f"{sum(v)}/{len(v)}" for c, v in per_caption.items()}
-        if ceiling:
-            real = ceiling.get("per_caption", {})
+        judged_real = bool(ceiling and ceiling.get("all"))  # a learned judge's accuracy on real images
+        real = ceiling.get("per_caption", {}) if judged_real else {}
+        if judged_real:
             out["judge_ceiling"] = {k: v for k, v in ceiling.items() if k != "per_caption"}
             out["relative_to_ceiling"] = {
                 "before_rerank": out["faithfulness_before_rerank"]["all"] / ceiling["all"],
@@ -91,7 +92,7 @@ def generation_metrics(
         after_by_caption = _rates_by(captions, after["all"])
         out["per_caption"] = {
             c: {"before_rerank": round(before_by_caption[c], 4), "after_rerank": round(after_by_caption[c], 4)}
-            | ({"judge_on_real": real.get(c)} if ceiling else {})
+            | ({"judge_on_real": real.get(c)} if judged_real else {})
             for c in before_by_caption
         }
     if grid_path is not None:

@@ -88,6 +88,18 @@ def test_judge_is_deterministic_cached_and_retrained_when_its_settings_change(tm
     assert loaded.ceiling == first.ceiling
     images = heldout[0][:64, None].float().div(255).expand(-1, 3, -1, -1)
     assert torch.equal(loaded.classify(images), first.classify(images))
+    # a cache from a stranger (a bogus accuracy, or bytes that are no safetensors) is trained again, never trusted
+    from dataclasses import asdict
+
+    from dalle_framework.rundir import save_weights
+
+    def accuracy(judge):  # the ceiling without its training times
+        return {k: v for k, v in judge.ceiling.items() if not k.endswith("seconds")}
+
+    save_weights(cached, first.net.state_dict(), metadata={"config": json.dumps(asdict(config)), "ceiling": json.dumps({"all": 0})})
+    assert accuracy(FashionJudge.load_or_train(tmp_path, config, LABELS, train, heldout)) == accuracy(first)
+    cached.write_bytes(b"\x80\x04not a safetensors file")
+    assert accuracy(FashionJudge.load_or_train(tmp_path, config, LABELS, train, heldout)) == accuracy(first)
     # another seed is another judge: trained again, not the cached one
     reseeded = FashionJudge.load_or_train(tmp_path, JudgeConfig(width=8, epochs=1, batch_size=64, seed=1), LABELS, train, heldout)
     assert not torch.equal(reseeded.net.head[-1].weight, first.net.head[-1].weight)

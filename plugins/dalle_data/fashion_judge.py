@@ -140,6 +140,18 @@ def accuracy(net: JudgeNet, images: Tensor, labels: Tensor, names: list[str]) ->
     return {"all": round(float((predicted == labels).float().mean()), 4), "images": len(labels), "per_class": per_class}
 
 
+def _plausible_ceiling(ceiling: object, names: list[str]) -> bool:
+    """What :func:`accuracy` writes: shares in (0, 1], one per class."""
+    share = lambda value: isinstance(value, (int, float)) and 0 < value <= 1  # noqa: E731
+    return (
+        isinstance(ceiling, dict)
+        and share(ceiling.get("all"))
+        and isinstance(ceiling.get("per_class"), dict)
+        and set(ceiling["per_class"]) == set(names)
+        and all(value is None or share(value) for value in ceiling["per_class"].values())
+    )
+
+
 class FashionJudge:
     """A trained :class:`JudgeNet` and its accuracy on real held-out images (the ceiling)."""
 
@@ -179,8 +191,11 @@ class FashionJudge:
                 with safe_open(str(path), framework="pt") as f:
                     meta = f.metadata() or {}
                 if json.loads(meta.get("config", "{}")) == asdict(config):
+                    ceiling = json.loads(meta["ceiling"])
+                    if not _plausible_ceiling(ceiling, names):
+                        raise ValueError("its recorded accuracy is not a judge's")
                     net.load_state_dict(load_weights(path))
-                    return cls(net.eval(), config, json.loads(meta["ceiling"]))
+                    return cls(net.eval(), config, ceiling)
                 log.warning("%s was trained with other settings; training the judge again", path)
             except Exception as exc:  # a damaged or foreign cache is rebuilt, never trusted
                 log.warning("%s cannot be read (%s); training the judge again", path, exc)
