@@ -24,14 +24,14 @@ def judge_rates(verdicts: dict[str, list[bool]]) -> dict[str, float]:
     return {key: sum(map(bool, values)) / max(len(values), 1) for key, values in verdicts.items()}
 
 
-def _rates_by(groups: list[str], verdicts: list[bool]) -> dict[str, float]:
-    """Share of True per group, groups in first-seen order."""
+def _counts_by(groups: list[str], verdicts: list[bool]) -> dict[str, tuple[int, int]]:
+    """``(right, total)`` per group, groups in first-seen order."""
     counts: dict[str, list[int]] = {}
     for group, ok in zip(groups, verdicts):
         count = counts.setdefault(group, [0, 0])
         count[0] += bool(ok)
         count[1] += 1
-    return {group: right / total for group, (right, total) in counts.items()}
+    return {group: (right, total) for group, (right, total) in counts.items()}
 
 
 @torch.no_grad()
@@ -75,10 +75,8 @@ def generation_metrics(
         after = pipe.data.judge(result.images[:, 0], captions)
         out["faithfulness_before_rerank"] = judge_rates(before)
         out["faithfulness_after_rerank"] = judge_rates(after)
-        per_caption: dict[str, list[bool]] = {}
-        for caption, ok in zip(captions, after["all"]):
-            per_caption.setdefault(caption, []).append(bool(ok))
-        out["per_caption_after"] = {c: f"{sum(v)}/{len(v)}" for c, v in per_caption.items()}
+        after_counts = _counts_by(captions, after["all"])
+        out["per_caption_after"] = {c: f"{right}/{total}" for c, (right, total) in after_counts.items()}
         judged_real = bool(ceiling and ceiling.get("all"))  # a learned judge's accuracy on real images
         real = ceiling.get("per_caption", {}) if judged_real else {}
         if judged_real:
@@ -88,12 +86,11 @@ def generation_metrics(
                 "after_rerank": out["faithfulness_after_rerank"]["all"] / ceiling["all"],
             }
         # per caption: one unreranked sample, the best of N, and the judge on real images of that caption
-        before_by_caption = _rates_by(flat_captions, before["all"])
-        after_by_caption = _rates_by(captions, after["all"])
+        before_counts = _counts_by(flat_captions, before["all"])
         out["per_caption"] = {
-            c: {"before_rerank": round(before_by_caption[c], 4), "after_rerank": round(after_by_caption[c], 4)}
+            c: {"before_rerank": round(right / total, 4), "after_rerank": round(after_counts[c][0] / after_counts[c][1], 4)}
             | ({"judge_on_real": real.get(c)} if judged_real else {})
-            for c in before_by_caption
+            for c, (right, total) in before_counts.items()
         }
     if grid_path is not None:
         from .data.images import save_captioned_grid
