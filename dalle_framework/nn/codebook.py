@@ -31,3 +31,10 @@ def sample_rows(vectors: torch.Tensor, n: int, generator: Optional[torch.Generat
     else:
         idx = torch.randint(vectors.shape[0], (n,), generator=generator, device="cpu")
     return vectors[idx.to(vectors.device)]
+
+
+def token_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A codec's flat tokens ``[B, h*w]`` as the grid its decoder reads: LongTensor ``[B, h, w]``."""
+    h, w = grid
+    assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
+    return tokens.long().reshape(*tokens.shape[:-1], h, w)

@@ -42,7 +42,7 @@ from pydantic import Field
 
 from dalle_framework import CodecFacts, ImageCodec
 from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, cosine_schedule
+from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, cosine_schedule, token_grid
 
 
 class GumbelDVAE(ImageCodec):
@@ -112,10 +112,7 @@ class GumbelDVAE(ImageCodec):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
-        assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
-        grid = rearrange(tokens.long(), "b (h w) -> b h w", h=h, w=w)
-        return self.recon.to_image(self.decoder.forward_tokens(grid))
+        return self.recon.to_image(self.decoder.forward_tokens(token_grid(tokens, self.grid)))
 
     def loss(self, images: torch.Tensor, step: int = 0) -> dict[str, Any]:
         tau, beta = self.tau(step), self.beta(step)

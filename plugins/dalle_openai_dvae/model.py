@@ -31,7 +31,7 @@ from pydantic import Field, model_validator
 
 from dalle_framework import ImageCodec, Params
 from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import ConvDecoder, ConvEncoder, LogitLaplace
+from dalle_framework.nn import ConvDecoder, ConvEncoder, LogitLaplace, token_grid
 
 GROUPS = 4  # the released encoder / decoder have 4 groups: a grid of image_size / 8
 LOGIT_LAPLACE_EPS = 0.1  # dall_e's map_pixels / unmap_pixels
@@ -91,10 +91,7 @@ class OpenAIDVAE(ImageCodec):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
-        assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
-        grid = rearrange(tokens.long(), "b (h w) -> b h w", h=h, w=w)
-        return self.pixels.to_image(self.decoder.forward_tokens(grid))
+        return self.pixels.to_image(self.decoder.forward_tokens(token_grid(tokens, self.grid)))
 
     def loss(self, images: torch.Tensor, step: int = 0) -> dict[str, Any]:
         logits = self.logits(images)  # [B, K, h, w]

@@ -40,6 +40,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from dalle_framework import ImageCodec, Params, UsageError
+from dalle_framework.nn import token_grid
 
 
 def _norm(channels: int) -> nn.GroupNorm:
@@ -318,9 +319,7 @@ class VQGAN(ImageCodec):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
-        assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
-        z = self.quantize.lookup(rearrange(tokens.long(), "b (h w) -> b h w", h=h, w=w))
+        z = self.quantize.lookup(token_grid(tokens, self.grid))
         out = self.decoder(self.post_quant_conv(z))
         return ((out.clamp(-1, 1) + 1) / 2).float()
 

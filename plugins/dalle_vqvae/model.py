@@ -25,7 +25,7 @@ from torch import nn
 
 from dalle_framework import CodecFacts, ImageCodec, distributed
 from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, nearest_code, sample_rows
+from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, nearest_code, sample_rows, token_grid
 
 
 def _distributed() -> bool:
@@ -159,9 +159,7 @@ class VQVAE(ImageCodec):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, w = self.grid
-        assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
-        codes = rearrange(tokens.long(), "b (h w) -> b h w", h=h, w=w)
+        codes = token_grid(tokens, self.grid)
         param = next(self.decoder.parameters())
         return self.recon.to_image(self.decoder(self.quantiser.lookup(codes).to(param.dtype)))
 
