@@ -411,13 +411,17 @@ def cmd_data(args) -> int:
         source = _source_from_args(args.source, args.param)
         _print_json(write_shards(source, args.out, max_per_shard=args.max_per_shard, progress=not args.quiet))
         return 0
-    # encode: whatever each stage precomputes before training (the prior's image tokens)
+    # encode: whatever each stage precomputes before training (the prior's image tokens); under
+    # torchrun every rank encodes its share, and shards already encoded are kept
     from .rundir import command_line, locked
+    from .train.loop import join_run
 
     pipe = _pipeline_for(args.source, [], args.device)
+    join_run(pipe)
     with locked(pipe.run_dir, command_line()):
         made = {name: stage.prepare() for name, stage in pipe.stages.items()}
-    _print_json({"run": str(pipe.run_dir), "prepared": {k: v for k, v in made.items() if v}})
+    if distributed.is_main():
+        _print_json({"run": str(pipe.run_dir), "prepared": {k: v for k, v in made.items() if v}})
     return 0
 
 

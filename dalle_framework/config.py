@@ -51,3 +51,12 @@ class EvaluateConfig(Strict):
     rounds: int = Field(1, ge=1, le=1000, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
     batches: int = Field(8, ge=1, le=10**6, description="held-out batches for losses and PSNR")
     batch_size: int = Field(64, ge=1, le=100_000)
+
+
+class DistributedConfig(Strict):
+    """How the processes of a multi-process job (torchrun, deepspeed) work together."""
+
+    timeout_minutes: float = Field(
+        30.0, gt=0, le=7 * 24 * 60,
+        description="how long a collective waits for the slowest rank before the job fails (a hung or lost rank)",
+    )

@@ -79,8 +79,19 @@ def set_single_process_env() -> None:
         os.environ.setdefault(key, value)
 
 
+DEFAULT_TIMEOUT_MINUTES = 30.0
+_timeout_minutes = DEFAULT_TIMEOUT_MINUTES
+
+
+def set_timeout(minutes: float) -> None:
+    """How long a collective may wait for the slowest rank before the job fails (the recipe's
+    ``distributed.timeout_minutes``); takes effect when the process group is created."""
+    global _timeout_minutes
+    _timeout_minutes = float(minutes)
+
+
 def init_distributed(
-    *, backend: Optional[str] = None, always: bool = False, timeout_minutes: float = 30
+    *, backend: Optional[str] = None, always: bool = False, timeout_minutes: Optional[float] = None
 ) -> tuple[int, int, int]:
     """Join the process group described by the environment; returns ``(rank, world_size, local_rank)``.
 
@@ -104,7 +115,8 @@ def init_distributed(
                 # Bind this rank to its GPU up front: NCCL otherwise guesses from the global rank.
                 torch.cuda.set_device(default_device())
                 extra["device_id"] = default_device()
-            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes), **extra)
+            minutes = _timeout_minutes if timeout_minutes is None else timeout_minutes
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes), **extra)
     return rank(), world_size(), local_rank()
 
 
@@ -128,6 +140,32 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank, in rank order (``[obj]`` for a single process)."""
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over ranks (float64; the same list on every rank)."""
+    if not (is_initialized() and dist.get_world_size() > 1) or not values:
+        return [float(v) for v in values]
+    device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.cpu().tolist()
+
+
+def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    """The mean over ranks of each value (keys in the same order on every rank)."""
+    keys = sorted(values)
+    sums = sum_over_ranks([values[k] for k in keys])
+    return {k: s / world_size() for k, s in zip(keys, sums)}
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (identity for a single process)."""
     if not (is_initialized() and dist.get_world_size() > 1):
@@ -138,6 +176,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 __all__ = [
+    "all_gather_object",
     "any_rank",
     "barrier",
     "broadcast_object",
@@ -148,7 +187,10 @@ __all__ = [
     "is_initialized",
     "is_main",
     "local_rank",
+    "mean_over_ranks",
     "rank",
     "set_single_process_env",
+    "set_timeout",
+    "sum_over_ranks",
     "world_size",
 ]

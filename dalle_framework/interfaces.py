@@ -20,13 +20,16 @@ import abc
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import UsageError
+
+if TYPE_CHECKING:
+    from .data.stream import ShardedSplit
 
 PAD_ID = 0  # every tokenizer reserves id 0 for padding; priors give each padded position its own learned token
 
@@ -50,7 +53,15 @@ class Component:
 
 
 class ModuleComponent(nn.Module, Component):
-    """A component with weights (codec, prior, reranker)."""
+    """A component with weights (codec, prior, reranker).
+
+    ``partitioned_init``: True when the class initialises every parameter in its constructor
+    or through ``Module.apply`` (never with ``nn.init`` on a parameter reached otherwise), so
+    ZeRO-3 may shard it while it is built: only then is a model larger than one device built at
+    all. Otherwise it is built whole on each rank and sharded afterwards, which is always right.
+    """
+
+    partitioned_init: ClassVar[bool] = False
 
     def __init__(self) -> None:
         nn.Module.__init__(self)
@@ -305,6 +316,19 @@ class DataSource(Component, abc.ABC):
         """Number of samples in ``split`` when known without reading it, else None."""
         return None
 
+    def stream(self, split: Split) -> Optional["ShardedSplit"]:
+        """The split as shard files the framework streams (:mod:`dalle_framework.data.stream`): training
+        then reads it in parts, every rank and worker its own, never all of it into memory. Its items
+        are :class:`Sample` (or ``Skipped``). None (the default): the split is read into memory
+        through ``samples``, which suits generated or small data."""
+        return None
+
+    def caption_stream(self, split: Split) -> Iterator[str]:
+        """Every caption of the split in ``samples`` order (fitting a tokenizer); sources that can read
+        captions without decoding images override it."""
+        for sample in self.samples(split):
+            yield sample.caption
+
     def captions(self, split: Split) -> list[str]:
         """Distinct captions of a split, in a stable order (used to evaluate generation)."""
         seen: dict[str, None] = {}
@@ -371,7 +395,14 @@ class TrainConfig(Strict):
         "or skip that micro-batch and go on (gives up after max_skipped in a row)",
     )
     max_skipped: int = Field(10, ge=1, le=10**6, description="with nonfinite: skip, stop after this many non-finite micro-batches in a row")
-    num_workers: int = Field(0, ge=0, le=256, description="data loader worker processes")
+    num_workers: int = Field(
+        0, ge=0, le=256,
+        description="DataLoader worker processes reading and decoding a streamed (sharded) split; 0 reads in the training process",
+    )
+    shuffle_block: int = Field(
+        1000, ge=1, le=10**7,
+        description="a streamed split is shuffled in blocks of this many records per worker (memory: one block of raw records)",
+    )
 
 
 # --------------------------------------------------------------------------- training engines
@@ -391,6 +422,8 @@ class EngineRun(abc.ABC):
     rank: int = 0
     world_size: int = 1
     device: torch.device = torch.device("cpu")
+    sharded_forward: bool = False  # a forward pass of `module` is a collective (ZeRO-3): every rank must run the same ones
+    resumes_on_other_world_sizes: bool = False  # its checkpoints load on another number of ranks
 
     @property
     def is_main(self) -> bool:
@@ -408,8 +441,16 @@ class EngineRun(abc.ABC):
         """Restore what ``save`` wrote; returns the client state. Never unpickles."""
 
     @abc.abstractmethod
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """The whole model's weights on CPU (consolidated across ranks when sharded)."""
+    def full_state_dict(self, *, rank: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """The whole model's fp32 weights on CPU, consolidated across ranks when sharded.
+
+        Collective: every rank calls it. With ``rank``, only that rank receives them (others get
+        ``{}``) and the others' memory grows by one parameter at a time at most; None: every rank.
+        """
+
+    def evaluating(self) -> contextlib.AbstractContextManager:
+        """Context for held-out forward passes of ``module`` (say, autocast where its weights are bf16)."""
+        return contextlib.nullcontext()
 
     def lr(self) -> float:
         return float("nan")

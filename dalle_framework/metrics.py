@@ -28,11 +28,16 @@ def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict[str, float]:
     flat = tokens.detach().reshape(-1).long()
     assert flat.numel() > 0, "codebook_usage needs at least one token"
     assert int(flat.min()) >= 0 and int(flat.max()) < vocab_size, "tokens out of [0, vocab_size)"
-    counts = torch.bincount(flat.cpu(), minlength=vocab_size).double()
-    p = counts / counts.sum()
+    return histogram_usage(torch.bincount(flat.cpu(), minlength=vocab_size))
+
+
+def histogram_usage(counts: torch.Tensor) -> dict[str, float]:
+    """:func:`codebook_usage` from a histogram of codes (``counts[vocab_size]``, e.g. summed over ranks)."""
+    counts = counts.double()
+    p = counts / counts.sum().clamp_min(1e-12)
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     used = int((counts > 0).sum())
-    return {"usage": used / vocab_size, "used": float(used), "perplexity": math.exp(entropy)}
+    return {"usage": used / len(counts), "used": float(used), "perplexity": math.exp(entropy)}
 
 
 def retrieval_accuracy(similarity, images: torch.Tensor, captions: list[str]) -> dict[str, float]:

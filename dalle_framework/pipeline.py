@@ -22,9 +22,10 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import rundir
+from . import distributed, rundir
 from .candidates import RunningBest
 from .data.images import fit_images, load_split
+from .data.stream import ShardedSplit, count_records
 from .errors import UsageError
 from .interfaces import DataSource, ImageCodec, Prior, Reranker, Sampling, Tokenizer
 from .plugins import KINDS, PluginManager, get_plugin_manager
@@ -103,6 +104,7 @@ class Pipeline:
         self.stages: dict[str, Stage] = {name: classes[name](self) for name in classes if name in recipe.stages}
         self._components: dict[str, Any] = {}
         self._splits: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        self._counts: dict[tuple, list[int]] = {}
 
     # ------------------------------------------------------------------ construction
 
@@ -148,21 +150,40 @@ class Pipeline:
         return self._components["tokenizer"]
 
     def fit_tokenizer(self, *, force: bool = False) -> Optional[dict[str, Any]]:
-        """Fit a tokenizer that learns from data on the training captions and save it in the run; None if it needs no fit."""
+        """Fit a tokenizer that learns from data on the training captions and save it in the run; None if it needs no fit.
+
+        Under several processes rank 0 fits and saves it while the others wait, then load it.
+        """
         tokenizer = self.build("tokenizer", self.recipe.tokenizer)
         target = self.run_dir / TOKENIZER_DIR
         if not tokenizer.needs_fit:
             return None
-        if target.is_dir() and not force:
+        fit = distributed.broadcast_object(force or not target.is_dir())  # one decision for all ranks
+        result: dict[str, Any] = {"tokenizer": str(target), "reused": True}
+        if fit and distributed.is_main():
+            streamed = self.data.stream("train") is not None
+            captions = list(self.data.caption_stream("train")) if streamed else self.split("train")[1]
+            tokenizer.fit(captions)
+            with rundir.atomic_directory(target, collective=False) as tmp:
+                tokenizer.save(tmp)
+            result = {"tokenizer": str(target), "captions": len(captions), "vocab_size": tokenizer.vocab_size}
+        if fit:
+            distributed.barrier()
+        if not (fit and distributed.is_main()):
+            if not target.is_dir():
+                raise UsageError(f"{target}: rank 0's fitted tokenizer is not visible here; the run directory must be shared by all nodes")
             tokenizer.load(target)
-            self._components["tokenizer"] = tokenizer
-            return {"tokenizer": str(target), "reused": True}
-        _, captions = self.split("train")
-        tokenizer.fit(captions)
-        with rundir.atomic_directory(target, collective=False) as tmp:
-            tokenizer.save(tmp)
         self._components["tokenizer"] = tokenizer
-        return {"tokenizer": str(target), "captions": len(captions), "vocab_size": tokenizer.vocab_size}
+        return result
+
+    def shard_counts(self, stream: ShardedSplit, *, collective: bool = False) -> list[int]:
+        """Records per shard of a streamed split, counted once per pipeline and cached in ``<run>/data``
+        (see :func:`~dalle_framework.data.stream.count_records`; ``collective``: every rank calls it)."""
+        key = (stream.format.name, tuple(stream.paths))
+        if key not in self._counts:
+            cache = self.run_dir / "data" / f"counts-{stream.format.name}.json"
+            self._counts[key] = count_records(stream, cache=cache, collective=collective)
+        return self._counts[key]
 
     def split(self, split: str) -> tuple[torch.Tensor, list[str]]:
         """A split of the recipe's data as uint8 ``[N,3,H,W]`` plus captions, read once per pipeline."""

@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import ComponentBlock, EvaluateConfig, GenerateConfig, StageBlock
+from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock
 from .errors import RecipeError, UsageError
 from .interfaces import EngineSpec, Strict, TrainConfig
 
@@ -47,6 +47,7 @@ class Recipe(Strict):
     tokenizer: ComponentBlock
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     # One block per stage present, in training order; filled by `validate` (the top-level
     # stage keys of the YAML), written back flat by `dump`.
     stages: dict[str, StageBlock] = Field(default_factory=dict, exclude=True)

@@ -314,6 +314,37 @@ def read_meta(run_dir: Path, stage: str) -> Optional[dict]:
     return meta if isinstance(meta, dict) and meta.get("complete") else None
 
 
+# ----------------------------------------------------------------------------- one directory for all ranks
+
+SHARED_MARKER = ".rank0-marker"
+
+
+def check_shared(run_dir: str | Path) -> None:
+    """Every rank must see rank 0's files in ``run_dir``: checkpoints are written by all ranks into
+    one directory and published by rank 0. Collective; exit 2 naming the ranks that do not."""
+    if distributed.world_size() < 2:
+        return
+    marker = Path(run_dir) / SHARED_MARKER
+    token = distributed.broadcast_object(os.urandom(8).hex() if distributed.is_main() else None)
+    if distributed.is_main():
+        write_text(marker, token)
+    distributed.barrier()
+    try:
+        sees = marker.read_text(encoding="utf-8") == token
+    except OSError:
+        sees = False
+    blind = [rank for rank, ok in enumerate(distributed.all_gather_object(sees)) if not ok]
+    if distributed.is_main():
+        with contextlib.suppress(OSError):
+            marker.unlink()
+    if blind:
+        raise UsageError(
+            f"{run_dir}: rank(s) {', '.join(map(str, blind))} of {distributed.world_size()} do not see the files rank 0 writes there; "
+            "checkpoints and exports need the run directory on a file system shared by all nodes "
+            "(NFS, Lustre, ...): set output_dir to a shared path"
+        )
+
+
 # ----------------------------------------------------------------------------- the run lock
 
 _held: dict[Path, list] = {}  # run dir -> [open lock file, nesting depth] held by this process

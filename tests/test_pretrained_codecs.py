@@ -497,7 +497,7 @@ def test_a_recipe_with_a_converted_frozen_codec_trains_only_the_prior_and_genera
     from dalle_framework.data import load_token_shard
     from dalle_framework.pipeline import Pipeline
 
-    shard = load_token_shard(tmp_path / "run" / "tokens" / "heldout.safetensors")
+    shard = load_token_shard(tmp_path / "run" / "tokens" / "heldout" / "000000.safetensors")
     pipe = Pipeline.load(tmp_path / "run")
     images = pipe.split("heldout")[0][:4].float() / 255
     reference_codes, _ = dall_e_reference(encoder, decoder, images)

@@ -150,7 +150,7 @@ def test_train_all_then_generate_and_evaluate(manager, tmp_path):
     results = train_all(pipe, progress=False)
     assert set(results) == {"codec", "prior"}
     assert "bits_per_image_token" in results["prior"]
-    assert (tmp_path / "run" / "tokens" / "train.safetensors").is_file()
+    assert (tmp_path / "run" / "tokens" / "train.json").is_file() and (tmp_path / "run" / "tokens" / "train" / "000000.safetensors").is_file()
 
     again = train_all(Pipeline.load(tmp_path / "run"), progress=False)
     assert again == {"codec": {"reused": True}, "prior": {"reused": True}}

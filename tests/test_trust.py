@@ -78,7 +78,7 @@ def trained_run(tmp_path_factory) -> Path:
 
 def test_payload_in_any_file_of_a_torch_run_never_runs(trained_run, tmp_path, capsys):
     files = sorted(p.relative_to(trained_run) for p in trained_run.rglob("*") if p.is_file() and "tb" not in p.parts and p.name != ".lock")
-    assert {Path("recipe.yaml"), Path("codec/state/state.pt"), Path("codec/resume.json"), Path("tokens/train.safetensors")} <= set(files)
+    assert {Path("recipe.yaml"), Path("codec/state/state.pt"), Path("codec/resume.json"), Path("tokens/train/000000.safetensors"), Path("tokens/train.json")} <= set(files)
     marker = tmp_path / "pwned"
     for relative in files:
         copy = tmp_path / f"run-{'-'.join(relative.parts)}"

@@ -5,6 +5,7 @@
   ``captioned_grid`` (a caption beside each row of images, scores under them)
 - :mod:`.shards`: write any :class:`~dalle_framework.DataSource` as webdataset tar shards
 - :mod:`.tokens`: safetensors shards of pre-computed text + image tokens (stage 2)
+- :mod:`.stream`: a split read from shard files as a stream (exact epochs over ranks and workers, resumable)
 """
 
 from .batches import ShuffledBatches, chunks
@@ -14,6 +15,7 @@ from .images import (
     captioned_grid,
     decode_image,
     fit_images,
+    image_tensor,
     load_split,
     save_captioned_grid,
     save_grid,
@@ -22,7 +24,7 @@ from .images import (
     to_tensor,
 )
 from .shards import write_shards
-from .tokens import load_token_shard, load_token_shards, save_token_shard
+from .tokens import load_token_shard, load_token_shards, save_token_shard, token_shard_header
 
 __all__ = [
     "ShuffledBatches",
@@ -32,6 +34,7 @@ __all__ = [
     "captioned_grid",
     "decode_image",
     "fit_images",
+    "image_tensor",
     "load_split",
     "load_token_shard",
     "load_token_shards",
@@ -41,5 +44,6 @@ __all__ = [
     "square_resize",
     "to_pil",
     "to_tensor",
+    "token_shard_header",
     "write_shards",
 ]

@@ -10,10 +10,15 @@ import torch
 class ShuffledBatches:
     """Endless shuffled batches over equal-length columns (tensors or lists).
 
-    Each epoch draws a fresh permutation from ``seed + epoch``; under data
-    parallelism rank ``r`` of ``w`` takes every ``w``-th index, so ranks never
-    overlap. The position (epoch, offset) is the whole state: resuming replays
-    exactly the batches an uninterrupted run would have drawn.
+    Each epoch is a fresh permutation drawn from ``seed + epoch``, and the epochs'
+    permutations are read one after the other: the *global position* counts the
+    samples drawn by all ranks together. Each call draws the next
+    ``world_size x batch_size`` positions and rank ``r`` takes the ``r``-th
+    ``batch_size`` of them, so ranks never overlap and every sample is drawn once
+    per epoch across ranks. The global position is the whole state: resuming on
+    the same ranks replays exactly the batches an uninterrupted run would have
+    drawn, and resuming on another number of ranks (or another batch size)
+    continues from the same place, nothing drawn twice or skipped.
     """
 
     def __init__(self, columns: Sequence[Any], *, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
@@ -21,39 +26,48 @@ class ShuffledBatches:
         assert len(lengths) == 1, f"columns differ in length: {sorted(lengths)}"
         self.columns = columns
         self.n = lengths.pop()
-        assert self.n >= world_size, f"{self.n} samples cannot be split over {world_size} ranks"
+        assert self.n >= 1, "no samples to draw batches from"
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.epoch, self.offset = 0, 0
-        self._order = self._permutation()
+        self.position = 0
+        self._orders: dict[int, torch.Tensor] = {}
 
-    def _permutation(self) -> torch.Tensor:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        return torch.randperm(self.n, generator=g)[self.rank :: self.world_size]
+    def _permutation(self, epoch: int) -> torch.Tensor:
+        if epoch not in self._orders:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._orders = {e: o for e, o in self._orders.items() if e >= epoch - 1}  # a batch spans at most two epochs
+            self._orders[epoch] = torch.randperm(self.n, generator=g)
+        return self._orders[epoch]
 
     def __iter__(self) -> "ShuffledBatches":
         return self
 
     def __next__(self) -> list[Any]:
-        picked: list[torch.Tensor] = []
-        need = self.batch_size
-        while need:
-            chunk = self._order[self.offset : self.offset + need]
-            picked.append(chunk)
-            need -= len(chunk)
-            self.offset += len(chunk)
-            if self.offset >= len(self._order):
-                self.epoch, self.offset = self.epoch + 1, 0
-                self._order = self._permutation()
-        index = torch.cat(picked)
+        start = self.position + self.rank * self.batch_size
+        positions = torch.arange(start, start + self.batch_size)
+        epochs, offsets = positions // self.n, positions % self.n
+        index = torch.cat([self._permutation(int(e))[offsets[epochs == e]] for e in epochs.unique().tolist()])
+        self.position += self.world_size * self.batch_size
         return [_take(column, index) for column in self.columns]
 
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "offset": self.offset}
+    @property
+    def epoch(self) -> int:
+        return self.position // self.n
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._order = self._permutation()
+    def state_dict(self) -> dict[str, int]:
+        return {"kind": "memory", "position": self.position, "samples": self.n}
+
+    def load_state_dict(self, states: Any) -> None:
+        """Continue from a saved position: every rank's state (a list, as the training loop saves them) or one
+        rank's; a state from before global positions (``epoch``, ``offset`` of one process) reads the same."""
+        state = states[0] if isinstance(states, list) else states
+        if "position" in state:
+            self.position = int(state["position"])
+        else:
+            self.position = int(state["epoch"]) * self.n + int(state["offset"])
+
+    def close(self) -> None:
+        """Nothing to stop (the stream of a sharded split has workers to end)."""
 
 
 def _take(column: Any, index: torch.Tensor) -> Any:

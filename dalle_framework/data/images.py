@@ -47,6 +47,11 @@ def to_tensor(img: ImageLike) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
+def image_tensor(img: ImageLike) -> torch.Tensor:
+    """A sample image (uint8 ``[H, W, 3]``: numpy / PIL / tensor) as a uint8 ``[3, H, W]`` tensor, as batches hold them."""
+    return torch.from_numpy(np.ascontiguousarray(_as_uint8_hwc(img))).permute(2, 0, 1).contiguous()
+
+
 def to_pil(img: Union[ImageLike, torch.Tensor]) -> Image.Image:
     """A sample image, or a model image ``[3, H, W]`` float in ``[0, 1]``, as a PIL RGB image."""
     if isinstance(img, torch.Tensor) and img.dtype != torch.uint8:

@@ -76,6 +76,21 @@ def load_token_shard(path: Union[str, os.PathLike]) -> dict[str, Any]:
     return {"text": text.long(), "image_tokens": image_tokens.long(), "captions": captions, "meta": meta}
 
 
+def token_shard_header(path: Union[str, os.PathLike]) -> dict[str, Any]:
+    """A shard's rows, captions and ``meta`` read from its header alone (the tensors stay on disk)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            rows = int(f.get_slice("image_tokens").get_shape()[0])
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"format {metadata.get('format')!r}")
+        return {"rows": rows, "captions": json.loads(metadata["captions"]), "meta": json.loads(metadata["meta"])}
+    except Exception as exc:  # anything unreadable is a shard to encode again, named
+        raise UsageError(f"token shard {str(path)!r} is not readable ({type(exc).__name__}: {exc}); delete it to re-encode") from None
+
+
 def load_token_shards(paths: Union[str, os.PathLike, list]) -> dict[str, Any]:
     """Several shards (a list, or a glob like ``tokens/train-*.safetensors``) concatenated in sorted order.
 

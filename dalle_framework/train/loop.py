@@ -82,6 +82,7 @@ def train_stage(pipe: Pipeline, stage_name: str, *, resume: bool = False, force:
     or gradient stops the run without saving (or skips the batch when the
     recipe says ``nonfinite: skip``); the last finite checkpoint stays.
     """
+    join_run(pipe)
     with rundir.locked(pipe.run_dir, rundir.command_line()):
         stage = pipe.stage(stage_name)
         claim_run_dir(pipe, force=force)
@@ -123,28 +124,13 @@ class _Training:
     def run(self) -> dict[str, Any]:
         pipe, stage, train = self.pipe, self.stage, self.train
         _require_data(stage)  # both splits and what they need (the prior's tokens), before seeding: cached or not, the same stream
-        torch.manual_seed(pipe.recipe.seed + stage.seed_offset())
-        engine = pipe.build("engine", train.engine)
-        with engine.model_context(train):
-            module = stage.build()
-        if stage.block.weights and not self.resume:
-            rundir.load_into(module, stage.block.weights)  # fine-tune from pretrained weights
-        run = self.engine_run = engine.prepare(module, train)
+        run, module = self._prepare_engine()
         self.main = run.is_main
-        batches = self.batches = stage.batches(rank=run.rank, world_size=run.world_size)
+        self.batches = stage.batches(rank=run.rank, world_size=run.world_size)
         self.ema = _ema(run, train.ema) if train.ema else None
         self.step = 0
         if self.resume is not None:
-            client = run.load(str(self.resume))
-            self.step = int(client["step"])
-            batches.load_state_dict(client["data"])
-            if self.ema is not None and "ema" in client:
-                self.ema.load_state_dict(client["ema"])
-            if "rng" in client:
-                rundir.set_rng_state(client["rng"])
-            if self.main:
-                log.info("resumed %s at step %d", stage.name, self.step)
-
+            self._restore(run)
         self.writer = _writer(pipe.run_dir / "tb" / stage.name) if self.main else None
         from tqdm.auto import tqdm
 
@@ -160,30 +146,89 @@ class _Training:
                 if self.ema is not None:
                     self.ema.update(run.module)
                 bar.update(1)
-                if self.main and (self.step % train.log_every == 0 or self.step == 1):
-                    bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
-                    for key, value in out.items():
-                        self.writer.add_scalar(f"train/{key}", value, self.step)
+                self._log(out, bar)
                 if self.step % train.eval_every == 0 and self.step < train.steps:
-                    self._evaluate(self._export())
+                    self._evaluate()
                 if self.step % train.ckpt_every == 0 and self.step < train.steps:
                     self._save_state()
                 if train.max_minutes and distributed.any_rank(time.monotonic() - started > train.max_minutes * 60):
                     stopped_early = True
                     break
             self._save_state()
+            metrics = self._evaluate()
             weights = self._export()
-            metrics = self._evaluate(weights)
         except NonFiniteError as exc:
             raise self._diverged(exc) from None
         finally:
             bar.close()
+            self.batches.close()
             if self.writer is not None:
                 self.writer.close()
         if self.main:
             self._publish(weights, metrics, stopped_early=stopped_early, skipped=skipped, seconds=time.monotonic() - started)
         run.barrier()
         return metrics
+
+    def _prepare_engine(self):
+        """The engine and the module, initialised identically on every rank; then each rank's own random stream."""
+        pipe, stage, train = self.pipe, self.stage, self.train
+        seed = pipe.recipe.seed + stage.seed_offset()
+        torch.manual_seed(seed)
+        engine = pipe.build("engine", train.engine)
+        # ZeRO-3 shards a model while it is built only if it initialises through Module.apply (see ModuleComponent)
+        sharded_build = getattr(pipe.manager.registry(stage.kind).get(stage.block.name), "partitioned_init", False)
+        with engine.model_context(train) if sharded_build else contextlib.nullcontext():
+            module = stage.build()
+        if stage.block.weights and not self.resume:
+            rundir.load_into(module, stage.block.weights)  # fine-tune from pretrained weights
+        run = self.engine_run = engine.prepare(module, train)
+        if run.rank > 0:  # dropout, caption dropout and noise differ per rank; rank 0 keeps the one-process stream
+            torch.manual_seed(_rank_seed(seed, run.rank, 0))
+        return run, module
+
+    def _restore(self, run) -> None:
+        """Continue from the checkpoint: engine state, step, EMA, every rank's data position and random state."""
+        record = _resume_record(self.stage_dir) or {}
+        saved_world = int(record.get("world_size", run.world_size))
+        if saved_world != run.world_size and not run.resumes_on_other_world_sizes:
+            raise UsageError(
+                f"{self.state_dir}: saved by {saved_world} process(es), resumed by {run.world_size}; the "
+                f"{self.train.engine.name} engine's sharded checkpoints load only on as many ranks: resume with {saved_world}, "
+                "or start this stage over with --force"
+            )
+        client = run.load(str(self.resume))
+        self.step = int(client["step"])
+        self.batches.load_state_dict(client["data"])
+        if self.ema is not None and "ema" in client:
+            self.ema.load_state_dict(client["ema"])
+        rng = client.get("rng")
+        if isinstance(rng, list):  # one state per rank of the run that saved it
+            if run.rank < len(rng):
+                rundir.set_rng_state(rng[run.rank])
+            else:
+                torch.manual_seed(_rank_seed(self.pipe.recipe.seed + self.stage.seed_offset(), run.rank, self.step))
+        elif rng is not None:
+            rundir.set_rng_state(rng)
+        before, now = record.get("global_batch"), self._global_batch()
+        if self.main:
+            if before is not None and int(before) != now:
+                log.warning("%s: the global batch was %s samples per optimizer step and is %d now (%d rank(s) x %d x grad_accum %d); "
+                            "the data continues where it stopped", self.stage.name, before, now, run.world_size,
+                            self.train.batch_size, self.train.grad_accum)
+            log.info("resumed %s at step %d", self.stage.name, self.step)
+
+    def _global_batch(self) -> int:
+        return self.engine_run.world_size * self.train.batch_size * self.train.grad_accum
+
+    def _log(self, out: dict[str, float], bar) -> None:
+        """Training scalars averaged over ranks (a collective at the same steps on every rank), written by rank 0."""
+        if not (self.step % self.train.log_every == 0 or self.step == 1):
+            return
+        out = distributed.mean_over_ranks(out)
+        if self.main:
+            bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
+            for key, value in out.items():
+                self.writer.add_scalar(f"train/{key}", value, self.step)
 
     # ------------------------------------------------------------------ steps
 
@@ -221,12 +266,17 @@ class _Training:
             f"Lower {name}.train.lr, set {name}.train.grad_clip, or let it skip such batches with {name}.train.nonfinite: skip"
         )
 
-    def _export(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights (EMA when enabled); collective, so every rank calls it. Refuses non-finite ones."""
-        weights = self.ema.weights(self.engine_run.module) if self.ema is not None else self.engine_run.full_state_dict()
-        bad = next((k for k, v in weights.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    def _export(self) -> Optional[dict[str, torch.Tensor]]:
+        """Full fp32 weights (EMA when enabled) on rank 0 only, consolidated one parameter at a time so no
+        other rank's memory grows with the model; collective, so every rank calls it. Refuses non-finite ones."""
+        run = self.engine_run
+        if self.ema is not None:
+            weights = self.ema.weights(run.module) if self.main else None
+        else:
+            weights = run.full_state_dict(rank=0) if run.world_size > 1 else run.full_state_dict()
+        bad = next((k for k, v in (weights or {}).items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
         if distributed.any_rank(bad is not None):
-            raise NonFiniteError(f"weight {bad or '(on another rank)'}", float("nan"), applied=True)
+            raise NonFiniteError(f"weight {bad or '(on rank 0)'}", float("nan"), applied=True)
         return weights
 
     def _save_state(self) -> None:
@@ -234,37 +284,54 @@ class _Training:
         local_bad = any(not torch.isfinite(p).all() for p in run.module.parameters() if p.numel())
         if distributed.any_rank(local_bad):
             raise NonFiniteError("a weight", float("nan"), applied=True)
-        client = {"step": self.step, "data": self.batches.state_dict(), "rng": rundir.rng_state()}
+        # Every rank's data position and random state: each continues its own on resume.
+        data, rng = zip(*distributed.all_gather_object((self.batches.state_dict(), rundir.rng_state())))
+        client = {"step": self.step, "data": list(data), "rng": list(rng), "world_size": run.world_size}
         if self.ema is not None:
             client["ema"] = self.ema.state_dict()
         run.save(str(self.state_dir), client)
         if self.main:
-            rundir.write_json(self.stage_dir / rundir.RESUME_FILE, {"step": self.step, "identity": self.stage.identity(with_train=False)})
+            rundir.write_json(self.stage_dir / rundir.RESUME_FILE, {
+                "step": self.step, "identity": self.stage.identity(with_train=False),
+                "world_size": run.world_size, "global_batch": self._global_batch(),
+            })
 
-    def _evaluate(self, weights: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Held-out metrics and a preview, on rank 0, from a plain fp32 copy of the weights.
+    def _evaluate(self) -> dict[str, float]:
+        """Held-out metrics on every rank's share (summed over ranks) and a preview, written by rank 0.
 
-        A separate module keeps evaluation independent of how the engine holds the
-        model (bf16, sharded by ZeRO-3, wrapped by DDP) and of the training RNG.
+        The model is evaluated as the engine holds it (sharded by ZeRO-3, bf16 under DeepSpeed's
+        bf16), so no rank needs a full copy; with EMA, the averaged weights in a module of their own.
+        A fixed seed and a restored random state keep evaluation out of the training stream.
         """
-        if not self.main:
-            return {}
-        device = self.engine_run.device
-        with _isolated_rng(self.pipe.recipe.seed, device):
-            if self.eval_module is None:
-                self.eval_module = self.stage.build().to(device)
-            self.eval_module.load_state_dict(weights)
-            result = self.stage.evaluate(self.eval_module, device)
-            for key, value in result.items():
-                self.writer.add_scalar(f"eval/{key}", value, self.step)
-            _log_preview(self.writer, self.stage, self.eval_module, device, self.step)
+        run, device = self.engine_run, self.engine_run.device
+        with _isolated_rng(self.pipe.recipe.seed, device), run.evaluating():
+            module = self._eval_module()
+            result = self.stage.evaluate(module, device, collective=True)
+            if self.main:
+                for key, value in result.items():
+                    self.writer.add_scalar(f"eval/{key}", value, self.step)
+            if self.main or run.sharded_forward:  # under ZeRO-3 every rank runs the preview's forward passes
+                _log_preview(self.writer, self.stage, module, device, self.step)
         return result
+
+    def _eval_module(self) -> torch.nn.Module:
+        if self.ema is None:
+            return self.engine_run.module
+        if self.eval_module is None:
+            self.eval_module = self.stage.build().to(self.engine_run.device)
+        self.eval_module.load_state_dict(self.ema.weights(self.engine_run.module))
+        return self.eval_module
 
     def _publish(self, weights: dict[str, torch.Tensor], metrics: dict[str, float], **facts: Any) -> None:
         stage, block = self.stage, self.stage.block
         rundir.save_weights(self.stage_dir / rundir.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage.name})
         _write_meta(self.pipe, stage, metrics, step=self.step, world_size=self.engine_run.world_size, **facts)
         self.pipe.forget(stage.name)  # the next access loads the new weights
+
+
+def _rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of a rank's own random stream (ranks > 0; rank 0 keeps the one-process stream)."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
 
 
 def _write_meta(pipe: Pipeline, stage: Stage, metrics: dict[str, Any], **facts: Any) -> None:
@@ -286,7 +353,13 @@ def _write_meta(pipe: Pipeline, stage: Stage, metrics: dict[str, Any], **facts: 
 
 
 def install_frozen(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
-    """A frozen stage is not trained: its pretrained ``weights`` are checked, copied into the run and measured."""
+    """A frozen stage is not trained: its pretrained ``weights`` are checked, copied into the run and measured (by rank 0)."""
+    result = _install_frozen(pipe, stage) if distributed.is_main() else {"frozen": True}
+    distributed.barrier()
+    return result
+
+
+def _install_frozen(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
     source = Path(stage.block.weights)
     if not source.is_file():
         raise UsageError(
@@ -308,18 +381,29 @@ def install_frozen(pipe: Pipeline, stage: Stage) -> dict[str, Any]:
 
 
 def _has_heldout(stage: Stage) -> bool:
-    columns = stage.heldout(1)
-    return bool(columns) and len(columns[0]) > 0
+    return stage.size("heldout") > 0
 
 
 def _require_data(stage: Stage) -> None:
-    train = stage.columns("train")
-    if not train or len(train[0]) == 0:
+    """Both splits exist and what the stage derives from them is made (collective: every rank calls it)."""
+    stage.prepare()  # the prior's image tokens: each rank encodes its share
+    for split in ("train", "heldout"):
+        if stage.stream(split) is not None:
+            stage.counts(split, collective=True)  # each rank counts its share of the shards, once
+    if stage.size("train") == 0:
         raise UsageError(f"data: the training split is empty; {stage.name} has nothing to learn from (check data.params)")
     if not _has_heldout(stage):
         raise UsageError(
             f"data: the held-out split is empty; every stage is measured on held-out data (check data.params, e.g. heldout_percent)"
         )
+
+
+def join_run(pipe: Pipeline) -> None:
+    """Join the job's process group (under torchrun / deepspeed) with the recipe's timeout, and check that
+    every rank sees the same run directory, which checkpoints and exports need."""
+    distributed.set_timeout(pipe.recipe.distributed.timeout_minutes)
+    distributed.init_distributed()
+    rundir.check_shared(pipe.run_dir)
 
 
 @contextlib.contextmanager
@@ -349,7 +433,7 @@ def _log_preview(writer, stage: Stage, module, device, step: int) -> None:
         preview = stage.preview(module, device)
     except UsageError:
         return
-    if preview is None:
+    if preview is None or writer is None:
         return
     from ..data.images import captioned_grid, to_tensor
 
@@ -372,8 +456,10 @@ def train_all(
     for name in stages or []:
         pipe.stage(name)  # unknown names are a clear error
     results: dict[str, Any] = {}
+    join_run(pipe)
     with rundir.locked(pipe.run_dir, rundir.command_line()):
         claim_run_dir(pipe, force=force)
+        distributed.barrier()  # the recipe file is in place before any rank reads the run
         fitted = pipe.fit_tokenizer()
         if fitted is not None and not fitted.get("reused"):
             results["tokenizer"] = fitted

@@ -136,6 +136,7 @@ class DeepSpeedRun(EngineRun):
         self.module = self.engine.module
         self.device = self.engine.device
         self.stage = self.engine.zero_optimization_stage()
+        self.sharded_forward = self.stage == 3  # each forward gathers the weights from every rank
         self.float_dtype = FLOAT_DTYPES[train.precision]  # inputs follow the (cast) weights
         self.last_grad_norm = 0.0
 
@@ -187,22 +188,29 @@ class DeepSpeedRun(EngineRun):
         self.last_grad_norm = float(client.get("last_grad_norm", 0.0))
         return client.get("client_state", {})
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Full fp32 weights on CPU, keyed like ``module.state_dict()``.
+    def full_state_dict(self, *, rank: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Full fp32 weights on CPU, keyed like ``module.state_dict()``; on ``rank`` only when given.
 
-        Collective at ZeRO-1/2/3 and with bf16/fp16: all ranks call it. A
-        trainable parameter comes from the fp32 master copy held by the
-        optimizer (``safe_get_full_fp32_param`` gathers its shards); one without
-        such a copy (fp32 at stage 0, a frozen one) is read from the module,
-        gathered first under ZeRO-3. Buffers are never partitioned. A tied
-        weight appears under each of its state-dict names.
+        Collective at ZeRO-1/2/3 and with bf16/fp16: all ranks call it. Gathered one
+        parameter at a time, so a rank that does not keep them holds one parameter more
+        at most. A trainable parameter comes from the fp32 master copy held by the
+        optimizer (``safe_get_full_fp32_param`` gathers its shards); one without such a
+        copy (fp32 at stage 0, a frozen one) is read from the module, gathered first under
+        ZeRO-3. Buffers are never partitioned. A tied weight appears under each of its
+        state-dict names.
         """
         from deepspeed.utils import safe_get_full_fp32_param
 
+        keep = rank is None or rank == self.rank
         full: dict[int, torch.Tensor] = {}
         for param in self.module.parameters():  # each tensor once, in a fixed order on every rank
             value = safe_get_full_fp32_param(param) if param.requires_grad else None
-            full[id(param)] = (value if value is not None else self._gathered(param)).detach().to("cpu", torch.float32).clone()
+            value = value if value is not None else self._gathered(param)
+            if keep:
+                full[id(param)] = value.detach().to("cpu", torch.float32).clone()
+            del value
+        if not keep:
+            return {}
         state = {}
         for key, tensor in self.module.state_dict(keep_vars=True).items():
             if id(tensor) in full:
@@ -211,6 +219,11 @@ class DeepSpeedRun(EngineRun):
                 dtype = torch.float32 if tensor.is_floating_point() else tensor.dtype
                 state[key] = tensor.detach().to("cpu", dtype).clone()
         return state
+
+    def evaluating(self):
+        """Held-out passes through the engine's own (bf16 / fp16) weights: autocast lets fp32 inputs meet them."""
+        dtype = self.float_dtype
+        return torch.autocast(device_type=self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
     def _gathered(self, param: nn.Parameter) -> torch.Tensor:
         if self.stage < 3:

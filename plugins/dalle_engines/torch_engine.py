@@ -34,7 +34,12 @@ AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchRun(EngineRun):
-    """A module trained with torch AdamW, optionally inside DDP."""
+    """A module trained with torch AdamW, optionally inside DDP.
+
+    Its checkpoint holds the one (replicated) optimizer state, so it resumes on any number of ranks.
+    """
+
+    resumes_on_other_world_sizes = True
 
     def __init__(self, module: nn.Module, train: TrainConfig, params: "TorchEngine.Params") -> None:
         self.rank, self.world_size, _ = distributed.init_distributed()
@@ -138,7 +143,10 @@ class TorchRun(EngineRun):
         self.barrier()
         return client
 
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
+    def full_state_dict(self, *, rank: Optional[int] = None) -> dict[str, torch.Tensor]:
+        """Every rank holds the whole model (DDP replicas); copied only on ``rank`` when given."""
+        if rank is not None and rank != self.rank:
+            return {}
         return {k: v.detach().to("cpu", torch.float32 if v.is_floating_point() else v.dtype).clone()
                 for k, v in self.module.state_dict().items()}
 

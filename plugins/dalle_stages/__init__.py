@@ -11,7 +11,7 @@ registered through ``dalle_register_stages``.
 from dalle_framework import hookimpl
 
 from .codec import CodecStage, CodecTrain
-from .prior import PriorStage, encode_tokens
+from .prior import PriorStage, encode_split
 from .reranker import RerankerStage
 
 
@@ -22,4 +22,4 @@ def dalle_register_stages(registry):
     registry.register(RerankerStage, name="reranker")
 
 
-__all__ = ["CodecStage", "CodecTrain", "PriorStage", "RerankerStage", "encode_tokens"]
+__all__ = ["CodecStage", "CodecTrain", "PriorStage", "RerankerStage", "encode_split"]

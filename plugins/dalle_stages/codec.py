@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import math
 from functools import cached_property
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from dalle_framework import CodecFacts, Preview, Stage, TrainConfig
-from dalle_framework.data import as_model_images, save_grid
-from dalle_framework.metrics import codebook_usage
+from dalle_framework import CodecFacts, Preview, Stage, TrainConfig, distributed
+from dalle_framework.data import as_model_images, image_tensor, save_grid
+from dalle_framework.metrics import histogram_usage
 
 
 class CodecTrain(TrainConfig):
@@ -45,6 +45,9 @@ class CodecStage(Stage):
         images, _ = self.pipe.split(split)
         return [images]
 
+    def record(self, sample) -> tuple:
+        return (image_tensor(sample.image),)
+
     def step_args(self, batch, step, device):
         return (as_model_images(batch[0], self.facts.image_size, device), step)
 
@@ -57,12 +60,13 @@ class CodecStage(Stage):
         return [torch.where(mirror[:, None, None, None], images.flip(-1), images), *batch[1:]]
 
     @torch.no_grad()
-    def extra_metrics(self, module, device, limit):
-        return codec_metrics(module, self.heldout(limit)[0], batch_size=self.train.batch_size, device=device)
+    def extra_metrics(self, module, device, limit, *, collective=False):
+        batches = ((batch[0], weight) for batch, weight in self.heldout_batches(limit, collective=collective))
+        return codec_metrics(module, batches, device=device, collective=collective)
 
     def report(self, module, device, cfg) -> dict[str, Any]:
         images = self.heldout(cfg.batches * cfg.batch_size)[0]
-        report = codec_metrics(module, images, batch_size=cfg.batch_size, device=device)
+        report = codec_metrics(module, ((images[i : i + cfg.batch_size], 1.0) for i in range(0, len(images), cfg.batch_size)), device=device)
         preview = self.preview(module, device)
         grid = save_grid(preview.images.flatten(0, 1).cpu(), self.pipe.run_dir / "eval" / "codec.png", nrow=preview.images.shape[1])
         return {**report, "grid": str(grid)}
@@ -75,31 +79,36 @@ class CodecStage(Stage):
 
 
 @torch.no_grad()
-def codec_metrics(codec: nn.Module, images: torch.Tensor, *, batch_size: int = 64, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Hard-token reconstruction of uint8 ``images[N,3,H,W]``.
+def codec_metrics(codec: nn.Module, batches: Iterable[tuple[torch.Tensor, float]], *, device: torch.device | str = "cpu",
+                  collective: bool = False) -> dict[str, float]:
+    """Hard-token reconstruction of ``(uint8 images[B,3,H,W], weight)`` batches (weight 0: a batch run only
+    to keep ranks in step), summed over ranks when ``collective``.
 
     ``mse`` and ``psnr`` (mean of per-image PSNR in dB, pixels in [0,1]) come from
     argmax codes decoded; ``psnr_of_mean_mse`` is the stricter split-level figure
     ``10 log10(1 / mse)``. ``codebook_usage`` is the share of codes used at least
     once and ``perplexity`` the exponentiated entropy of the code histogram.
     """
-    mse_sum, psnr_sum, n = 0.0, 0.0, 0
-    codes: list[torch.Tensor] = []
-    for start in range(0, len(images), batch_size):
-        batch = as_model_images(images[start : start + batch_size], codec.image_size, device)
+    mse_sum, psnr_sum, n = 0.0, 0.0, 0.0
+    histogram = torch.zeros(codec.vocab_size, dtype=torch.float64)
+    for images, weight in batches:
+        batch = as_model_images(images, codec.image_size, device)
         tokens = codec.encode(batch)
         recon = codec.decode(tokens).clamp(0, 1)
-        per_image = (recon - batch).pow(2).flatten(1).mean(1)
-        mse_sum += float(per_image.sum())
-        psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum())
-        n += len(batch)
-        codes.append(tokens.cpu())
-    usage = codebook_usage(torch.cat(codes), codec.vocab_size)
+        per_image = (recon - batch).float().pow(2).flatten(1).mean(1)
+        mse_sum += float(per_image.sum()) * weight
+        psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum()) * weight
+        n += len(batch) * weight
+        histogram += torch.bincount(tokens.flatten().cpu(), minlength=codec.vocab_size).double() * weight
+    if collective:
+        *sums, mse_sum, psnr_sum, n = distributed.sum_over_ranks([*histogram.tolist(), mse_sum, psnr_sum, n])
+        histogram = torch.tensor(sums, dtype=torch.float64)
+    usage = histogram_usage(histogram)
     return {
         "mse": mse_sum / max(n, 1),
         "psnr": psnr_sum / max(n, 1),
         "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse_sum / max(n, 1), 1e-10)),
-        "images": n,
+        "images": int(n),
         "codebook_usage": usage["usage"],
         "perplexity": usage["perplexity"],
     }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from dalle_framework import Stage
+from dalle_framework.data import image_tensor
 
 
 class RerankerStage(Stage):
@@ -21,10 +22,15 @@ class RerankerStage(Stage):
         images, captions = self.pipe.split(split)
         return [images, captions]
 
+    def record(self, sample) -> tuple:
+        return (image_tensor(sample.image), sample.caption)
+
     def step_args(self, batch, step, device):
         return (batch[0].to(device).float() / 255.0, list(batch[1]))
 
-    def extra_metrics(self, module, device, limit):
+    def extra_metrics(self, module, device, limit, *, collective=False):
+        # Retrieval ranks every held-out image against every caption, so each rank scores all of them
+        # (the same work on every rank: under ZeRO-3 they must run the same forward passes anyway).
         images, captions = self.heldout(limit)
         metrics = module.retrieval_metrics(images.to(device).float() / 255.0, list(captions))
         return {f"retrieval_{k}": float(v) for k, v in metrics.items()}

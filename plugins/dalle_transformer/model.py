@@ -159,6 +159,7 @@ class SelfAttention(nn.Module):
         self.heads, self.head_dim, self.kernel, self.dropout = heads, head_dim, kernel, dropout
         self.qkv = nn.Linear(dim, 3 * heads * head_dim, bias=False)
         self.out = nn.Linear(heads * head_dim, dim, bias=False)
+        self.out.residual_projection = True  # initialised smaller with depth (see TransformerPrior)
         self.rotary = rotary
 
     def forward(self, x: Tensor, start: Position = 0, cache: Optional[KVCache] = None) -> Tensor:
@@ -177,6 +178,7 @@ class GeluMLP(nn.Module):
         super().__init__()
         hidden = int(dim * ratio)
         self.up, self.down = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.down.residual_projection = True
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down(F.gelu(self.up(x)))
@@ -187,6 +189,7 @@ class GegluMLP(nn.Module):
         super().__init__()
         hidden = int(dim * ratio * 2 / 3)  # two input branches: keep the parameter count of GELU
         self.up, self.down = nn.Linear(dim, 2 * hidden), nn.Linear(hidden, dim)
+        self.down.residual_projection = True
 
     def forward(self, x: Tensor) -> Tensor:
         value, gate = self.up(x).chunk(2, dim=-1)
@@ -222,6 +225,7 @@ class TransformerPrior(Prior):
     """
 
     Params = TransformerParams
+    partitioned_init = True  # every init goes through Module.apply (see __init__)
 
     def __init__(self, params: TransformerParams, *, text_vocab_size: int, text_len: int, image_vocab_size: int, grid: tuple[int, int]):
         super().__init__()
@@ -253,12 +257,11 @@ class TransformerPrior(Prior):
         self.norm = nn.LayerNorm(p.dim)
         self.text_head = nn.Linear(p.dim, text_vocab_size, bias=False)
         self.image_head = nn.Linear(p.dim, image_vocab_size, bias=False)
+        # Every init goes through Module.apply, which ZeRO-3 wraps to gather the weights it shards while
+        # the model is built; three passes draw in the same order as initialising them one after another.
         self.apply(self._init_weights)
-        for name, param in self.named_parameters():
-            if name.endswith(("out.weight", "down.weight")):  # GPT-2: scale residual projections by depth
-                nn.init.normal_(param, std=p.init_std / math.sqrt(2 * p.depth))
-        for param in self.no_weight_decay_parameters():
-            nn.init.normal_(param, std=p.init_std)
+        self.apply(self._scale_residual_projections)
+        self.apply(self._init_bare_embeddings)
         if p.tie_image_embedding:
             self.image_head.weight = self.image_emb.weight
 
@@ -295,6 +298,15 @@ class TransformerPrior(Prior):
             nn.init.normal_(module.weight, std=self.params.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+    def _scale_residual_projections(self, module: nn.Module) -> None:
+        if getattr(module, "residual_projection", False):  # GPT-2: scale residual projections by depth
+            nn.init.normal_(module.weight, std=self.params.init_std / math.sqrt(2 * self.params.depth))
+
+    def _init_bare_embeddings(self, module: nn.Module) -> None:
+        if module is self:
+            for param in self.no_weight_decay_parameters():
+                nn.init.normal_(param, std=self.params.init_std)
 
     # -- 1. embeddings ----------------------------------------------------------------------
 
