@@ -20,6 +20,7 @@ from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, Usag
 from .hookspecs import hookimpl
 from .interfaces import (
     PAD_ID,
+    CaptionReading,
     CodecFacts,
     Component,
     DataSource,
@@ -58,6 +59,7 @@ PLUGIN_API = (
 __all__ = [
     "PAD_ID",
     "PLUGIN_API",
+    "CaptionReading",
     "CodecFacts",
     "Component",
     "DalleError",

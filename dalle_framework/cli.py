@@ -197,6 +197,10 @@ def cmd_tokenizer(args) -> int:
         fitted = pipe.fit_tokenizer(force=True)
     if fitted is None:
         raise UsageError(f"the {pipe.recipe.tokenizer.name!r} tokenizer learns nothing from data; nothing to train (a `bpe` tokenizer does)")
+    from .captions import SAMPLE, caption_report, format_report
+
+    fitted["text"] = caption_report(pipe.tokenizer, {s: pipe.caption_sample(s, SAMPLE) for s in ("train", "heldout")})
+    print(format_report(fitted["text"]), file=sys.stderr)
     _print_json(fitted)
     return 0
 
@@ -238,6 +242,10 @@ def cmd_generate(args) -> int:
         raise UsageError("give captions: dalle generate RUN \"a red circle in the top left\" ...")
     if args.keep is not None and args.n is not None and args.keep > args.n:
         raise UsageError(f"--keep {args.keep} is more than -n {args.n} candidates")
+    from .captions import reading_notes
+
+    for note in reading_notes(pipe.tokenizer, captions):
+        print(f"note: {note}", file=sys.stderr)
     prime_images = None
     if args.prime:
         prime_images = _read_image(args.prime).unsqueeze(0)

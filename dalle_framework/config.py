@@ -21,6 +21,15 @@ class ComponentBlock(Strict):
     params: Any = Field(default_factory=dict, description="validated against the component's own Params")
 
 
+class TokenizerBlock(ComponentBlock):
+    """The ``tokenizer:`` block: the component, and how many unknown words a run may have."""
+
+    max_unknown: float = Field(
+        0.01, ge=0, le=1,
+        description="share of a split's caption words the tokenizer may read as unknown before a run is refused",
+    )
+
+
 class StageBlock(ComponentBlock):
     """A stage's block: its component, how it trains, and optionally pretrained weights."""
 

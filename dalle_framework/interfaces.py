@@ -76,6 +76,20 @@ class ModuleComponent(nn.Module, Component):
 # --------------------------------------------------------------------------- text
 
 
+@dataclass
+class CaptionReading:
+    """How a tokenizer reads one caption: ``tokens`` it needs before truncation to ``text_len``,
+    and how many of its ``units`` (words, bytes) became the unknown token (``unknown_words``)."""
+
+    tokens: int
+    units: int
+    unknown_words: list[str] = field(default_factory=list)
+
+    @property
+    def unknown(self) -> int:
+        return len(self.unknown_words)
+
+
 class Tokenizer(Component, abc.ABC):
     """Turns captions into fixed-length id tensors.
 
@@ -96,6 +110,20 @@ class Tokenizer(Component, abc.ABC):
 
     @abc.abstractmethod
     def decode(self, ids: torch.Tensor) -> list[str]: ...
+
+    def read(self, texts: list[str]) -> list[CaptionReading]:
+        """How each caption is read (coverage and length reports, ``dalle generate``'s note).
+
+        The default counts the ids ``encode`` gives (so it cannot see truncation) and knows of no
+        unknown token; tokenizers with one, or that can count untruncated ids, override it.
+        """
+        ids = self.encode(list(texts))
+        return [CaptionReading(tokens=int((row != PAD_ID).sum()), units=len(text.split())) for row, text in zip(ids, texts)]
+
+    @property
+    def learned_vocab_size(self) -> Optional[int]:
+        """Ids a fitted tokenizer learned (may be fewer than ``vocab_size`` asked for); None when it learns none."""
+        return None
 
     # Tokenizers that learn a vocabulary from captions (BPE) override the four below;
     # the rest are fully described by their params and store nothing.

@@ -15,6 +15,7 @@ tokens, the first :class:`ImageCodec` decodes them and the first
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,6 +185,12 @@ class Pipeline:
             cache = self.run_dir / "data" / f"counts-{stream.format.name}.json"
             self._counts[key] = count_records(stream, cache=cache, collective=collective)
         return self._counts[key]
+
+    def caption_sample(self, split: str, limit: int) -> list[str]:
+        """The first ``limit`` captions of a split (read without images where the source can)."""
+        if split not in self._splits and self.data.stream(split) is not None:
+            return list(itertools.islice(self.data.caption_stream(split), limit))
+        return self.split(split)[1][:limit]
 
     def split(self, split: str) -> tuple[torch.Tensor, list[str]]:
         """A split of the recipe's data as uint8 ``[N,3,H,W]`` plus captions, read once per pipeline."""

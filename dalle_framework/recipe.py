@@ -27,7 +27,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock
+from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock, TokenizerBlock
 from .errors import RecipeError, UsageError
 from .interfaces import EngineSpec, Strict, TrainConfig
 
@@ -44,7 +44,7 @@ class Recipe(Strict):
     output_dir: str = Field("runs/{name}", max_length=4096, description="run directory; {name} is replaced")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d{1,3})?|mps)$", description="auto | cpu | cuda | cuda:N")
     data: ComponentBlock
-    tokenizer: ComponentBlock
+    tokenizer: TokenizerBlock
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)

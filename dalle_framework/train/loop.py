@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -398,6 +399,20 @@ def _require_data(stage: Stage) -> None:
         )
 
 
+def check_captions(pipe: Pipeline) -> dict[str, Any]:
+    """How the tokenizer reads the captions (rank 0 reads them; every rank gets the verdict), printed;
+    a tokenizer that reads too many words as unknown stops the run (exit 2)."""
+    from ..captions import SAMPLE, caption_report, check_coverage, format_report
+
+    report = None
+    if distributed.is_main():
+        report = caption_report(pipe.tokenizer, {s: pipe.caption_sample(s, SAMPLE) for s in ("train", "heldout")})
+        print(format_report(report), file=sys.stderr)
+    report = distributed.broadcast_object(report)
+    check_coverage(report, pipe.recipe.tokenizer.max_unknown, pipe.recipe.tokenizer.name)
+    return report
+
+
 def join_run(pipe: Pipeline) -> None:
     """Join the job's process group (under torchrun / deepspeed) with the recipe's timeout, and check that
     every rank sees the same run directory, which checkpoints and exports need."""
@@ -463,6 +478,8 @@ def train_all(
         fitted = pipe.fit_tokenizer()
         if fitted is not None and not fitted.get("reused"):
             results["tokenizer"] = fitted
+        if force or any(stage_status(pipe, name)[0] != "complete" for name in names):
+            results["text"] = check_captions(pipe)
         for name in names:
             status, _ = stage_status(pipe, name)
             if status == "complete" and not force:

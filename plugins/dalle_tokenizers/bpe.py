@@ -21,7 +21,7 @@ from typing import Literal, Optional
 import torch
 from pydantic import Field
 
-from dalle_framework import PAD_ID, Params, Tokenizer, UsageError
+from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer, UsageError
 from dalle_framework.rundir import write_text
 
 PAD_TOKEN = "<pad>"
@@ -152,6 +152,15 @@ class BpeTokenizer(Tokenizer):
         assert ids.ndim == 2, f"expected [B, T], got {tuple(ids.shape)}"
         bpe = self._require()
         return bpe.decode_batch([[i for i in row if i != PAD_ID] for row in ids.tolist()], skip_special_tokens=True)
+
+    def read(self, texts: list[str]) -> list[CaptionReading]:
+        bpe = self._require()
+        encodings = bpe.encode_batch(list(texts), add_special_tokens=False)
+        return [CaptionReading(tokens=len(e.ids), units=len(t.encode("utf-8"))) for e, t in zip(encodings, texts)]
+
+    @property
+    def learned_vocab_size(self) -> Optional[int]:
+        return None if self.bpe is None else int(self.bpe.get_vocab_size(with_added_tokens=True))
 
     def normalize(self, text: str) -> str:
         """What ``decode(encode([text]))`` gives back when nothing is truncated."""

@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from pydantic import Field
 
-from dalle_framework import PAD_ID, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
 
 OFFSET = 1  # byte b is id b + 1, so id 0 stays padding
 
@@ -38,3 +38,6 @@ class ByteTokenizer(Tokenizer):
     def decode(self, ids: torch.Tensor) -> list[str]:
         assert ids.ndim == 2, f"expected [B, T], got {tuple(ids.shape)}"
         return [bytes(i - OFFSET for i in row.tolist() if i != PAD_ID).decode("utf-8", errors="replace") for row in ids]
+
+    def read(self, texts: list[str]) -> list[CaptionReading]:
+        return [CaptionReading(tokens=len(t.encode("utf-8")), units=len(t.encode("utf-8"))) for t in texts]

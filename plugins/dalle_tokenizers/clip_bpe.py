@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from pydantic import Field
 
-from dalle_framework import PAD_ID, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
 
 SHIFT = 1  # BPE id k is token k + 1: CLIP's id 0 is "!", and 0 must mean padding here
 
@@ -62,3 +62,7 @@ class ClipBpeTokenizer(Tokenizer):
             bpe = [i - SHIFT for i in row if i != PAD_ID and i - SHIFT not in self.special]
             texts.append(self.bpe.decode(bpe).strip())
         return texts
+
+    def read(self, texts: list[str]) -> list[CaptionReading]:
+        extra = 2 if self.params.start_end else 0
+        return [CaptionReading(tokens=len(self.bpe.encode(t)) + extra, units=len(t.split())) for t in texts]

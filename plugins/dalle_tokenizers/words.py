@@ -8,7 +8,7 @@ from typing import Iterable, Optional
 import torch
 from pydantic import Field, field_validator
 
-from dalle_framework import PAD_ID, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
 
 UNK_ID = 1
 _TOKEN = re.compile(r"[\w']+|[^\w\s]")  # words (with apostrophes) or single punctuation marks
@@ -77,3 +77,10 @@ class WordTokenizer(Tokenizer):
     def decode(self, ids: torch.Tensor) -> list[str]:
         assert ids.ndim == 2, f"expected [B, T], got {tuple(ids.shape)}"
         return [" ".join(self.words[i] for i in row.tolist() if i != PAD_ID) for row in ids]
+
+    def read(self, texts: list[str]) -> list[CaptionReading]:
+        readings = []
+        for text in texts:
+            words = split_words(text)
+            readings.append(CaptionReading(tokens=len(words), units=len(words), unknown_words=[w for w in words if w not in self.ids]))
+        return readings
