@@ -414,7 +414,9 @@ class TrainConfig(Strict):
     engine: EngineSpec = Field(default_factory=EngineSpec, description="torch or deepspeed, with its params")
     max_minutes: Optional[float] = Field(None, gt=0, description="stop early after this wall time")
     log_every: int = Field(10, ge=1, description="training scalars to TensorBoard every N steps")
-    eval_every: int = Field(200, ge=1, description="held-out metrics and a preview image grid every N steps")
+    eval_every: Optional[int] = Field(
+        None, ge=1, description="held-out metrics and a preview image grid every N steps; null: ten times over the run"
+    )
     ckpt_every: int = Field(500, ge=1, description="resumable checkpoint every N steps")
     eval_batches: int = Field(4, ge=1, le=10**6, description="held-out batches per evaluation")
     nonfinite: Literal["stop", "skip"] = Field(

@@ -211,6 +211,10 @@ class Stage(Component):
         """Images worth a look in TensorBoard at each evaluation, or None."""
         return None
 
+    def tokens_per_sample(self) -> Optional[int]:
+        """Tokens one training sample feeds the model (logged as tokens/s), or None where tokens are not the unit."""
+        return None
+
 
 def mean_over(totals: dict[str, float], count: float, *, collective: bool) -> dict[str, float]:
     """``totals / count``, both summed over ranks first when ``collective``."""

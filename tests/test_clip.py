@@ -443,3 +443,11 @@ def test_reranker_stage_trains_exports_and_reloads(tmp_path):
     direct = PluginManager().registry("reranker").build({"name": "clip", "params": {"config": TINY, "weights": str(exported)}}).eval()
     assert torch.equal(from_pipeline, direct.score(images, texts))
     assert not torch.equal(from_pipeline, build(PluginManager().registry("reranker")).eval().score(images, texts))
+    # TensorBoard shows its top retrievals: four held-out captions, each with the images it scores best
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run" / "tb" / "reranker"))
+    events.Reload()
+    assert "reranker/preview" in events.Tags()["images"]
+    preview = pipe.stage("reranker").preview(pipe.reranker, torch.device("cpu"))
+    assert preview.images.shape == (4, 4, 3, 32, 32) and len(preview.captions) == 4

@@ -97,6 +97,9 @@ def test_codec_stage_writes_run_dir_and_tensorboard(manager, tmp_path):
     events.Reload()
     assert "train/loss" in events.Tags()["scalars"] and "eval/psnr" in events.Tags()["scalars"]
     assert "codec/preview" in events.Tags()["images"]
+    assert {"speed/samples_per_s", "speed/step_seconds"} <= set(events.Tags()["scalars"])
+    assert "train/optimizer_step" not in events.Tags()["scalars"]  # an engine's constant bookkeeping, not a curve
+    assert "recipe/text_summary" in events.Tags()["tensors"]  # the resolved recipe, as text
     # the stored recipe is the resolved one: a pipeline loads from it alone
     loaded = Pipeline.load(run)
     assert loaded.recipe.codec.params.vocab_size == 32
@@ -148,7 +151,7 @@ def test_train_all_then_generate_and_evaluate(manager, tmp_path):
 
     pipe = Pipeline(recipe_from_dict(tiny_recipe(tmp_path / "run")))
     results = train_all(pipe, progress=False)
-    assert set(results) == {"codec", "prior"}
+    assert set(results) == {"codec", "prior", "text"} and results["text"]["splits"]["train"]["unknown_share"] == 0
     assert "bits_per_image_token" in results["prior"]
     assert (tmp_path / "run" / "tokens" / "train.json").is_file() and (tmp_path / "run" / "tokens" / "train" / "000000.safetensors").is_file()
 
@@ -204,3 +207,19 @@ def test_changed_recipe_block_retrains_and_stale_checkpoint_is_not_resumed(manag
     events = EventAccumulator(str(newest))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [7, 8]
+
+
+def test_a_run_without_eval_every_is_evaluated_ten_times_and_the_prior_logs_tokens_per_second(manager, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = tiny_recipe(tmp_path / "run")
+    recipe["codec"]["train"].pop("eval_every")
+    recipe["codec"]["train"]["steps"] = 20
+    recipe["prior"]["train"].update({"steps": 10, "log_every": 2})
+    train_all(Pipeline(recipe_from_dict(recipe)), progress=False)
+    codec = EventAccumulator(str(tmp_path / "run" / "tb" / "codec"))
+    codec.Reload()
+    assert [e.step for e in codec.Scalars("eval/psnr")] == [2, 4, 6, 8, 10, 12, 14, 16, 18, 20]  # the last: the final report
+    prior = EventAccumulator(str(tmp_path / "run" / "tb" / "prior"))
+    prior.Reload()
+    assert all(e.value > 0 for e in prior.Scalars("speed/tokens_per_s"))

@@ -28,6 +28,7 @@ from ..stage import Stage
 from .ema import EMA
 
 log = logging.getLogger(__name__)
+NOT_LOGGED = {"optimizer_step"}  # an engine's bookkeeping: constant 1 without gradient accumulation
 
 
 # ----------------------------------------------------------------------------- the run directory
@@ -96,6 +97,8 @@ class _Training:
     def __init__(self, pipe: Pipeline, stage: Stage, *, resume: bool, force: bool, progress: bool) -> None:
         self.pipe, self.stage, self.progress = pipe, stage, progress
         self.train = stage.train
+        # unset: ten held-out evaluations over the run, so a short run has a curve too
+        self.eval_every = self.train.eval_every or max(1, self.train.steps // 10)
         self.stage_dir = pipe.run_dir / stage.name
         self.state_dir = self.stage_dir / rundir.STATE_DIR
         self.resume = self._check_resume(resume, force)
@@ -133,10 +136,13 @@ class _Training:
         if self.resume is not None:
             self._restore(run)
         self.writer = _writer(pipe.run_dir / "tb" / stage.name) if self.main else None
+        if self.writer is not None:
+            self.writer.add_text("recipe", "```yaml\n" + dump(pipe.recipe) + "```", self.step)  # the resolved recipe trained
         from tqdm.auto import tqdm
 
         bar = tqdm(total=train.steps, initial=self.step, desc=f"train {stage.name}", disable=not (self.main and self.progress), dynamic_ncols=True)
         started = time.monotonic()
+        self.logged = (self.step, started)  # (step, time) of the last log: the speed since
         self.eval_module: Optional[torch.nn.Module] = None
         stopped_early, skipped = False, 0
         try:
@@ -148,7 +154,7 @@ class _Training:
                     self.ema.update(run.module)
                 bar.update(1)
                 self._log(out, bar)
-                if self.step % train.eval_every == 0 and self.step < train.steps:
+                if self.step % self.eval_every == 0 and self.step < train.steps:
                     self._evaluate()
                 if self.step % train.ckpt_every == 0 and self.step < train.steps:
                     self._save_state()
@@ -222,14 +228,26 @@ class _Training:
         return self.engine_run.world_size * self.train.batch_size * self.train.grad_accum
 
     def _log(self, out: dict[str, float], bar) -> None:
-        """Training scalars averaged over ranks (a collective at the same steps on every rank), written by rank 0."""
+        """Training scalars averaged over ranks (a collective at the same steps on every rank) and the
+        speed since the last log, written by rank 0."""
         if not (self.step % self.train.log_every == 0 or self.step == 1):
             return
-        out = distributed.mean_over_ranks(out)
-        if self.main:
-            bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
-            for key, value in out.items():
-                self.writer.add_scalar(f"train/{key}", value, self.step)
+        out = distributed.mean_over_ranks({k: v for k, v in out.items() if k not in NOT_LOGGED})
+        now = time.monotonic()
+        steps, seconds = self.step - self.logged[0], now - self.logged[1]
+        self.logged = (self.step, now)
+        if not self.main:
+            return
+        bar.set_postfix(loss=f"{out.get('loss', float('nan')):.4f}")
+        for key, value in out.items():
+            self.writer.add_scalar(f"train/{key}", value, self.step)
+        if steps > 0 and seconds > 0:
+            samples = steps * self._global_batch() / seconds
+            self.writer.add_scalar("speed/step_seconds", seconds / steps, self.step)
+            self.writer.add_scalar("speed/samples_per_s", samples, self.step)
+            tokens = self.stage.tokens_per_sample()
+            if tokens:
+                self.writer.add_scalar("speed/tokens_per_s", samples * tokens, self.step)
 
     # ------------------------------------------------------------------ steps
 

@@ -99,6 +99,10 @@ class PriorStage(Stage):
         metrics = self.evaluate(module, device, limit=cfg.batches * cfg.batch_size)
         return {k: metrics[k] for k in ("bits_per_image_token", "image_loss", "text_loss", "loss") if k in metrics}
 
+    def tokens_per_sample(self) -> int:
+        runtime = self.runtime()
+        return runtime["text_len"] + runtime["grid"][0] * runtime["grid"][1]
+
     def heldout_captions(self, limit: int) -> list[str]:
         paths = manifest_paths(self.pipe, self.manifest("heldout"))
         return token_shard_header(paths[0])["captions"][:limit] if paths else []

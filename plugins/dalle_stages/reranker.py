@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from dalle_framework import Stage
+import torch
+
+from dalle_framework import Preview, Stage
 from dalle_framework.data import image_tensor
+
+PREVIEW_POOL = 64  # held-out images the preview retrieves from
 
 
 class RerankerStage(Stage):
@@ -37,3 +41,14 @@ class RerankerStage(Stage):
 
     def report(self, module, device, cfg) -> dict[str, Any]:
         return self.extra_metrics(module, device, cfg.batches * cfg.batch_size)
+
+    @torch.no_grad()
+    def preview(self, module, device) -> Optional[Preview]:
+        """Its top retrievals: for four held-out captions, the held-out images it scores best, best first."""
+        images, captions = self.heldout(PREVIEW_POOL)
+        if not len(captions):
+            return None
+        queries = list(dict.fromkeys(captions))[:4]
+        pool = images.to(device).float() / 255.0
+        best = module.similarity(pool, queries).topk(min(4, len(pool)), dim=0).indices.T  # [captions, k]
+        return Preview(pool[best.to(pool.device)].cpu(), queries)
