@@ -214,6 +214,8 @@ def test_paper_recipe_file_inspects_without_allocating(manager):
     sparse = report["prior"]["flops_per_token"]
     # the paper's sparse layers see far fewer keys than dense causal attention would
     assert sparse["attention_forward"] < 2 * 64 * (256 + 1024) * 62 * 64 / 2
+    # every stage is counted, the open_clip reranker (ViT-B-32: 151M parameters) too
+    assert "error" not in report["reranker"] and 150e6 < report["reranker"]["params"]["total"] < 152e6
 
 
 def test_bad_cluster_shape_is_a_usage_error(inline):

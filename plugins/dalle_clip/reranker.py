@@ -307,8 +307,9 @@ def _build(params: ClipParams) -> tuple[nn.Module, Any]:
     import open_clip
 
     if params.model is not None:
-        # pretrained_text=False: never fetch a Hub text tower even if a config asks for one.
-        model = open_clip.create_model(params.model, pretrained=None, pretrained_text=False)
+        # pretrained_text=False: never fetch a Hub text tower even if a config asks for one. The device is where
+        # the caller builds (the meta device for `dalle inspect`): open_clip moves the model there when built.
+        model = open_clip.create_model(params.model, pretrained=None, pretrained_text=False, device=torch.get_default_device())
         return model, open_clip.get_tokenizer(params.model)
     model = open_clip.CLIP(**params.config)
     return model, open_clip.SimpleTokenizer(context_length=params.config["text_cfg"].get("context_length", 77))
