@@ -50,7 +50,8 @@ def test_example_plugin_is_found_disabled_and_usable_in_recipes(example_site, tm
     example = plugins["example"]
     assert example["distribution"] == "dalle-example-plugin" and example["version"] == "0.4.0"
     assert example["components"] == {
-        "codec": ["palette-codec"], "prior": ["unigram-prior"], "reranker": ["mean-colour"], "stage": ["colour-scorer"]
+        "codec": ["palette-codec"], "prior": ["unigram-prior"], "reranker": ["mean-colour"], "stage": ["colour-scorer"],
+        "data": ["colour-squares"], "tokenizer": ["letters"],
     }
 
     hidden = plugins_json(DALLE_DISABLE_PLUGINS="example", **env)
@@ -100,6 +101,27 @@ def test_a_plugin_adds_a_stage_that_dalle_run_trains_evaluates_and_keeps_fresh(e
     assert results["codec"] == {"reused": True} and "loss" in results["colour-scorer"] and "loss" in results["prior"]
     evaluated = run_cli("evaluate", str(run), "--stage", "colour-scorer", "--quiet", env=env)
     assert evaluated.returncode == 0 and set(json.loads(evaluated.stdout)) == {"run", "recipe", "colour-scorer"}
+
+
+def test_a_plugins_data_source_and_tokenizer_train_and_judge(example_site, tmp_path):
+    env = {"PYTHONPATH": str(example_site)}
+    recipe = tmp_path / "squares.yaml"
+    recipe.write_text(
+        "extends: shapes-demo\n"
+        "name: squares\n"
+        f"output_dir: {tmp_path / 'run'}\n"
+        "data: {name: colour-squares, params: {image_size: 16, samples: 100}}\n"
+        "tokenizer: {name: letters, params: {text_len: 24}}\n"
+        "codec: {name: palette-codec, params: {image_size: 16, cells: 4}, train: {steps: 20, batch_size: 8, lr: 0.05}}\n"
+        "prior: {name: unigram-prior, train: {steps: 20, batch_size: 8}}\n"
+        "reranker: null\n"
+        "evaluate: {captions: 4, candidates: 2, batches: 1, batch_size: 16}\n"
+    )
+    done = run_cli("run", str(recipe), "--quiet", env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert set(report["generation"]["faithfulness_before_rerank"]) == {"square", "background", "all"}
+    assert json.loads((tmp_path / "run" / "prior" / "meta.json").read_text())["identity"]["uses"]["tokenizer"]["name"] == "letters"
 
 
 def test_broken_plugin_is_reported_and_cli_still_works(tmp_path):
