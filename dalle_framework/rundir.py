@@ -142,6 +142,17 @@ def read_json(path: str | Path) -> Any:
         raise UsageError(f"{path}: is a directory, expected a JSON file") from None
 
 
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (what a report records about the weights it used)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------- weights
 
 
