@@ -56,13 +56,12 @@ class RerankerFeatures(FeatureNetwork):
 
 
 class JudgeFeatures(FeatureNetwork):
-    """What the data source's judge reads from an image (``DataSource.judge_features``): a learned judge's last hidden layer."""
+    """What the data source's judge reads from an image (``DataSource.judge_features``): a learned judge's last hidden layer.
 
-    def _ready(self) -> None:
-        self.pipe.data.prepare_judge(self.pipe.run_dir / "judge")  # loads the cached judge (trains it once)
+    The evaluation prepares the judge (``DataSource.prepare_judge`` on the run's ``judge/``) before any network runs.
+    """
 
     def unavailable(self) -> Optional[str]:
-        self._ready()
         size = getattr(self.pipe.data, "image_size", 8)
         if self.pipe.data.judge_features(torch.zeros(1, 3, size, size)) is None:
             return f"the {self.pipe.recipe.data.name} data source has no judge features"
@@ -72,5 +71,4 @@ class JudgeFeatures(FeatureNetwork):
         return self.pipe.data.judge_features(images.detach().cpu()).float()
 
     def describe(self) -> dict[str, Any]:
-        self._ready()
         return {"source": self.pipe.recipe.data.name, **self.pipe.data.judge_identity()}
