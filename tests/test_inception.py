@@ -129,8 +129,8 @@ def test_weights_are_read_weights_only_and_checked(weights, tmp_path):
     save_file(torch.load(weights, weights_only=True), str(copy))
     batch = images(2, seed=5)
     assert torch.equal(ours(copy).features(batch), ours(weights).features(batch))
-    with pytest.raises(UsageError, match="not found"):
-        ours(tmp_path / "missing.pth").features(batch)
+    with pytest.raises(UsageError, match="missing.pth not found"):
+        ours(tmp_path / "missing.pth")
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in torch.load(weights, weights_only=True).items() if not k.startswith("Mixed_7c")}, partial)
     with pytest.raises(UsageError, match="does not fit Inception-v3"):

@@ -146,6 +146,8 @@ class InceptionV3Features(FeatureNetwork):
     def __init__(self, params: Params, *, pipe: Any) -> None:
         super().__init__(params, pipe=pipe)
         self.path = Path(params.weights).expanduser()
+        if not self.path.is_file():  # a network the user configured and cannot have is an error, not a skipped figure
+            read_inception_weights(self.path)
         self._net: FidInception | None = None
 
     @property
@@ -161,9 +163,6 @@ class InceptionV3Features(FeatureNetwork):
                 )
             self._net = net.eval().to(self.pipe.device if self.pipe is not None else "cpu")
         return self._net
-
-    def unavailable(self):
-        return None if self.path.is_file() else f"no weights file at {self.path}"
 
     def prepare(self, images: Tensor) -> Tensor:
         """``images[B, 3, H, W]`` in [0, 1] -> the network's input ``[B, 3, 299, 299]`` under the preset."""
