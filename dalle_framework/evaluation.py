@@ -93,7 +93,7 @@ class _Collector:
 
     def __init__(self, pipe: Pipeline, captions: list[str], networks: dict[str, FeatureNetwork]) -> None:
         self.pipe, self.captions, self.networks = pipe, captions, networks
-        self.rows: list[torch.Tensor] = []  # flat index unit * N + candidate, per batch
+        self.rows: list[torch.Tensor] = []  # (unit within the chunk, candidate) of each row, per batch
         self.verdicts: dict[str, list[torch.Tensor]] = {}
         self.features: dict[str, list[torch.Tensor]] = {name: [] for name in networks}
 
@@ -115,24 +115,24 @@ class _Collector:
 
 
 def _draw_chunk(pipe, captions, *, candidates, keep, sampling, seed, networks) -> dict[str, Any]:
-    """One chunk of units drawn and measured: a flat dict of tensors with the units as first dimension."""
+    """One chunk of units drawn and measured: a flat dict of tensors with the units as first dimension.
+
+    The best of a unit is judged and measured as the candidate it was (``Generation.best``), not again.
+    """
     collect = _Collector(pipe, captions, networks)
     result = pipe.generate(captions, candidates=candidates, keep=keep, sampling=sampling, seed=seed, on_batch=collect)
     verdicts, features = collect.grid(len(captions), candidates)
-    best = result.images[:, 0]
+    units, best = torch.arange(len(captions)), result.best[:, 0]  # which candidate each unit kept first
     part: dict[str, Any] = {
         "scores": result.candidate_scores.float(),
         "best_scores": result.scores[:, 0].float(),
         "kept": result.images.mul(255).round().to(torch.uint8),  # for the grid; a quarter of the floats' memory
         "kept_scores": result.scores.float(),
     }
-    best_verdict = pipe.data.judge(best, captions) if verdicts else None
     for key, values in verdicts.items():
-        part[f"verdicts.{key}"] = values
-        part[f"best_verdicts.{key}"] = torch.tensor(best_verdict[key], dtype=torch.bool)
-    for name, network in networks.items():
-        part[f"features.{name}"] = features[name]
-        part[f"best_features.{name}"] = network.features(best).float().cpu()
+        part[f"verdicts.{key}"], part[f"best_verdicts.{key}"] = values, values[units, best]
+    for name, values in features.items():
+        part[f"features.{name}"], part[f"best_features.{name}"] = values, values[units, best]
     return part
 
 
