@@ -405,6 +405,9 @@ def evaluate_run(
     registry = pipe.manager.registry("metric")
     chosen: list[Metric] = [registry.build(block) for block in metric_blocks(pipe, metrics)]
     chosen = [m for m in chosen if m.applies(pipe) and set(m.sections(pipe)) & set(wanted)]
+    prior = pipe.role(Prior)
+    if metrics is None and (prior is None or not pipe.has_weights(prior)):  # nothing to draw from yet: stage reports only
+        chosen = [m for m in chosen if not m.generation]
     evaluation = Evaluation(pipe)
     evaluation.sampling = sampling
     generative = [m for m in chosen if m.generation]
