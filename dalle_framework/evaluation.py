@@ -299,11 +299,19 @@ class Evaluation:
         low, high = wilson_interval(successes, trials, self.cfg.interval.level)
         return Figure(successes / trials if trials else None, low, high, "wilson", trials, self.cfg.interval.level)
 
-    def bootstrap(self, value: float, statistic: Callable[..., float], *sizes: int, network: Optional[str] = None) -> Figure:
-        """``value`` with a percentile bootstrap interval of ``statistic`` over groups of ``sizes`` (see :func:`bootstrap_interval`)."""
+    def bootstrap(
+        self, value: float, statistic: Callable[..., float], *sizes: int, network: Optional[str] = None, recentre: bool = False
+    ) -> Figure:
+        """``value`` with a percentile bootstrap interval of ``statistic`` over groups of ``sizes`` (see :func:`bootstrap_interval`).
+
+        ``recentre`` moves the interval so that the bootstrap's median sits on ``value``: for
+        figures that resampling itself biases (FD and KID grow when a resample repeats images).
+        """
         cfg = self.cfg.interval
-        low, high = bootstrap_interval(statistic, *sizes, resamples=cfg.resamples, level=cfg.level, seed=cfg.seed)
-        return Figure(value, _finite(low), _finite(high), "bootstrap", sizes[0], cfg.level, network)
+        low, high = bootstrap_interval(statistic, *sizes, resamples=cfg.resamples, level=cfg.level, seed=cfg.seed,
+                                       centre=value if recentre else None)
+        method = "bootstrap, recentred" if recentre else "bootstrap"
+        return Figure(value, _finite(low), _finite(high), method, sizes[0], cfg.level, network)
 
     # ------------------------------------------------------------------ settings
 

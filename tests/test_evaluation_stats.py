@@ -106,6 +106,10 @@ def test_bootstrap_intervals_cover_a_mean_in_a_simulation_and_are_deterministic(
     sample = torch.arange(10.0)
     first = bootstrap_interval(lambda i: float(sample[i].mean()), 10, seed=3)
     assert first == bootstrap_interval(lambda i: float(sample[i].mean()), 10, seed=3)
+    # recentred: the same spread, moved so that the bootstrap's median is the given centre
+    plain = bootstrap_interval(lambda i: float(sample[i].mean()) + 5, 10, seed=3)
+    moved = bootstrap_interval(lambda i: float(sample[i].mean()) + 5, 10, seed=3, centre=4.5)
+    assert moved[1] - moved[0] == pytest.approx(plain[1] - plain[0]) and moved[0] < 4.5 < moved[1] < plain[0]
     # two resampled sets: each index covers its own set
     pairs = []
     bootstrap_interval(lambda a, b: pairs.append((len(a), len(b), int(a.max()), int(b.max()))) or 0.0, 4, 9, resamples=20)

@@ -274,13 +274,15 @@ class FrechetDistance(DistributionMetric):
     """Fréchet distance between Gaussians fitted to real and generated features (FID on Inception-v3)."""
 
     def compare(self, evaluation, real, fake, network):
-        real_stats = feature_statistics(real)
+        real_stats = feature_statistics(real)  # the reference is pinned, the same for every report compared: held fixed
         value = frechet_distance(*real_stats, *feature_statistics(fake.flatten(0, 1)))
 
-        def resampled(units: torch.Tensor, rows: torch.Tensor) -> float:
-            return frechet_distance(*feature_statistics(real[rows]), *feature_statistics(fake[units].flatten(0, 1)))
+        def resampled(units: torch.Tensor) -> float:
+            return frechet_distance(*real_stats, *feature_statistics(fake[units].flatten(0, 1)))
 
-        return {"fd": evaluation.bootstrap(value, resampled, len(fake), len(real), network=network)}
+        figure = evaluation.bootstrap(value, resampled, len(fake), network=network, recentre=True)
+        figure.low = None if figure.low is None else max(0.0, figure.low)  # a distance is never negative
+        return {"fd": figure}
 
 
 class KidParams(DistributionParams):
@@ -299,11 +301,11 @@ class KernelInceptionDistance(DistributionMetric):
         flat = fake.flatten(0, 1)
         kid = kernel_inception_distance(real, flat, subsets=p.subsets, subset_size=p.subset_size, seed=seed)
 
-        def resampled(units: torch.Tensor, rows: torch.Tensor) -> float:
-            again = kernel_inception_distance(real[rows], fake[units].flatten(0, 1), subsets=p.bootstrap_subsets, subset_size=p.subset_size, seed=seed)
+        def resampled(units: torch.Tensor) -> float:
+            again = kernel_inception_distance(real, fake[units].flatten(0, 1), subsets=p.bootstrap_subsets, subset_size=p.subset_size, seed=seed)
             return again["kid"]
 
-        figure = evaluation.bootstrap(kid["kid"], resampled, len(fake), len(real), network=network)
+        figure = evaluation.bootstrap(kid["kid"], resampled, len(fake), network=network, recentre=True)
         return {"kid": figure, "kid_std": kid["std"], "kid_subset_size": kid["subset_size"]}
 
 
