@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import sys
 import tempfile
@@ -144,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     judged = sum(m["fd_seconds"] + m["kid_seconds"] + m["prdc_seconds"] for name, m in metrics.items() if "inception" not in name)
     inception = TARGET * 2 / rates["inception-v3 (299px, 2048-d)"]["images_per_s"] + sum(metrics["inception-v3 (2048-d)"][k] for k in ("fd_seconds", "kid_seconds", "prdc_seconds"))
     print(json.dumps({
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads, "torch": torch.__version__},
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
+                    "torch": torch.__version__, "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "note": "the machine is shared: a load above 1 per core means other work slowed these timings"},
         "feature_networks": rates,
         "drawing": drawing,
         "metrics_on_10k": metrics,
