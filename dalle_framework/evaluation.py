@@ -433,7 +433,8 @@ def evaluate_run(
             listed.update({name: figure.as_dict() for name, figure in figures.items()})
     if generative:
         report[GENERATION].update(_generation_record(evaluation, [m.name for m in chosen]))
-    ordered = {key: report[key] for key in ("run", "recipe", *sections(pipe)) if key in report}
+    known = ("run", "recipe", *sections(pipe))  # a plugin's metric may add a section of its own: it comes last
+    ordered = {key: report[key] for key in known if key in report} | {k: v for k, v in report.items() if k not in known}
     return finite(ordered)
 
 
