@@ -121,11 +121,21 @@ def test_evaluate_metrics_option_settings_and_errors(trained_run):  # noqa: F811
 
 def test_compare_prints_shared_figures_and_refuses_mismatched_settings(trained_run, tmp_path):  # noqa: F811
     reports = {}
-    for name, extra in {"a": [], "b": ["evaluate.seed=5"], "c": ["evaluate.rounds=2"]}.items():
+    for name, extra in {"a": [], "b": ["evaluate.seed=5"]}.items():
         out = tmp_path / f"{name}.json"
-        result = run_cli("evaluate", str(trained_run), *extra, "--metrics", "faithfulness,reranker-score,fd", "--out", str(out), "--quiet")
+        result = run_cli("evaluate", str(trained_run), *extra, "evaluate.interval.resamples=50", "--metrics", "faithfulness,reranker-score,fd",
+                         "--out", str(out), "--quiet")
         assert result.returncode == 0, result.stderr
         reports[name] = out
+
+    def edited(name: str, change) -> Path:
+        report = json.loads(reports["b"].read_text())
+        change(report["generation"]["settings"])
+        reports[name] = tmp_path / f"{name}.json"
+        reports[name].write_text(json.dumps(report))
+        return reports[name]
+
+    edited("c", lambda settings: settings["pinned"].update(rounds=2))  # as `evaluate.rounds=2` records it
     same = run_cli("compare", str(reports["a"]), str(reports["b"]))
     assert same.returncode == 0, same.stderr
     lines = same.stdout.splitlines()
@@ -135,10 +145,7 @@ def test_compare_prints_shared_figures_and_refuses_mismatched_settings(trained_r
     mismatch = run_cli("compare", str(reports["a"]), str(reports["c"]))
     assert mismatch.returncode == 2 and "generation.settings.pinned.rounds: 1 in" in mismatch.stderr and "Traceback" not in mismatch.stderr
     # another run's reranker is another feature network: refused, or left out on request
-    other = json.loads(reports["b"].read_text())
-    other["generation"]["settings"]["features"]["reranker"]["sha256"] = "0" * 64
-    reports["d"] = tmp_path / "d.json"
-    reports["d"].write_text(json.dumps(other))
+    edited("d", lambda settings: settings["features"]["reranker"].update(sha256="0" * 64))
     refused = run_cli("compare", str(reports["a"]), str(reports["d"]))
     assert refused.returncode == 2 and "feature network 'reranker'" in refused.stderr
     kept = run_cli("compare", str(reports["a"]), str(reports["d"]), "--only-comparable", "--json")
