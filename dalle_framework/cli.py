@@ -321,7 +321,7 @@ def cmd_evaluate(args) -> int:
         if report is None:  # a rank other than 0: its share went to rank 0
             return 0
         text = json.dumps(report, indent=2)
-        if wanted is None:  # the whole report: what `dalle compare RUN ...` reads
+        if wanted is None and args.metrics is None:  # the whole report: what `dalle compare RUN ...` reads
             write_text(pipe.run_dir / "eval" / "report.json", text + "\n")
         if args.out:
             write_text(args.out, text + "\n")

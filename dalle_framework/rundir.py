@@ -12,7 +12,7 @@ A trained pipeline is a directory::
     tokenizer/                 a fitted tokenizer (BPE), when the recipe's needs one
     judge/                     a data source's learned judge, cached (DataSource.prepare_judge)
     tb/<stage>/                TensorBoard event files
-    eval/                      `dalle evaluate`'s report, grids and sweeps
+    eval/                      `dalle evaluate`'s report, grids and sweeps; reference/: cached real-image features
 
 Every file is written to a temporary name, fsynced and renamed, so a crash
 leaves either the old file or the new one, never half of one; directories
