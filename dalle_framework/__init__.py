@@ -9,7 +9,7 @@ checks every built-in plugin against this list):
 - ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits, token draws;
 - ``dalle_framework.decoding``: fixed-shape decode steps run eagerly, compiled or as CUDA graphs;
 - ``dalle_framework.nn``: convolutional codec blocks, schedules, reconstruction losses;
-- ``dalle_framework.metrics``: PSNR, codebook usage, retrieval accuracy;
+- ``dalle_framework.metrics``: PSNR, codebook usage, retrieval accuracy, FD, KID, precision/recall, intervals;
 - ``dalle_framework.data``: image conversions, splits, shards, token shards, batches;
 - ``dalle_framework.rundir``: atomic files and directories, weights, weights-only torch files;
 - ``dalle_framework.distributed``: ranks, barriers and agreement between processes;
@@ -27,7 +27,11 @@ from .interfaces import (
     Engine,
     EngineRun,
     EngineSpec,
+    FeatureNetwork,
+    Figure,
     ImageCodec,
+    Measurement,
+    Metric,
     ModuleComponent,
     Params,
     Prior,
@@ -67,7 +71,11 @@ __all__ = [
     "Engine",
     "EngineRun",
     "EngineSpec",
+    "FeatureNetwork",
+    "Figure",
     "ImageCodec",
+    "Measurement",
+    "Metric",
     "ModuleComponent",
     "NonFiniteError",
     "Params",

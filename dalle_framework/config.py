@@ -7,9 +7,9 @@ objects of the components it names.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from .interfaces import Sampling, Strict
 
@@ -54,12 +54,55 @@ class GenerateConfig(Strict):
     captions: list[str] = Field(default_factory=list, description="default captions for `dalle generate`")
 
 
+class ReferenceConfig(Strict):
+    """The real images generated ones are compared with by distribution metrics."""
+
+    split: Literal["heldout"] = Field("heldout", description="the data split whose real images are the reference")
+    images: Optional[int] = Field(None, ge=2, le=10**7, description="its first N images (null: the whole split)")
+    floor: Optional[Literal["train"]] = Field(
+        None,
+        description="also measure this real split against the reference, as many images as generated ones: "
+        "what a perfect model would reach (only meaningful when both splits come from one distribution)",
+    )
+
+
+class IntervalConfig(Strict):
+    """How confidence intervals are made: Wilson for rates, a percentile bootstrap for scores."""
+
+    level: float = Field(0.95, gt=0.5, lt=1, description="coverage of every interval")
+    resamples: int = Field(200, ge=20, le=100_000, description="bootstrap resamples (over captions' draws and real images)")
+    seed: int = Field(0, ge=0, lt=2**63, description="seeds the bootstrap and every random subset (KID, the floor's images)")
+
+
+def _default_features() -> dict[str, ComponentBlock]:
+    return {"judge": ComponentBlock(name="judge"), "reranker": ComponentBlock(name="reranker")}
+
+
 class EvaluateConfig(Strict):
     captions: int = Field(16, ge=1, le=100_000, description="held-out captions generated for")
     candidates: int = Field(16, ge=1, le=100_000, description="samples per caption before reranking")
     rounds: int = Field(1, ge=1, le=1000, description="independent best-of-N draws per caption (more judgements, tighter numbers)")
     batches: int = Field(8, ge=1, le=10**6, description="held-out batches for losses and PSNR")
     batch_size: int = Field(64, ge=1, le=100_000)
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="seeds the draws (null: the recipe's seed)")
+    metrics: Optional[list[ComponentBlock]] = Field(
+        None, description="metrics to measure, names or {name, params} (null: every registered default metric that applies)"
+    )
+    features: dict[str, ComponentBlock] = Field(
+        default_factory=_default_features,
+        description="feature networks for distribution metrics, by the name reports use: {name, params} each "
+        "(e.g. inception: {name: inception-v3, params: {weights: pt_inception.pth}})",
+    )
+    reference: ReferenceConfig = Field(default_factory=ReferenceConfig)
+    interval: IntervalConfig = Field(default_factory=IntervalConfig)
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _names_are_blocks(cls, value: Any) -> Any:
+        """``[fd, {name: kid, params: {...}}]``: a bare name is a block without params."""
+        if isinstance(value, list):
+            return [{"name": item} if isinstance(item, str) else item for item in value]
+        return value
 
 
 class DistributedConfig(Strict):

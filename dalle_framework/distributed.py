@@ -175,6 +175,29 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor[n_rank, ...]`` concatenated in rank order, on every rank (identity for one process).
+
+    Ranks may hold different numbers of rows; the trailing shape and dtype must agree. Tensors
+    travel as tensors (padded to the longest), never pickled. Bools travel as uint8.
+    """
+    if not (is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
+    local = local.to(device).contiguous()
+    count = torch.tensor([len(local)], device=device)
+    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
+    dist.all_gather(counts, count)
+    longest = max(int(c) for c in counts)
+    padded = torch.zeros((longest, *local.shape[1:]), dtype=local.dtype, device=device)
+    padded[: len(local)] = local
+    parts = [torch.zeros_like(padded) for _ in counts]
+    dist.all_gather(parts, padded)
+    out = torch.cat([part[: int(c)] for part, c in zip(parts, counts)]).cpu()
+    return out.bool() if tensor.dtype == torch.bool else out
+
+
 __all__ = [
     "all_gather_object",
     "any_rank",
@@ -183,6 +206,7 @@ __all__ = [
     "default_backend",
     "default_device",
     "free_port",
+    "gather_rows",
     "init_distributed",
     "is_initialized",
     "is_main",

@@ -49,3 +49,13 @@ def dalle_register_recipe_dirs(register: Callable[[str], None]) -> None:
 @hookspec
 def dalle_register_stages(registry) -> None:
     """Register Stage classes (a trainable step of the pipeline, see :class:`dalle_framework.Stage`)."""
+
+
+@hookspec
+def dalle_register_metrics(registry) -> None:
+    """Register Metric classes (figures of ``dalle evaluate``, see :class:`dalle_framework.Metric`)."""
+
+
+@hookspec
+def dalle_register_feature_networks(registry) -> None:
+    """Register FeatureNetwork classes (images -> feature vectors for distribution metrics)."""

@@ -311,6 +311,11 @@ class Reranker(ModuleComponent):
 
         return retrieval_accuracy(self.similarity, images, captions)
 
+    def image_features(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """The image tower's embedding ``[B, D]`` of ``images[B,3,H,W]`` in [0,1] (distribution
+        metrics on the reranker's features), or None for a reranker that has no image tower."""
+        return None
+
 
 # --------------------------------------------------------------------------- data
 
@@ -377,6 +382,15 @@ class DataSource(Component, abc.ABC):
         the judge is exact (rules, no model) or there is none.
         """
         return None
+
+    def judge_features(self, images: torch.Tensor) -> Optional[torch.Tensor]:
+        """What the judge reads from ``images[B,3,H,W]`` in [0,1] as feature vectors ``[B, D]``
+        (a learned judge's last hidden layer, a rule judge's measurements), or None."""
+        return None
+
+    def judge_identity(self) -> dict[str, Any]:
+        """What makes two runs' judge features the same: its settings and weights digest (call after ``prepare_judge``)."""
+        return {}
 
 
 # --------------------------------------------------------------------------- training configuration
@@ -504,3 +518,94 @@ class Engine(Component, abc.ABC):
     def memory_estimate(self, *, total_params: int, largest_layer_params: int, gpus_per_node: int, nodes: int) -> Optional[dict[str, Any]]:
         """Memory of the model states per GPU (and CPU) under this engine, or None if unknown."""
         return None
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+class FeatureNetwork(Component, abc.ABC):
+    """Maps images to feature vectors, on which distribution metrics (FD, KID, precision/recall) are computed.
+
+    Built as ``cls(params, pipe=pipeline)``: a network may use the run it measures (its reranker's
+    image tower, its data source's judge) or a weights file of its own (Inception-v3).
+
+    - ``features(images[B,3,H,W] in [0,1]) -> FloatTensor[B, D]`` on the CPU;
+    - ``describe() -> dict``: everything that makes two sets of its features comparable, recorded in
+      every report and part of the reference statistics' cache key: at least ``sha256`` of the
+      weights (None for a rule) and ``resize`` (``{"filter", "size"}``, None when images are used as drawn);
+    - ``unavailable() -> Optional[str]``: why it cannot run on this run (no trained reranker, say), or None.
+    """
+
+    def __init__(self, params: Params, *, pipe: Any) -> None:
+        self.params, self.pipe = params, pipe
+
+    @abc.abstractmethod
+    def features(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abc.abstractmethod
+    def describe(self) -> dict[str, Any]: ...
+
+    def unavailable(self) -> Optional[str]:
+        return None
+
+
+@dataclass
+class Figure:
+    """One reported number with its confidence interval: ``value`` in ``[low, high]`` at ``level``.
+
+    ``method`` says how the interval was made (``wilson``, ``bootstrap``, ...) and ``n`` over how
+    many independent units; ``network`` names the feature network a distribution figure is
+    measured on (figures on differing networks are never compared).
+    """
+
+    value: Optional[float]
+    low: Optional[float] = None
+    high: Optional[float] = None
+    method: str = ""
+    n: int = 0
+    level: float = 0.95
+    network: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {"value": self.value, "low": self.low, "high": self.high, "method": self.method, "n": self.n, "level": self.level}
+        return out | ({"network": self.network} if self.network else {})
+
+
+@dataclass
+class Measurement:
+    """What a :class:`Metric` adds to a report: keys and named figures, per report section."""
+
+    sections: dict[str, dict[str, Any]] = field(default_factory=dict)
+    figures: dict[str, dict[str, Figure]] = field(default_factory=dict)
+
+
+class Metric(Component, abc.ABC):
+    """One kind of figure of ``dalle evaluate``, selected by the recipe's ``evaluate.metrics`` or ``--metrics``.
+
+    Built as ``cls(params)``. ``measure(evaluation)`` returns a :class:`Measurement`; the
+    ``evaluation`` (:class:`dalle_framework.evaluation.Evaluation`) holds the pipeline, the
+    evaluate block, the candidates drawn for held-out captions when ``generation`` is true
+    (drawn once, shared by every metric), the features of the networks ``feature_networks()``
+    names, the cached features of real held-out images, and helpers for intervals.
+    """
+
+    generation: ClassVar[bool] = False  # needs generated images
+    default: ClassVar[bool] = True  # measured when the recipe names no metrics
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    def applies(self, pipe: Any) -> bool:
+        """Whether this run has what the metric measures (a trained prior, a judge...)."""
+        return True
+
+    def sections(self, pipe: Any) -> list[str]:
+        """The report sections it writes (``dalle evaluate --stage`` keeps only some): generation, or stage names."""
+        return ["generation"]
+
+    def feature_networks(self, evaluation: Any) -> list[str]:
+        """Names of ``evaluate.features`` networks whose features of generated and real images it reads."""
+        return []
+
+    @abc.abstractmethod
+    def measure(self, evaluation: Any) -> Measurement: ...

@@ -284,6 +284,7 @@ class Pipeline:
         progress: bool = False,
         keep_candidates: bool = False,
         on_progress: Optional[Callable[[int, int], None]] = None,
+        on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]] = None,
     ) -> Generation:
         """Draw ``candidates`` images per caption, rerank, keep the best ``keep``.
 
@@ -295,7 +296,9 @@ class Pipeline:
         images (on the same device and build). ``on_progress(done_tokens, total_tokens)``
         counts image tokens drawn over all candidates of all captions (after each token;
         after each batch for a prior whose ``generate`` takes no ``on_step``). An exception
-        it raises stops generation.
+        it raises stops generation. ``on_batch(caption, number, images, scores)`` sees every
+        decoded batch as it is drawn (which caption and candidate each row is, the images and
+        their scores), so a caller can measure all candidates while only the best are held.
         """
         if not captions:
             raise UsageError("give at least one caption")
@@ -356,6 +359,8 @@ class Pipeline:
             decoded = codec.decode(part).clamp(0, 1)
             scores = self.score(decoded, [captions[c] for c in caption_of.tolist()])
             tokens[caption_of, number] = part.cpu()
+            if on_batch is not None:
+                on_batch(caption_of, number, decoded, scores)
             if keep_candidates:
                 all_images.append(decoded.cpu())
             for c in caption_of.unique().tolist():

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import pluggy
 
 from . import hookspecs
-from .interfaces import DataSource, Engine, ImageCodec, Prior, Reranker, Tokenizer
+from .interfaces import DataSource, Engine, FeatureNetwork, ImageCodec, Metric, Prior, Reranker, Tokenizer
 from .registry import Registry
 from .stage import Stage, stage_order
 
@@ -35,6 +35,8 @@ KINDS: dict[str, tuple[str, type]] = {
     "data": ("dalle_register_datasources", DataSource),
     "engine": ("dalle_register_engines", Engine),
     "stage": ("dalle_register_stages", Stage),
+    "metric": ("dalle_register_metrics", Metric),
+    "features": ("dalle_register_feature_networks", FeatureNetwork),
 }
 RECIPE_DIRS_HOOK = "dalle_register_recipe_dirs"
 DISABLE_ENV = "DALLE_DISABLE_PLUGINS"

@@ -289,6 +289,9 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
         if isinstance(raw, dict) and isinstance(raw.get("name"), str):
             problems += _check_params(manager.registry(kind), raw, block, recipe)
 
+    if recipe is not None:
+        problems += _check_evaluate(manager, recipe.evaluate)
+
     stages: dict[str, StageBlock] = {}
     for name, cls in stage_classes.items():
         raw = data.get(name)
@@ -328,6 +331,28 @@ def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list
     if recipe is not None:
         getattr(recipe, path).params = model
     return []
+
+
+def _check_evaluate(manager, evaluate: EvaluateConfig) -> list[str]:
+    """Each metric's and feature network's params against the class it names (stored as its Params object)."""
+    blocks = [(f"evaluate.metrics.{i}", "metric", block) for i, block in enumerate(evaluate.metrics or [])]
+    blocks += [(f"evaluate.features.{key}", "features", block) for key, block in evaluate.features.items()]
+    problems: list[str] = []
+    for path, kind, block in blocks:
+        registry = manager.registry(kind)
+        if block.name not in registry:
+            problems.append(f"{path}.name: {registry.unknown_message(block.name)}")
+            continue
+        if not isinstance(block.params, dict):
+            problems.append(f"{path}.params: must be a mapping, got {type(block.params).__name__}")
+            continue
+        try:
+            block.params = registry.validate_params(block.name, block.params)
+        except ValidationError as exc:
+            problems += [_format(f"{path}.params", e) for e in exc.errors()]
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{path}.params: {exc}")
+    return problems
 
 
 def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock], list[str]]:

@@ -12,7 +12,7 @@ A trained pipeline is a directory::
     tokenizer/                 a fitted tokenizer (BPE), when the recipe's needs one
     judge/                     a data source's learned judge, cached (DataSource.prepare_judge)
     tb/<stage>/                TensorBoard event files
-    eval/                      `dalle evaluate`'s report, grids and sweeps
+    eval/                      `dalle evaluate`'s report, grids and sweeps; reference/: cached real-image features
 
 Every file is written to a temporary name, fsynced and renamed, so a crash
 leaves either the old file or the new one, never half of one; directories
@@ -140,6 +140,17 @@ def read_json(path: str | Path) -> Any:
         raise UsageError(f"{path}: damaged, not valid JSON ({exc}); restore it or retrain with --force") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, expected a JSON file") from None
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a file's bytes (what a report records about the weights it used)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- weights

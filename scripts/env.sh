@@ -20,6 +20,10 @@ if [ ! -f "$STAMP" ]; then
   # no dependencies beyond the two small ones they import.
   "$VENV/bin/python" -m pip install --quiet attrs requests >&2
   "$VENV/bin/python" -m pip install --quiet --no-deps "dall-e==0.1" "taming-transformers-rom1504==0.0.6" >&2
+  # Test-only: the FID references the Inception-v3 tests compare against (they need scipy,
+  # not their download helpers; the tests give them random weights on disk).
+  "$VENV/bin/python" -m pip install --quiet scipy >&2
+  "$VENV/bin/python" -m pip install --quiet --no-deps "pytorch-fid==0.3.0" "torch-fidelity==0.4.0" >&2
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

@@ -280,6 +280,13 @@ class ClipReranker(dalle_framework.Reranker):
         text_emb = torch.cat([self.embed_texts(texts[i : i + chunk]).float().cpu() for i in range(0, len(texts), chunk)])
         return image_emb @ text_emb.T
 
+    @torch.no_grad()
+    def image_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The image tower's unit embeddings ``[B, embed_dim]`` (distribution metrics on the reranker's features)."""
+        chunk = self.params.batch_size
+        parts = [self.embed_images(images[i : i + chunk]).float() for i in range(0, len(images), chunk)]
+        return torch.cat(parts) if parts else images.new_zeros(0, self.clip.visual.output_dim)
+
     # ------------------------------------------------------------------ weights
 
     def load_weights(self, path: str | Path) -> None:

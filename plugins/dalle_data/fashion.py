@@ -187,6 +187,15 @@ class FashionMnistSource(DataSource):
         ceiling["per_caption"] = {c: None if i is None else ceiling["per_class"][LABELS[i]] for c, i in labels.items()}
         return ceiling
 
+    def judge_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The judge's last hidden layer ``[B, 256]`` for ``images[B, 3, H, W]`` in [0, 1] (trained here without ``prepare_judge``)."""
+        if self._judge is None:
+            self.prepare_judge(None)
+        return self._judge.features(images)
+
+    def judge_identity(self) -> dict:
+        return {} if self._judge is None else self._judge.identity()
+
     def judge(self, images: torch.Tensor, captions: list[str]) -> dict[str, list[bool]]:
         """``{"class", "all"}`` -> B bools: the judge names the class the caption names.
 

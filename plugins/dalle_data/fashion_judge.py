@@ -77,6 +77,10 @@ class JudgeNet(nn.Module):
     def forward(self, grey: Tensor) -> Tensor:
         return self.head(self.features((grey - 0.5) / 0.5))
 
+    def embed(self, grey: Tensor) -> Tensor:
+        """The classifier's input ``[B, hidden]`` (the last hidden layer, after its ReLU): what the judge reads."""
+        return self.head[:-1](self.features((grey - 0.5) / 0.5))
+
 
 def _shifted(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
     """Translate each image ``[B, 1, S, S]`` by up to ``max_shift`` pixels (zero fill: the background is black)."""
@@ -155,18 +159,42 @@ def _plausible_ceiling(ceiling: object, names: list[str]) -> bool:
 class FashionJudge:
     """A trained :class:`JudgeNet` and its accuracy on real held-out images (the ceiling)."""
 
-    def __init__(self, net: JudgeNet, config: JudgeConfig, ceiling: dict) -> None:
-        self.net, self.config, self.ceiling = net, config, ceiling
+    def __init__(self, net: JudgeNet, config: JudgeConfig, ceiling: dict, path: Optional[Path] = None) -> None:
+        self.net, self.config, self.ceiling, self.path = net, config, ceiling, path
 
-    @torch.no_grad()
-    def classify(self, images: Tensor) -> Tensor:
-        """Class ids ``[B]`` for ``images[B, 3, H, W]`` in [0, 1] (colour is averaged to grey)."""
+    def _grey(self, images: Tensor) -> Tensor:
+        """``images[B, 3, H, W]`` in [0, 1] as the judge sees them: grey (colour averaged), at its size."""
         assert images.ndim == 4 and images.shape[1] == 3, f"expected [B, 3, H, W], got {tuple(images.shape)}"
         grey = images.detach().float().cpu().clamp(0, 1).mean(1, keepdim=True)
         size = self.config.image_size
         if grey.shape[-2:] != (size, size):
             grey = F.interpolate(grey, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        return predict(self.net, grey)
+        return grey
+
+    @torch.no_grad()
+    def classify(self, images: Tensor) -> Tensor:
+        """Class ids ``[B]`` for ``images[B, 3, H, W]`` in [0, 1] (colour is averaged to grey)."""
+        return predict(self.net, self._grey(images))
+
+    @torch.no_grad()
+    def features(self, images: Tensor, batch_size: int = 1000) -> Tensor:
+        """The judge's last hidden layer ``[B, hidden]`` for ``images[B, 3, H, W]`` in [0, 1]."""
+        self.net.eval()
+        grey = self._grey(images)
+        return torch.cat([self.net.embed(grey[i : i + batch_size]) for i in range(0, len(grey), batch_size)])
+
+    def identity(self) -> dict:
+        """Its settings, the cached weights file and that file's SHA-256 (None when it was not cached)."""
+        from dalle_framework.rundir import sha256_file
+
+        cached = self.path is not None and self.path.is_file()
+        return {
+            "config": asdict(self.config),
+            "file": str(self.path) if cached else None,
+            "sha256": sha256_file(self.path) if cached else None,
+            "layer": f"last hidden layer ({self.config.hidden} after ReLU)",
+            "resize": {"filter": "bilinear, antialiased (after averaging colour to grey)", "size": self.config.image_size},
+        }
 
     @classmethod
     def load_or_train(
@@ -195,7 +223,7 @@ class FashionJudge:
                     if not _plausible_ceiling(ceiling, names):
                         raise ValueError("its recorded accuracy is not a judge's")
                     net.load_state_dict(load_weights(path))
-                    return cls(net.eval(), config, ceiling)
+                    return cls(net.eval(), config, ceiling, path)
                 log.warning("%s was trained with other settings; training the judge again", path)
             except Exception as exc:  # a damaged or foreign cache is rebuilt, never trusted
                 log.warning("%s cannot be read (%s); training the judge again", path, exc)
@@ -208,4 +236,4 @@ class FashionJudge:
         log.info("fashion judge: held-out accuracy %.4f after %.0f s", ceiling["all"], ceiling["train_seconds"])
         if path is not None:
             save_weights(path, net.state_dict(), metadata={"config": json.dumps(asdict(config)), "ceiling": json.dumps(ceiling)})
-        return cls(net, config, ceiling)
+        return cls(net, config, ceiling, path)

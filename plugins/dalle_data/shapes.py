@@ -267,6 +267,26 @@ class ShapesSource(DataSource):
             out.append(torch.stack([_canonical(_foreground(im)) for im in images]).mean(0))
         return torch.stack(out)
 
+    def _judged_size(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.detach().float().cpu().clamp(0, 1)
+        if images.shape[-1] != self.params.image_size or images.shape[-2] != self.params.image_size:
+            images = F.interpolate(images, size=(self.params.image_size,) * 2, mode="area")
+        return images
+
+    def _measure(self, image: torch.Tensor) -> Optional[dict[str, torch.Tensor]]:
+        """What the oracle reads from one ``image[3, S, S]``: mean solid colour, centroid, area and
+        canonical mask (see :meth:`judge`); None when it has no foreground."""
+        weight = _foreground(image)
+        if weight.sum() < 1.0:
+            return None
+        solid = weight >= 0.99
+        pick = solid if solid.sum() >= 1 else weight > 0
+        side = image.shape[-1]
+        coords = (torch.arange(side, dtype=torch.float32) + 0.5) / side
+        total = weight.sum()
+        centroid = torch.stack([(weight.sum(0) * coords).sum() / total, (weight.sum(1) * coords).sum() / total])
+        return {"colour": image[:, pick].mean(1), "centroid": centroid, "area": total / side**2, "mask": _canonical(weight)}
+
     def judge(self, images: torch.Tensor, captions: list[str]) -> dict[str, list[bool]]:
         """Check ``images[B, 3, H, W]`` (float in ``[0, 1]``) against their captions, without a model.
 
@@ -279,29 +299,21 @@ class ShapesSource(DataSource):
         """
         assert images.ndim == 4 and images.shape[1] == 3, f"expected [B, 3, H, W], got {tuple(images.shape)}"
         assert len(captions) == images.shape[0], f"{len(captions)} captions for {images.shape[0]} images"
-        images = images.detach().float().cpu().clamp(0, 1)
-        if images.shape[-1] != self.params.image_size or images.shape[-2] != self.params.image_size:
-            images = F.interpolate(images, size=(self.params.image_size,) * 2, mode="area")
+        images = self._judged_size(images)
         p = self.params
         palette = torch.tensor([COLOURS[c] for c in p.colours], dtype=torch.float32) / 255
         centres = torch.tensor([POSITIONS[q] for q in p.positions], dtype=torch.float32)
-        side = images.shape[-1]
-        coords = (torch.arange(side, dtype=torch.float32) + 0.5) / side
         verdict: dict[str, list[bool]] = {"colour": [], "shape": [], "position": [], "all": []}
         for image, caption in zip(images, captions):
             truth = parse_caption(caption)
-            weight = _foreground(image)
-            if truth is None or weight.sum() < 1.0:
+            seen = self._measure(image)
+            if truth is None or seen is None:
                 for key in verdict:
                     verdict[key].append(False)
                 continue
-            solid = weight >= 0.99
-            pick = solid if solid.sum() >= 1 else weight > 0
-            colour = p.colours[int(torch.cdist(image[:, pick].mean(1)[None], palette).argmin())]
-            total = weight.sum()
-            centroid = torch.stack([(weight.sum(0) * coords).sum() / total, (weight.sum(1) * coords).sum() / total])
-            position = p.positions[int(torch.cdist(centroid[None], centres).argmin())]
-            mask = _canonical(weight)
+            colour = p.colours[int(torch.cdist(seen["colour"][None], palette).argmin())]
+            position = p.positions[int(torch.cdist(seen["centroid"][None], centres).argmin())]
+            mask = seen["mask"]
             iou = torch.minimum(mask, self._templates).sum((1, 2)) / torch.maximum(mask, self._templates).sum((1, 2))
             shape = p.shapes[int(iou.argmax())]
             ok = {
@@ -313,6 +325,26 @@ class ShapesSource(DataSource):
             for key in verdict:
                 verdict[key].append(bool(ok[key]))
         return verdict
+
+    def judge_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The oracle's measurements as ``[B, 70]``: mean solid colour (3), centroid (2), sqrt of the area (1)
+        and the canonical mask pooled to 8x8 (64); zeros for an image without foreground."""
+        rows = []
+        for image in self._judged_size(images):
+            seen = self._measure(image)
+            if seen is None:
+                rows.append(torch.zeros(70))
+                continue
+            mask = F.adaptive_avg_pool2d(seen["mask"][None, None], 8).flatten()
+            rows.append(torch.cat([seen["colour"], seen["centroid"], seen["area"].sqrt()[None], mask]))
+        return torch.stack(rows) if rows else torch.zeros(0, 70)
+
+    def judge_identity(self) -> dict:
+        return {
+            "sha256": None,
+            "rule": "shapes oracle measurements v1: colour, centroid, sqrt(area), canonical mask 8x8",
+            "resize": {"filter": "area", "size": self.params.image_size},
+        }
 
 
 def _foreground(image: torch.Tensor) -> torch.Tensor:
