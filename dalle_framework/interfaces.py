@@ -48,6 +48,23 @@ class Component:
     name: ClassVar[str] = ""
     plugin: ClassVar[str] = ""
 
+    @classmethod
+    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
+        """Convert files released elsewhere (``dalle convert NAME FILE... OUT``); any kind may offer it.
+
+        Writes into ``out_dir`` what a recipe then loads: ``model.safetensors`` (this
+        class's state dict, for components with weights) or the files it reads (a
+        tokenizer's vocabulary), ``<kind>.yaml`` (a recipe block naming them) and
+        ``conversion.json``; returns a summary. Helpers: :mod:`dalle_framework.convert`.
+        A pickle may only be read when ``trust_pickle``.
+        """
+        raise UsageError(f"{cls.name or cls.__name__!r} has no converter for released files")
+
+    @classmethod
+    def converts_released(cls) -> bool:
+        """Whether this class overrides :meth:`convert_released`."""
+        return cls.convert_released.__func__ is not Component.convert_released.__func__
+
 
 class ModuleComponent(nn.Module, Component):
     """A component with weights (codec, prior, reranker)."""
@@ -157,16 +174,6 @@ class ImageCodec(ModuleComponent):
         with torch.device("meta"):
             codec = cls(params)
         return CodecFacts(int(codec.vocab_size), (int(codec.grid[0]), int(codec.grid[1])), int(codec.image_size))
-
-    @classmethod
-    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
-        """Convert weights released elsewhere (``dalle convert NAME FILE... OUT``).
-
-        Writes ``out_dir/model.safetensors`` (this class's state dict), ``codec.yaml``
-        (a recipe codec block) and ``conversion.json``; returns a summary. Helpers:
-        :mod:`dalle_framework.convert`. A pickle may only be read when ``trust_pickle``.
-        """
-        raise UsageError(f"codec {cls.name or cls.__name__!r} has no converter for released weights")
 
 
 # --------------------------------------------------------------------------- stage 2

@@ -102,6 +102,7 @@ def convert_openai_files(codec_cls, files: list[Path], out_dir: Path, *, trust_p
     return write_converted(
         codec_cls,
         out_dir,
+        kind="codec",
         params={**params, "image_size": 256},
         state=state,
         sources=[Path(f) for f in files],

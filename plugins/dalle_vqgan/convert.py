@@ -75,6 +75,7 @@ def convert_taming_files(codec_cls, files: list[Path], out_dir: Path, *, trust_p
     return write_converted(
         codec_cls,
         out_dir,
+        kind="codec",
         params=params,
         state=state,
         sources=[checkpoint_path, config_path],
