@@ -379,11 +379,9 @@ def cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------- data
 
 
-def _source_from_args(name: str, params: list[str]):
+def _params_from_args(params: list[str]) -> dict:
+    """``--param key=value`` items (values parsed as YAML) as a dict."""
     import yaml
-    from pydantic import ValidationError
-
-    from .plugins import get_plugin_manager
 
     values = {}
     for item in params:
@@ -394,6 +392,15 @@ def _source_from_args(name: str, params: list[str]):
             values[key] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise UsageError(f"--param {item!r}: value is not valid YAML: {exc}") from None
+    return values
+
+
+def _source_from_args(name: str, params: list[str]):
+    from pydantic import ValidationError
+
+    from .plugins import get_plugin_manager
+
+    values = _params_from_args(params)
     registry = get_plugin_manager().registry("data")
     try:
         return registry.build({"name": name, "params": values})
@@ -427,10 +434,10 @@ def cmd_data(args) -> int:
 def cmd_convert(args) -> int:
     """Released files -> OUT/model.safetensors (or a vocabulary) + <kind>.yaml + conversion.json, by the component's converter."""
     if len(args.files_and_out) < 2:
-        raise UsageError("dalle convert COMPONENT FILE [FILE ...] OUT [--trust-pickle]")
+        raise UsageError("dalle convert COMPONENT FILE [FILE ...] OUT [--trust-pickle] [--param KEY=VALUE ...]")
     *files, out = map(Path, args.files_and_out)
     cls = _converter(args.component)
-    _print_json(cls.convert_released(files, out, trust_pickle=args.trust_pickle))
+    _print_json(cls.convert_released(files, out, trust_pickle=args.trust_pickle, params=_params_from_args(args.param)))
     return 0
 
 
@@ -572,6 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("component", help="a registered component with a converter: a codec, prior or tokenizer (dalle components)")
     p.add_argument("files_and_out", nargs="+", metavar="FILE... OUT", help="the released files, then the output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading pickles (only for files you trust)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a component param the files do not hold (e.g. heads=16), over what they say (repeatable)")
     p.set_defaults(func=cmd_convert)
     return parser
 

@@ -199,6 +199,7 @@ def write_converted(
     sources: list[Path],
     state: Optional[Mapping[str, torch.Tensor]] = None,
     runtime: Optional[Mapping[str, Any]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
     notes: Optional[Mapping[str, Any]] = None,
 ) -> dict:
     """Check the conversion and write its outputs; returns the summary also written to ``conversion.json``.
@@ -207,10 +208,10 @@ def write_converted(
     ``cls(params, **runtime)`` exactly (checked on the meta device, so nothing the size
     of the model is allocated); it is saved as ``model.safetensors`` in the module's
     dtypes and the block names it. Without (a tokenizer): ``cls(params)`` is built once
-    to check that the files its params name read back.
+    to check that it builds. ``overrides`` (the command line's ``--param``) replace params.
     """
     name = cls.name or cls.__name__
-    validated = _validated_params(cls, params)
+    validated = _validated_params(cls, {**params, **dict(overrides or {})})
     out_dir = Path(out_dir)
     block: dict[str, Any] = {"name": name, "params": validated.model_dump(mode="json")}
     counts: dict[str, Any] = {}

@@ -49,14 +49,15 @@ class Component:
     plugin: ClassVar[str] = ""
 
     @classmethod
-    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
+    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, params: Optional[dict] = None) -> dict:
         """Convert files released elsewhere (``dalle convert NAME FILE... OUT``); any kind may offer it.
 
         Writes into ``out_dir`` what a recipe then loads: ``model.safetensors`` (this
         class's state dict, for components with weights) or the files it reads (a
         tokenizer's vocabulary), ``<kind>.yaml`` (a recipe block naming them) and
         ``conversion.json``; returns a summary. Helpers: :mod:`dalle_framework.convert`.
-        A pickle may only be read when ``trust_pickle``.
+        A pickle may only be read when ``trust_pickle``. ``params`` (``--param key=value``)
+        are applied over what the files say, for facts they do not hold (a head count).
         """
         raise UsageError(f"{cls.name or cls.__name__!r} has no converter for released files")
 
@@ -138,7 +139,9 @@ class ImageCodec(ModuleComponent):
     """Maps images to a grid of discrete tokens and back.
 
     - ``encode(images[B,3,H,W] in [0,1]) -> LongTensor[B, h*w]`` (hard codes)
-    - ``decode(LongTensor[B, h*w]) -> images[B,3,H,W] in [0,1]``
+    - ``decode(LongTensor[B, h*w]) -> images[B,3,H',W'] in [0,1]``: usually the size it
+      encodes; a decoder may return larger images (ruDALL-E's wavelet decoder: twice the
+      side), and reconstruction is then measured at the input size
     - ``loss(images, step) -> dict``: key ``loss`` (scalar to minimise) plus named
       terms to log (floats or 0-d tensors). ``forward`` is ``loss`` so that
       training engines (DeepSpeed) can call the module directly.

@@ -70,8 +70,16 @@ class CodecStage(Stage):
     @torch.no_grad()
     def preview(self, module, device) -> Optional[Preview]:
         images = as_model_images(self.heldout(8)[0], module.image_size, device)
-        recon = module.decode(module.encode(images)).clamp(0, 1)
+        recon = at_size(module.decode(module.encode(images)).clamp(0, 1), images)
         return Preview(torch.stack([images, recon]), ["held-out images", "their hard-token reconstructions"])
+
+
+def at_size(decoded: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Decoded images at the side of the images they encode: a decoder that returns larger
+    ones (ruDALL-E's wavelet decoder: twice the side) is measured at the input size."""
+    if decoded.shape[-2:] == images.shape[-2:]:
+        return decoded
+    return torch.nn.functional.interpolate(decoded, size=images.shape[-2:], mode="area")
 
 
 @torch.no_grad()
@@ -88,7 +96,7 @@ def codec_metrics(codec: nn.Module, images: torch.Tensor, *, batch_size: int = 6
     for start in range(0, len(images), batch_size):
         batch = as_model_images(images[start : start + batch_size], codec.image_size, device)
         tokens = codec.encode(batch)
-        recon = codec.decode(tokens).clamp(0, 1)
+        recon = at_size(codec.decode(tokens).clamp(0, 1), batch)
         per_image = (recon - batch).pow(2).flatten(1).mean(1)
         mse_sum += float(per_image.sum())
         psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum())

@@ -1,0 +1,296 @@
+"""Released priors converted with `dalle convert`, equal to their reference packages.
+
+ruDALL-E (rudalle 1.1.3 + youtokentome 1.0.6) and DALL-E Mega / Mini (min-dalle 0.4.11):
+each reference model is built small with random weights, saved the way the released
+files are, converted by the real command, loaded from what it wrote and compared:
+identical tokenizer ids, logits within float tolerance, identical greedy samples,
+identical codec tokens and decoded pixels within 1e-4. The references are imported as
+tests/references.py explains (offline, without their download helpers).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from conftest import run_cli
+from dalle_framework import Sampling
+from dalle_framework.plugins import registry
+from dalle_framework.rundir import load_into
+from references import reference, rudalle
+
+PIXEL_ATOL = 1e-4
+LOGIT_ATOL = 1e-4
+
+
+def convert(component: str, *files: Path, out: Path, kind: str, params: dict | None = None, trust: bool = False) -> dict:
+    """Run `dalle convert` as a user would; returns the block it wrote."""
+    args = ["convert", component, *map(str, files), str(out)] + (["--trust-pickle"] if trust else [])
+    for key, value in (params or {}).items():
+        args += ["--param", f"{key}={value}"]
+    result = run_cli(*args)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    assert summary["component"] == component and summary["kind"] == kind
+    return yaml.safe_load((out / f"{kind}.yaml").read_text())
+
+
+def build_block(kind: str, block: dict, **runtime):
+    """A component built from a converted block, its weights loaded (what a recipe's `weights:` does)."""
+    component = registry(kind).build(block, **runtime)
+    if "weights" in block:
+        assert Path(block["weights"]).is_absolute()
+        load_into(component, block["weights"])
+        component.eval()
+    return component
+
+
+# ----------------------------------------------------------------------------- ruDALL-E: tokenizer
+
+RU = "красная машина стоит на улице возле дома кот сидит на окне собака бежит по полю зелёное дерево синее небо".split()
+EN = "a red car stands on the street near a house cat sits window dog runs field green tree blue sky".split()
+
+
+@pytest.fixture(scope="module")
+def yttm_files(tmp_path_factory):
+    """A YouTokenToMe BPE trained by youtokentome itself on Russian and English captions, converted."""
+    yttm = reference("youtokentome")
+    import random
+
+    directory = tmp_path_factory.mktemp("yttm")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choices(RU + EN, k=rng.randint(3, 12))) for _ in range(400)]
+    (directory / "corpus.txt").write_text("\n".join(lines) + "\n")
+    model = directory / "bpe.model"
+    yttm.BPE.train(data=str(directory / "corpus.txt"), model=str(model), vocab_size=300)
+    block = convert("rudalle-bpe", model, out=directory / "converted", kind="tokenizer")
+    return yttm.BPE(str(model)), block, lines
+
+
+def rudalle_frame(bpe, text: str, text_len: int) -> list[int]:
+    """rudalle's generate_images + YTTMTokenizerWrapper.encode_text: lower, strip, [BOS] ids [EOS], zeros, cut."""
+    import youtokentome as yttm
+
+    ids = [2, *bpe.encode([text.lower().strip()], output_type=yttm.OutputType.ID)[0], 3]
+    return (ids + [0] * text_len)[:text_len]
+
+
+def test_rudalle_tokenizer_matches_youtokentome(yttm_files):
+    bpe, block, lines = yttm_files
+    tokenizer = build_block("tokenizer", block)
+    assert block["params"]["vocab_size"] == bpe.vocab_size() == tokenizer.vocab_size
+    assert Path(block["params"]["path"]).parent == Path(block["params"]["path"]).parent.resolve()
+    edge = ["", "   ", "Красная  Машина\tна\nулице ", "a▁red▁car", "x Ω ☺ car", "\u00a0кот\u3000сидит\u2003", "AAAA" * 40]
+    texts = lines[:50] + edge
+    ids = tokenizer.encode(texts)
+    assert ids.shape == (len(texts), tokenizer.text_len)
+    for row, text in zip(ids.tolist(), texts):
+        assert row == rudalle_frame(bpe, text, tokenizer.text_len), text
+    assert ids[-1, -1] != 3, "a long caption is cut, EOS included, as rudalle cuts it"
+    assert (ids == 1).any(), "unknown characters map to <UNK>"
+    decoded = tokenizer.decode(ids[:50])
+    assert decoded == [bpe.decode([row], ignore_ids=[0, 1, 2, 3])[0] for row in ids[:50].tolist()]
+    assert decoded[:3] == [line.lower() for line in lines[:3]]
+
+
+ALPHABET = "".join(sorted(set("".join(RU + EN)))) + string.ascii_uppercase + " \t\n\u00a0\u2581\u3000Ωж☺ё"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=ALPHABET, max_size=60))
+def test_rudalle_tokenizer_matches_youtokentome_on_any_text(yttm_files, text):
+    bpe, block, _ = yttm_files
+    tokenizer = build_block("tokenizer", block)
+    assert tokenizer.encode([text])[0].tolist() == rudalle_frame(bpe, text, tokenizer.text_len)
+
+
+def test_rudalle_tokenizer_refuses_other_files(tmp_path):
+    bad = tmp_path / "bpe.model"
+    bad.write_text("not a model\n")
+    result = run_cli("convert", "rudalle-bpe", str(bad), str(tmp_path / "out"))
+    assert result.returncode == 2 and "not a YouTokenToMe model" in result.stderr and "Traceback" not in result.stderr
+    unset = registry("tokenizer").build({"name": "rudalle-bpe", "params": {}})
+    assert unset.vocab_size == 16384 and unset.text_len == 128  # known from params: recipes inspect without the file
+    from dalle_framework import UsageError
+
+    with pytest.raises(UsageError, match="tokenizer.params.path"):
+        unset.encode(["a caption"])
+
+
+# ----------------------------------------------------------------------------- ruDALL-E: prior
+
+RUDALLE_SMALL = dict(text_vocab=300, text_len=12, side=8, image_vocab=64, layers=5, width=64, heads=4)
+
+
+def rudalle_reference(*, text_vocab, text_len, side, image_vocab, layers, width, heads, spread: float = 0.2):
+    """rudalle's DalleModel (v3, sandwich norm, PB-relax) with random weights; norms and biases spread so outputs vary."""
+    model = rudalle("rudalle.dalle.model")
+    torch.manual_seed(0)
+    ref = model.DalleModel(
+        device="cpu", num_layers=layers, vocab_size=text_vocab + text_len, hidden_size=width, num_attention_heads=heads,
+        embedding_dropout_prob=0.1, attention_dropout_prob=0.1, output_dropout_prob=0.1, text_seq_length=text_len,
+        image_tokens_per_dim=side, image_vocab_size=image_vocab, cogview_sandwich_layernorm=True, cogview_pb_relax=True,
+        hf_version="v3",
+    )
+    with torch.no_grad():
+        for name, param in ref.named_parameters():
+            if "layernorm" in name or name.startswith("to_logits.0"):
+                param.add_(torch.randn_like(param) * spread)
+            if name.endswith("bias"):
+                param.normal_(0, spread / 2)
+    return ref.eval()
+
+
+@torch.no_grad()
+def rudalle_greedy(ref, text: torch.Tensor, steps: int) -> torch.Tensor:
+    """rudalle's generate_images loop (cached forward over the growing sequence) with greedy picks.
+
+    generate_images itself imports transformers 4.10 for top_k_top_p_filtering; greedy
+    decoding needs no filter, so the loop runs here call for call, argmax for multinomial.
+    """
+    total = ref.total_seq_length
+    mask = torch.tril(torch.ones(len(text), 1, total, total))
+    out, cache = text.clone(), None
+    for _ in range(steps):
+        logits, cache = ref(out, mask, use_cache=True, cache=cache, return_loss=False)
+        out = torch.cat([out, logits[:, -1, ref.vocab_size :].argmax(-1, keepdim=True)], dim=-1)
+    return out[:, ref.text_seq_length :]
+
+
+def rudalle_captions(text_len: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    rows = []
+    for length in (3, text_len - 2, 6):
+        words = torch.randint(4, 300, (length,), generator=g).tolist()
+        rows.append(([2, *words, 3] + [0] * text_len)[:text_len])
+    return torch.tensor(rows)
+
+
+@pytest.fixture(scope="module")
+def rudalle_files(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rudalle")
+    ref = rudalle_reference(**RUDALLE_SMALL)
+    torch.save(ref.state_dict(), directory / "pytorch_model_v3.bin")  # as released: the model's state dict
+    block = convert("rudalle", directory / "pytorch_model_v3.bin", out=directory / "converted", kind="prior", params={"heads": 4})
+    s = RUDALLE_SMALL
+    runtime = dict(text_vocab_size=s["text_vocab"], text_len=s["text_len"], image_vocab_size=s["image_vocab"], grid=(s["side"], s["side"]))
+    return ref, block, runtime
+
+
+def test_rudalle_prior_logits_match_the_reference(rudalle_files):
+    ref, block, runtime = rudalle_files
+    prior = build_block("prior", block, **runtime)
+    assert block["params"] == {**block["params"], "dim": 64, "depth": 5, "heads": 4, "sandwich_norm": True}
+    assert prior.layer_patterns() == ["row", "rudalle-column", "row", "row", "rudalle-conv"]
+    text = rudalle_captions(runtime["text_len"])
+    image = torch.randint(0, runtime["image_vocab_size"], (len(text), prior.layout.image_len), generator=torch.Generator().manual_seed(4))
+    mask = torch.tril(torch.ones(len(text), 1, prior.layout.seq_len, prior.layout.seq_len))
+    with torch.no_grad():
+        expected, _ = ref(torch.cat([text, image], dim=1), mask, return_loss=False)
+        states = prior.hidden(torch.cat([prior.text_ids_of(text), image], dim=1))
+        logits = torch.cat([prior.text_logits(states), prior.image_logits(states)], dim=-1)
+    assert logits.shape == expected.shape
+    assert torch.allclose(logits, expected, atol=LOGIT_ATOL, rtol=0), float((logits - expected).abs().max())
+    assert float(expected.std()) > 0.1
+
+
+def test_rudalle_prior_greedy_samples_match_the_reference(rudalle_files):
+    ref, block, runtime = rudalle_files
+    prior = build_block("prior", block, **runtime)
+    text = rudalle_captions(runtime["text_len"])
+    expected = rudalle_greedy(ref, text, prior.layout.image_len)
+    for use_cache in (True, False):
+        tokens = prior.generate(text, Sampling(top_k=1, use_cache=use_cache), generator=torch.Generator().manual_seed(0))
+        assert torch.equal(tokens, expected), use_cache
+    assert len(expected.unique()) > 4 and not torch.equal(expected[0], expected[1]), "the greedy samples vary: the comparison is not trivial"
+
+
+def test_rudalle_prior_trains_and_refuses_what_does_not_fit(rudalle_files, tmp_path):
+    ref, block, runtime = rudalle_files
+    prior = build_block("prior", block, **runtime).train()
+    text = rudalle_captions(runtime["text_len"])
+    image = torch.randint(0, runtime["image_vocab_size"], (len(text), prior.layout.image_len))
+    out = prior.loss(text, image)
+    assert {"loss", "text_loss", "image_loss"} <= set(out) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert prior.transformer.layers[0].attention.query_key_value.weight.grad.abs().sum() > 0
+    unknown = torch.save({"anything": torch.zeros(1)}, tmp_path / "other.bin")
+    result = run_cli("convert", "rudalle", str(tmp_path / "other.bin"), str(tmp_path / "out"))
+    assert result.returncode == 2 and "not a ruDALL-E prior" in result.stderr and unknown is None
+    headless = run_cli("convert", "rudalle", block["weights"], str(tmp_path / "again"))
+    assert headless.returncode == 2 and "--param heads=N" in headless.stderr
+
+
+# ----------------------------------------------------------------------------- ruDALL-E: codec (Sber VQGAN)
+
+SBER_SMALL = dict(double_z=False, z_channels=32, resolution=64, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 1, 2],
+                  num_res_blocks=1, attn_resolutions=[16], dropout=0.0)  # fmt: skip
+
+
+def sber_reference(dwt: bool):
+    """rudalle's VQGanGumbelVAE (the Sber Gumbel-VQ, optionally with its wavelet decoder), random weights."""
+    from omegaconf import OmegaConf
+
+    vae_model = rudalle("rudalle.vae.model")
+    torch.manual_seed(0)
+    config = OmegaConf.create({"model": {"params": {"ddconfig": dict(SBER_SMALL), "n_embed": 128, "embed_dim": 32, "kl_weight": 1e-8}}})
+    vae = vae_model.VQGanGumbelVAE(config, dwt=dwt)
+    with torch.no_grad():
+        for name, param in vae.named_parameters():
+            if name.endswith("bias"):
+                param.normal_(0, 0.05)
+    return vae.eval()
+
+
+def sber_reference_codes(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        codes = vae.get_codebook_indices(images, disable_gumbel_softmax=True)
+        return codes, vae.decode(codes)
+
+
+@pytest.mark.debian_data("emoji")
+@pytest.mark.parametrize("dwt", [True, False], ids=["wavelet", "plain"])
+def test_sber_vqgan_matches_rudalle_on_real_images(dwt, tmp_path):
+    from test_pretrained_codecs import real_images
+
+    vae = sber_reference(dwt)
+    # released layouts: the wavelet file is the VAE's state dict (model.*), the plain one GumbelVQ's
+    state = vae.state_dict() if dwt else vae.model.state_dict()
+    torch.save({"state_dict": state}, tmp_path / "vqgan.ckpt")
+    block = convert("rudalle-vqgan", tmp_path / "vqgan.ckpt", out=tmp_path / "converted", kind="codec")
+    assert block["params"]["wavelet"] is dwt and block["frozen"] is True
+    codec = build_block("codec", {**block, "params": {**block["params"], "image_size": 64}})
+    images = real_images("emoji", 64, 6)
+    ref_codes, ref_pixels = sber_reference_codes(vae, images)
+    tokens = codec.encode(images)
+    assert torch.equal(tokens, ref_codes) and len(ref_codes.unique()) > 8
+    pixels = codec.decode(tokens)
+    assert pixels.shape == ref_pixels.shape == (6, 3, 128 if dwt else 64, 128 if dwt else 64)
+    assert torch.allclose(pixels, ref_pixels, atol=PIXEL_ATOL, rtol=0), float((pixels - ref_pixels).abs().max())
+    assert float(ref_pixels.std()) > 0.01
+
+
+def test_sber_vqgan_defaults_are_the_released_shape():
+    rudalle("rudalle.vae.model")
+    from omegaconf import OmegaConf
+
+    import rudalle.vae.model as vae_model
+
+    config = OmegaConf.load(Path(vae_model.__file__).parent / "vqgan.gumbelf8-sber.config.yml")
+    with torch.device("meta"):
+        reference_vae = vae_model.VQGanGumbelVAE(config, dwt=True)
+        codec = registry("codec").build({"name": "rudalle-vqgan", "params": {}})
+    ours = {k: tuple(v.shape) for k, v in codec.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in reference_vae.state_dict().items()}
+    from dalle_vqgan.convert import sber_state
+
+    assert ours == {k: v for k, v in ((k, tuple(t.shape)) for k, t in sber_state(reference_vae.state_dict()).items())}
+    assert len(theirs) > len(ours)  # theirs also holds the unused outer post_quant_conv and the wavelet filters
+    assert (codec.vocab_size, codec.grid, codec.image_size) == (8192, (32, 32), 256)
