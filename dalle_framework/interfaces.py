@@ -209,16 +209,23 @@ StepCallback = Callable[[int, int], None]  # (image positions drawn, positions i
 
 
 class Prior(ModuleComponent):
-    """Autoregressive model of ``[text tokens | image tokens]``.
+    """Autoregressive model of image tokens given a caption's tokens.
+
+    How the caption conditions the image is the prior's business: a decoder-only prior
+    models ``[text tokens | image tokens]`` as one sequence (the DALL-E paper, ruDALL-E),
+    an encoder-decoder encodes the caption and cross-attends to it (DALL-E Mini / Mega).
 
     Built as ``cls(params, text_vocab_size=, text_len=, image_vocab_size=, grid=)``.
 
-    - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted), and
-      ``text_loss`` / ``image_loss`` in nats per token.
+    - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted) and
+      ``image_loss`` in nats per image token; ``text_loss`` (nats per text token) from
+      priors that also model the caption.
     - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
       ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
       ``on_step(done, total)`` is called after each image token position is drawn for the
       whole batch, with ``total = h*w`` and ``done`` the positions filled so far (primed ones included).
+      :func:`dalle_framework.decoding.sample_image_tokens` implements it (KV cache,
+      guidance, draws) for a prior with ``prefill`` / ``decode_step``.
     """
 
     @abc.abstractmethod
@@ -239,6 +246,12 @@ class Prior(ModuleComponent):
 
     def flops_per_token(self) -> Optional[dict[str, Any]]:
         """Forward and training FLOPs per token (``{"forward": ..., "train": ...}``), or None if unknown."""
+        return None
+
+    def activation_bytes(self, batch_size: int, bytes_per_value: int) -> Optional[int]:
+        """Activation memory backward keeps for one training micro-batch of ``batch_size`` pairs
+        (values of ``bytes_per_value`` bytes), per process; None if unknown. Helper:
+        :func:`dalle_framework.metrics.activation_bytes`."""
         return None
 
 

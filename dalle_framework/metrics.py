@@ -86,3 +86,27 @@ def flops_per_token(non_embedding: int, *, n_layers: Optional[int], seq_len: int
         "d_attn": d_attn,
         "seq_len": seq_len,
     }
+
+
+def activation_bytes(
+    *, layers: int, dim: int, tokens: int, batch: int, bytes_per_value: int, checkpointing: bool,
+    mlp_ratio: float = 4.0, extra_per_layer: float = 0.0, logits: int = 0,
+) -> int:
+    """What backward keeps of one micro-batch of a transformer, in bytes (an estimate).
+
+    Per layer and token, after Korthikanti et al. 2022 (section 4.1) with attention
+    scores not stored (SDPA's fused kernels recompute them): the attention block keeps
+    ``5 * dim`` values (its input, q, k, v, the output projection's input), the MLP
+    ``(1 + 2 * mlp_ratio) * dim`` (its input, the hidden layer before and after the
+    nonlinearity), each LayerNorm ``dim``, two dropout masks ``dim`` bytes each;
+    ``extra_per_layer`` adds values per ``dim`` (sandwich norms, cross-attention).
+    With ``checkpointing`` only each layer's input stays, plus one layer recomputed.
+    ``logits`` (vocabulary entries per token) adds the fp32 logits and their gradient.
+    """
+    values = (5 + 1 + 2 * mlp_ratio + 2 + extra_per_layer) * dim
+    per_layer = tokens * batch * (values * bytes_per_value + 2 * dim)
+    if checkpointing:
+        kept = layers * tokens * batch * dim * bytes_per_value + per_layer
+    else:
+        kept = layers * per_layer
+    return int(kept + 2 * 4 * tokens * batch * logits)

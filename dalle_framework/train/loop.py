@@ -19,7 +19,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .. import distributed, rundir
+from .. import distributed, finetune, rundir
 from ..errors import DalleError, NonFiniteError, UsageError
 from ..pipeline import Pipeline
 from ..recipe import as_data, component_differences, dump, read_yaml
@@ -129,6 +129,7 @@ class _Training:
             module = stage.build()
         if stage.block.weights and not self.resume:
             rundir.load_into(module, stage.block.weights)  # fine-tune from pretrained weights
+        module = finetune.prepare(module, stage.block)  # LoRA adapters, frozen layers
         run = self.engine_run = engine.prepare(module, train)
         self.main = run.is_main
         batches = self.batches = stage.batches(rank=run.rank, world_size=run.world_size)
@@ -253,7 +254,7 @@ class _Training:
         with _isolated_rng(self.pipe.recipe.seed, device):
             if self.eval_module is None:
                 self.eval_module = self.stage.build().to(device)
-            self.eval_module.load_state_dict(weights)
+            self.eval_module.load_state_dict(finetune.plain_weights(weights, self.stage.block))
             result = self.stage.evaluate(self.eval_module, device)
             for key, value in result.items():
                 self.writer.add_scalar(f"eval/{key}", value, self.step)
@@ -262,7 +263,7 @@ class _Training:
 
     def _publish(self, weights: dict[str, torch.Tensor], metrics: dict[str, float], **facts: Any) -> None:
         stage, block = self.stage, self.stage.block
-        rundir.save_weights(self.stage_dir / rundir.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage.name})
+        finetune.save_trained(self.stage_dir / rundir.WEIGHTS_FILE, weights, block, {"component": block.name, "stage": stage.name})
         _write_meta(self.pipe, stage, metrics, step=self.step, world_size=self.engine_run.world_size, **facts)
         self.pipe.forget(stage.name)  # the next access loads the new weights
 

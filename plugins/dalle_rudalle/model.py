@@ -47,7 +47,7 @@ from torch.utils.checkpoint import checkpoint
 from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback
 from dalle_framework.attention import Layout, Position, mean_keys_per_query, pattern_attention, positions, register_pattern
 from dalle_framework.decoding import KVCache, all_padding, sample_image_tokens
-from dalle_framework.metrics import flops_per_token
+from dalle_framework.metrics import activation_bytes, flops_per_token
 
 FP16_MAX = 65504.0
 CONV_RADIUS = 5  # ruDALL-E's 11x11 convolutional mask, whatever the grid
@@ -288,6 +288,12 @@ class RudallePrior(Prior):
         attended = [mean_keys_per_query(pattern, self.layout) for pattern in self.layer_patterns()]
         return flops_per_token(non_embedding, n_layers=self.params.depth, seq_len=self.layout.seq_len,
                                d_attn=self.params.dim, attended=sum(attended) / len(attended))
+
+    def activation_bytes(self, batch_size: int, bytes_per_value: int) -> int:
+        p, layout = self.params, self.layout
+        logits = (layout.text_len * self.text_ids + layout.image_len * self.image_vocab_size) / layout.seq_len
+        return activation_bytes(layers=p.depth, dim=p.dim, tokens=layout.seq_len - 1, batch=batch_size, bytes_per_value=bytes_per_value,
+                                checkpointing=p.grad_checkpointing, extra_per_layer=2 if p.sandwich_norm else 0, logits=int(logits))
 
 
 def _init_weights(module: nn.Module) -> None:

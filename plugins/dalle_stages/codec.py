@@ -56,6 +56,12 @@ class CodecStage(Stage):
         mirror = torch.rand(len(images), generator=generator) < 0.5
         return [torch.where(mirror[:, None, None, None], images.flip(-1), images), *batch[1:]]
 
+    def evaluate(self, module, device, *, limit=None):
+        """Loss terms and reconstruction; a frozen codec (converted, maybe with no training loss) only reconstructs."""
+        if self.block.frozen:
+            return self.extra_metrics(module, device, limit or self.train.eval_batches * self.train.batch_size)
+        return super().evaluate(module, device, limit=limit)
+
     @torch.no_grad()
     def extra_metrics(self, module, device, limit):
         return codec_metrics(module, self.heldout(limit)[0], batch_size=self.train.batch_size, device=device)

@@ -51,7 +51,7 @@ from dalle_framework.attention import (
     positions,
 )
 from dalle_framework.decoding import KVCache, all_padding, sample_image_tokens
-from dalle_framework.metrics import flops_per_token
+from dalle_framework.metrics import activation_bytes, flops_per_token
 
 AttentionKernel = Callable[..., Tensor]  # (q, k, v, *, q_start, dropout_p) -> out
 
@@ -254,6 +254,12 @@ class TransformerPrior(Prior):
             d_attn=self.heads * self.head_dim,
             attended=sum(attended) / len(attended),
         )
+
+    def activation_bytes(self, batch_size: int, bytes_per_value: int) -> int:
+        p, layout = self.params, self.layout
+        logits = (layout.text_len * self.text_vocab_size + layout.image_len * self.image_vocab_size) / layout.seq_len
+        return activation_bytes(layers=p.depth, dim=p.dim, tokens=layout.seq_len - 1, batch=batch_size, bytes_per_value=bytes_per_value,
+                                checkpointing=p.grad_checkpointing, mlp_ratio=p.mlp_ratio, logits=int(logits))
 
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
