@@ -66,3 +66,78 @@ def run_min_dalle(script: str, **inputs) -> dict:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+MIN_DALLE_RELEASE = '''
+import json, os, torch
+inputs = json.loads(os.environ["INPUTS"])
+from min_dalle.models import DalleBartEncoder, DalleBartDecoder
+s = inputs["shape"]
+torch.manual_seed(inputs["seed"])
+encoder = DalleBartEncoder(layer_count=s["layers"], embed_count=s["width"], attention_head_count=s["heads"],
+                           text_vocab_count=s["text_vocab"], text_token_count=64, glu_embed_count=s["glu"], device="cpu")
+decoder = DalleBartDecoder(image_vocab_count=s["image_vocab"], embed_count=s["width"], attention_head_count=s["heads"],
+                           glu_embed_count=s["glu"], layer_count=s["layers"], device="cpu")
+with torch.no_grad():  # released weights are trained: spread the norms so outputs vary
+    for name, param in [*encoder.named_parameters(), *decoder.named_parameters()]:
+        if "ln" in name or "layer_norm" in name or "layernorm" in name:
+            param.add_(torch.randn_like(param) * s["spread"])
+        elif param.dim() > 1:
+            param.normal_(0, s["std"])
+torch.save(encoder.state_dict(), inputs["out"] + "/encoder.pt")
+torch.save(decoder.state_dict(), inputs["out"] + "/decoder.pt")
+print(json.dumps({"saved": True}))
+'''
+
+MIN_DALLE_SAMPLE = '''
+import json, os, torch
+inputs = json.loads(os.environ["INPUTS"])
+from min_dalle import MinDalle
+from min_dalle.text_tokenizer import TextTokenizer
+from min_dalle.models import DalleBartEncoder, DalleBartDecoder
+torch.set_num_threads(1)  # importing min_dalle asks for every core; the tests run one intra-op thread
+s = inputs["shape"]
+
+
+class TokenTap(MinDalle):
+    """min-dalle's own sampling loop; the finished tokens are returned instead of decoded to pixels."""
+
+    def image_grid_from_tokens(self, image_tokens, is_seamless, is_verbose=False):
+        return image_tokens
+
+
+model = TokenTap.__new__(TokenTap)  # MinDalle.__init__ would download; set what it would have set
+model.device, model.is_mega, model.is_reusable, model.dtype, model.is_verbose = "cpu", True, True, torch.float32, False
+model.text_token_count, model.layer_count, model.attention_head_count = 64, s["layers"], s["heads"]
+model.embed_count, model.glu_embed_count = s["width"], s["glu"]
+model.text_vocab_count, model.image_vocab_count = s["text_vocab"], s["image_vocab"]
+vocab = json.load(open(inputs["vocab"], encoding="utf8"))
+merges = open(inputs["merges"], encoding="utf8").read().split("\\n")[1:-1]
+model.tokenizer = TextTokenizer(vocab, merges)
+model.encoder = DalleBartEncoder(layer_count=s["layers"], embed_count=s["width"], attention_head_count=s["heads"],
+                                 text_vocab_count=s["text_vocab"], text_token_count=64, glu_embed_count=s["glu"], device="cpu").eval()
+model.encoder.load_state_dict(torch.load(inputs["dir"] + "/encoder.pt"))
+model.decoder = DalleBartDecoder(image_vocab_count=s["image_vocab"], embed_count=s["width"], attention_head_count=s["heads"],
+                                 glu_embed_count=s["glu"], layer_count=s["layers"], device="cpu").eval()
+model.decoder.load_state_dict(torch.load(inputs["dir"] + "/decoder.pt"))
+out = {"tokens": {}, "samples": {}, "logits": {}}
+for text in inputs["captions"]:
+    out["tokens"][text] = model.tokenizer.tokenize(text)
+for text in inputs["sample"]:
+    stream = model.generate_raw_image_stream(text=text, seed=1, grid_size=1, top_k=1, supercondition_factor=inputs["factor"])
+    out["samples"][text] = next(stream).tolist()
+# logits of a fixed image sequence, without the cache (the decoder's multi-token path)
+ids = model.tokenizer.tokenize(inputs["sample"][0])[:64]
+text = torch.ones(2, 64, dtype=torch.long)
+text[0, :2] = torch.tensor([ids[0], ids[-1]])
+text[1, :len(ids)] = torch.tensor(ids)
+with torch.no_grad():
+    state = model.encoder(text)
+    prev = torch.tensor([[2 ** 14 - 1] + inputs["image"][:255]])
+    logits, _ = model.decoder(attention_mask=text.not_equal(1)[:, None, None, :], encoder_state=state,
+                              attention_state=torch.zeros(s["layers"], 4, 256, s["width"]), prev_tokens=prev,
+                              token_index=torch.arange(256))
+out["logits"] = logits[:, :, :2 ** 14].clone()
+torch.save(out, inputs["result"])  # logits are millions of numbers: a tensor file, not JSON
+print(json.dumps({"saved": inputs["result"]}))
+'''

@@ -294,3 +294,104 @@ def test_sber_vqgan_defaults_are_the_released_shape():
     assert ours == {k: v for k, v in ((k, tuple(t.shape)) for k, t in sber_state(reference_vae.state_dict()).items())}
     assert len(theirs) > len(ours)  # theirs also holds the unused outer post_quant_conv and the wavelet filters
     assert (codec.vocab_size, codec.grid, codec.image_size) == (8192, (32, 32), 256)
+
+
+# ----------------------------------------------------------------------------- DALL-E Mini / Mega (min-dalle)
+
+MINI_SMALL = dict(layers=2, width=32, heads=4, glu=48, text_vocab=300, image_vocab=16384, std=0.3, spread=0.2)
+MIN_DALLE_CAPTIONS = ["a red car near a house", "Painting of an AVOCADO chair", "cat 🐈 on a window", "naïve café", "  two  spaces ",
+                      "sky " * 40, "zebra quux"]
+
+
+@pytest.fixture(scope="module")
+def bart_files(tmp_path_factory):
+    """A BART-style byte-level BPE (vocab.json + merges.txt, <s> <pad> </s> <unk> first), converted."""
+    from tokenizers import ByteLevelBPETokenizer
+    import random
+
+    directory = tmp_path_factory.mktemp("bart")
+    rng = random.Random(0)
+    words = "a red car stands on the street near a house cat sits window dog runs field green tree blue sky painting of avocado chair".split()
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(rng.choices(words, k=8)) for _ in range(300)], vocab_size=300, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(directory))
+    block = convert("min-dalle-bpe", directory / "vocab.json", directory / "merges.txt", out=directory / "converted", kind="tokenizer")
+    return directory, block
+
+
+@pytest.fixture(scope="module")
+def min_dalle_run(bart_files, tmp_path_factory):
+    """A small random min-dalle model saved as encoder.pt / decoder.pt, converted, and min-dalle's own answers for it."""
+    from references import MIN_DALLE_RELEASE, MIN_DALLE_SAMPLE, run_min_dalle
+
+    bart, tokenizer_block = bart_files
+    directory = tmp_path_factory.mktemp("min-dalle")
+    run_min_dalle(MIN_DALLE_RELEASE, shape=MINI_SMALL, seed=0, out=str(directory))
+    block = convert("min-dalle", directory / "encoder.pt", directory / "decoder.pt", out=directory / "converted", kind="prior",
+                    params={"heads": MINI_SMALL["heads"]})
+    image = torch.randint(0, 16384, (256,), generator=torch.Generator().manual_seed(5)).tolist()
+    run_min_dalle(MIN_DALLE_SAMPLE, shape=MINI_SMALL, dir=str(directory), vocab=str(bart / "vocab.json"), merges=str(bart / "merges.txt"),
+                  captions=MIN_DALLE_CAPTIONS, sample=MIN_DALLE_CAPTIONS[:2], factor=4, image=image, result=str(directory / "answers.pt"))
+    answers = torch.load(directory / "answers.pt", weights_only=True)
+    runtime = dict(text_vocab_size=MINI_SMALL["text_vocab"] + 1, text_len=64, image_vocab_size=16384, grid=(16, 16))
+    return tokenizer_block, block, runtime, answers, image
+
+
+def test_min_dalle_tokenizer_matches_min_dalle(min_dalle_run):
+    tokenizer_block, _, _, answers, _ = min_dalle_run
+    tokenizer = build_block("tokenizer", tokenizer_block)
+    assert tokenizer.vocab_size == MINI_SMALL["text_vocab"] + 1
+    ids = tokenizer.encode(MIN_DALLE_CAPTIONS)
+    for row, text in zip(ids.tolist(), MIN_DALLE_CAPTIONS):
+        expected = [i + 1 for i in answers["tokens"][text][:64]]  # BART ids shifted past padding
+        assert row == expected + [0] * (64 - len(expected)), text
+    assert tokenizer.decode(ids[:1]) == ["a red car near a house"]
+
+
+def test_min_dalle_prior_logits_and_greedy_samples_match_min_dalle(min_dalle_run):
+    tokenizer_block, block, runtime, answers, image = min_dalle_run
+    tokenizer, prior = build_block("tokenizer", tokenizer_block), build_block("prior", block, **runtime)
+    text = tokenizer.encode(MIN_DALLE_CAPTIONS[:1])
+    rows = torch.cat([prior.unconditional_text(text), text])  # min-dalle's row order: unconditional, then the caption
+    with torch.no_grad():
+        cross = prior.cross_inputs(*prior.encode_text(rows))
+        logits = prior.image_logits(prior.decode(prior.with_start(torch.tensor([image[:255]]).repeat(2, 1)), 0, cross))
+    expected = answers["logits"]
+    assert torch.allclose(logits, expected, atol=LOGIT_ATOL, rtol=0), float((logits - expected).abs().max())
+    assert float(expected.std()) > 0.1
+    text = tokenizer.encode(MIN_DALLE_CAPTIONS[:2])
+    for use_cache in (True, False):
+        tokens = prior.generate(text, Sampling(top_k=1, guidance_scale=4, use_cache=use_cache), generator=torch.Generator().manual_seed(0))
+        for row, caption in zip(tokens.tolist(), MIN_DALLE_CAPTIONS[:2]):
+            assert row == answers["samples"][caption][0], (caption, use_cache)
+    assert len(set(tokens[0].tolist())) > 4 and not torch.equal(tokens[0], tokens[1])
+
+
+def test_min_dalle_vqgan_decodes_as_min_dalle(tmp_path):
+    from references import run_min_dalle
+
+    script = '''
+import json, os, torch
+inputs = json.loads(os.environ["INPUTS"])
+from min_dalle.models import VQGanDetokenizer
+torch.manual_seed(0)
+detoker = VQGanDetokenizer().eval()
+torch.save(detoker.state_dict(), inputs["out"])
+tokens = torch.tensor([inputs["tokens"]])
+print(json.dumps({"pixels": (detoker.forward(False, tokens) / 255).tolist()}))
+'''
+    tokens = torch.randint(0, 16384, (256,), generator=torch.Generator().manual_seed(6))
+    answer = run_min_dalle(script, out=str(tmp_path / "detoker.pt"), tokens=tokens.tolist())
+    block = convert("min-dalle-vqgan", tmp_path / "detoker.pt", out=tmp_path / "converted", kind="codec")
+    assert block["params"] == {**block["params"], "pixels": "unit", "encoder": False, "n_embed": 16384, "ch_mult": [1, 1, 2, 2, 4]}
+    codec = build_block("codec", block)
+    assert (codec.vocab_size, codec.grid, codec.image_size) == (16384, (16, 16), 256)
+    pixels = codec.decode(tokens[None])[0].permute(1, 2, 0)  # [256, 256, 3] as min-dalle returns it
+    expected = torch.tensor(answer["pixels"])
+    assert torch.allclose(pixels, expected, atol=PIXEL_ATOL, rtol=0), float((pixels - expected).abs().max())
+    assert float(expected.std()) > 0.01
+    from dalle_framework import UsageError
+
+    with pytest.raises(UsageError, match="holds only a decoder"):
+        codec.encode(torch.rand(1, 3, 256, 256))

@@ -52,8 +52,8 @@ from dalle_framework import ImageCodec, Params, UsageError
 from dalle_framework.nn import token_grid
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=eps, affine=True)
 
 
 def _conv3(n_in: int, n_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -67,10 +67,10 @@ def _conv1(n_in: int, n_out: int) -> nn.Conv2d:
 class ResnetBlock(nn.Module):
     """``[B, n_in, H, W] -> [B, n_out, H, W]``: two (GroupNorm, swish, 3x3 conv) plus a shortcut."""
 
-    def __init__(self, n_in: int, n_out: int, dropout: float) -> None:
+    def __init__(self, n_in: int, n_out: int, dropout: float, eps: float) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(n_in), _conv3(n_in, n_out)
-        self.norm2, self.dropout, self.conv2 = _norm(n_out), nn.Dropout(dropout), _conv3(n_out, n_out)
+        self.norm1, self.conv1 = _norm(n_in, eps), _conv3(n_in, n_out)
+        self.norm2, self.dropout, self.conv2 = _norm(n_out, eps), nn.Dropout(dropout), _conv3(n_out, n_out)
         if n_in != n_out:
             self.nin_shortcut = _conv1(n_in, n_out)
 
@@ -84,9 +84,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the ``H * W`` positions, residual: ``[B, C, H, W] -> same``."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, eps: float) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, eps)
         self.q, self.k, self.v, self.proj_out = (_conv1(channels, channels) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -141,11 +141,11 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """ResNet, attention, ResNet at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, eps: float) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, eps)
+        self.attn_1 = AttnBlock(channels, eps)
+        self.block_2 = ResnetBlock(channels, channels, dropout, eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -162,16 +162,16 @@ class Encoder(nn.Module):
         for level, mult in enumerate(p.ch_mult):
             stage = Level()
             for _ in range(p.num_res_blocks):
-                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout))
+                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout, p.norm_eps))
                 n_in = p.ch * mult
                 if res in p.attn_resolutions:
-                    stage.attn.append(AttnBlock(n_in))
+                    stage.attn.append(AttnBlock(n_in, p.norm_eps))
             if level < len(p.ch_mult) - 1:
                 stage.downsample = Downsample(n_in, p.resamp_with_conv)
                 res //= 2
             self.down.append(stage)
-        self.mid = Middle(n_in, p.dropout)
-        self.norm_out = _norm(n_in)
+        self.mid = Middle(n_in, p.dropout, p.norm_eps)
+        self.norm_out = _norm(n_in, p.norm_eps)
         self.conv_out = _conv3(n_in, 2 * p.z_channels if p.double_z else p.z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,21 +192,21 @@ class Decoder(nn.Module):
         n_in = p.ch * p.ch_mult[-1]
         res = p.resolution // 2 ** (len(p.ch_mult) - 1)
         self.conv_in = _conv3(p.z_channels, n_in)
-        self.mid = Middle(n_in, p.dropout)
+        self.mid = Middle(n_in, p.dropout, p.norm_eps)
         levels: list[Level] = []
         for level in reversed(range(len(p.ch_mult))):  # built from the bottom up, stored top-down
             stage = Level()
             for _ in range(p.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(n_in, p.ch * p.ch_mult[level], p.dropout))
+                stage.block.append(ResnetBlock(n_in, p.ch * p.ch_mult[level], p.dropout, p.norm_eps))
                 n_in = p.ch * p.ch_mult[level]
                 if res in p.attn_resolutions:
-                    stage.attn.append(AttnBlock(n_in))
+                    stage.attn.append(AttnBlock(n_in, p.norm_eps))
             if level > 0:
                 stage.upsample = Upsample(n_in, p.resamp_with_conv)
                 res *= 2
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(n_in)
+        self.norm_out = _norm(n_in, p.norm_eps)
         self.conv_out = _conv3(n_in, p.out_ch)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -311,6 +311,7 @@ class VQGAN(ImageCodec):
         wavelet: bool = Field(False, description="ruDALL-E's wavelet decoder: 12 output channels (Haar subbands), images of twice the side")
         pixels: Literal["signed", "unit"] = Field("signed", description="pixel range the network works in: signed [-1, 1] (taming) or unit [0, 1] (dalle-mini)")
         encoder: bool = Field(True, description="false: decoder only (min-dalle's detoker.pt); encoding is refused")
+        norm_eps: float = Field(1e-6, gt=0, lt=1, description="GroupNorm epsilon (taming: 1e-6; min-dalle's port: PyTorch's default 1e-5)")
         # this framework
         image_size: int = Field(256, gt=0, description="side of the images this codec encodes; a multiple of 2**(levels-1)")
 
@@ -415,6 +416,7 @@ class MinDalleVQGAN(VQGAN):
         n_embed: int = Field(16384, ge=2, description="codes (dalle-mini: 16,384)")
         pixels: Literal["signed", "unit"] = Field("unit", description="dalle-mini's VQGAN works in [0, 1]")
         encoder: bool = Field(False, description="min-dalle's detoker.pt has no encoder")
+        norm_eps: float = Field(1e-5, gt=0, lt=1, description="GroupNorm epsilon (min-dalle: PyTorch's default 1e-5)")
 
     @classmethod
     def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
