@@ -358,9 +358,9 @@ def cmd_serve(args) -> int:
     from .interfaces import ImageCodec, Prior
 
     pipe = _pipeline_for(args.run, [], args.device)
-    for contract in (ImageCodec, Prior):  # what generation needs trained
+    for contract in (ImageCodec, Prior):  # what generation needs: trained, or pretrained weights (`dalle convert`)
         stage = pipe.role(contract)
-        if stage is None or not pipe.has_weights(stage):
+        if stage is None or not (pipe.has_weights(stage) or pipe.stage(stage).block.weights):
             raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
     import uvicorn
 

@@ -110,3 +110,65 @@ def recipe(directory: Path, release: dict[str, dict], data: Path, *, name: str, 
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False, allow_unicode=True))
     return path
+
+
+# ----------------------------------------------------------------------------- DALL-E Mega (min-dalle)
+
+MEGA_TINY = dict(layers=2, width=32, heads=4, glu=48, text_vocab=300, image_vocab=16384, std=0.05, spread=0.1)
+BART_WORDS = "a red blue green yellow square on the left right of picture car house cat dog tree sky".split()
+
+
+def bart_files(directory: Path) -> tuple[Path, Path]:
+    """A BART-style byte-level BPE (``<s> <pad> </s> <unk>`` first) saved as vocab.json + merges.txt."""
+    from tokenizers import ByteLevelBPETokenizer
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([" ".join(rng.choices(BART_WORDS, k=8)) for _ in range(300)], vocab_size=300, min_frequency=2,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
+    bpe.save_model(str(directory))
+    return directory / "vocab.json", directory / "merges.txt"
+
+
+def mega_release(directory: Path) -> dict[str, dict]:
+    """DALL-E Mega's files at a tiny shape (BART BPE, min-dalle's encoder.pt / decoder.pt, a VQGAN f2 at 32px
+    whose decoder is saved as detoker.pt and its encoder beside it), converted."""
+    from references import MIN_DALLE_RELEASE, run_min_dalle
+
+    reference("taming.modules.diffusionmodules.model")
+    from taming.modules.diffusionmodules.model import Decoder, Encoder
+
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab, merges = bart_files(directory / "bart")
+    run_min_dalle(MIN_DALLE_RELEASE, shape=MEGA_TINY, seed=0, out=str(directory))
+    torch.manual_seed(0)
+    ddconfig = dict(double_z=False, z_channels=32, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                    num_res_blocks=1, attn_resolutions=[], dropout=0.0)  # fmt: skip
+    encoder, decoder = Encoder(**ddconfig), Decoder(**ddconfig)
+    codebook, quant_conv, post_quant_conv = torch.nn.Embedding(16384, 32), torch.nn.Conv2d(32, 32, 1), torch.nn.Conv2d(32, 32, 1)
+    detoker = {"embedding.weight": codebook.weight, **_prefixed("post_quant_conv", post_quant_conv), **_prefixed("decoder", decoder)}
+    torch.save(detoker, directory / "detoker.pt")  # min-dalle's layout: the decoder side only
+    torch.save({**_prefixed("encoder", encoder), **_prefixed("quant_conv", quant_conv)}, directory / "vqgan-encoder.pt")
+    out = directory / "converted"
+    return {
+        "tokenizer": convert("min-dalle-bpe", vocab, merges, out=out / "tokenizer", kind="tokenizer"),
+        "codec": _with(convert("min-dalle-vqgan", directory / "detoker.pt", directory / "vqgan-encoder.pt", out=out / "codec", kind="codec"),
+                       image_size=32),
+        "prior": convert("min-dalle", directory / "encoder.pt", directory / "decoder.pt", out=out / "prior", kind="prior",
+                         params={"heads": MEGA_TINY["heads"]}),
+    }
+
+
+def _prefixed(prefix: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v for k, v in module.state_dict().items()}
+
+
+def english_folder(directory: Path, n: int = 24, size: int = 32) -> Path:
+    """Like :func:`image_folder`, captioned in English ("a red square on the left")."""
+    names = {"красный": "red", "синий": "blue", "зелёный": "green", "жёлтый": "yellow"}
+    image_folder(directory, n, size)
+    for caption in directory.glob("*.txt"):
+        colour, _, side = caption.read_text(encoding="utf-8").split()
+        caption.write_text(f"a {names[colour]} square on the {'left' if side == 'слева' else 'right'}\n")
+    return directory

@@ -109,3 +109,24 @@ def test_fine_tuning_blocks_are_checked(rudalle_setup):
     path.write_text(yaml.safe_dump(body, allow_unicode=True))
     refused = run_cli("recipes", "validate", str(path))
     assert refused.returncode == 2 and "adapters fine-tune pretrained weights" in refused.stderr
+
+
+MEGA_LORA = {"targets": ["decoder.layers.*.self_attn.*_proj", "decoder.layers.*.encoder_attn.*_proj"], "rank": 4, "alpha": 8}
+
+
+def test_mega_lora_fine_tunes_through_dalle_train_and_generates(tmp_path):
+    release = releases.mega_release(tmp_path / "release")
+    images = releases.english_folder(tmp_path / "images")
+    path = releases.recipe(tmp_path, release, images, name="mega-lora", prior={"lora": MEGA_LORA})
+    trained = run_cli("train", str(path), "--quiet")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    stages = json.loads(trained.stdout)["stages"]
+    assert stages["prior"]["image_loss"] > 0 and "text_loss" not in stages["prior"]  # the encoder models no text
+    run = tmp_path / "runs" / "mega-lora"
+    with safe_open(str(run / "prior" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == 2 * 2 * 8 and all(k.startswith("decoder.layers.") for k in keys)  # 2 layers x 2 attentions x 4 projections x (A, B)
+    generated = run_cli("generate", str(run), "a red square on the left", "-n", "2", "--keep", "1", "--guidance", "3",
+                        "--out", str(tmp_path / "grid.png"), "--quiet")
+    assert generated.returncode == 0, generated.stderr[-3000:]
+    assert (tmp_path / "grid.png").is_file()
