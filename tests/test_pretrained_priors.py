@@ -395,3 +395,42 @@ print(json.dumps({"pixels": (detoker.forward(False, tokens) / 255).tolist()}))
 
     with pytest.raises(UsageError, match="holds only a decoder"):
         codec.encode(torch.rand(1, 3, 256, 256))
+
+
+# ----------------------------------------------------------------------------- the released shapes, on the meta device
+
+
+@pytest.mark.slow  # about two minutes: five `dalle inspect` processes
+def test_released_recipes_have_the_reference_models_parameters():
+    """`dalle inspect` on the shipped recipes counts what rudalle's Malevich and min-dalle's Mega hold, built on meta."""
+    from references import run_min_dalle
+
+    model = rudalle("rudalle.dalle.model")
+    malevich = dict(num_layers=24, hidden_size=2048, num_attention_heads=16, embedding_dropout_prob=0.1, output_dropout_prob=0.1,
+                    attention_dropout_prob=0.1, image_tokens_per_dim=32, text_seq_length=128, cogview_sandwich_layernorm=True,
+                    cogview_pb_relax=True, vocab_size=16384 + 128, image_vocab_size=8192)  # rudalle's MODELS["Malevich"]
+    with torch.device("meta"):
+        reference_malevich = sum(p.numel() for p in model.DalleModel(device="meta", **malevich).parameters())
+    script = '''
+import json, torch
+from min_dalle.models import DalleBartEncoder, DalleBartDecoder
+with torch.device("meta"):  # MinDalle(is_mega=True)'s shapes
+    enc = DalleBartEncoder(layer_count=24, embed_count=2048, attention_head_count=32, text_vocab_count=50272, text_token_count=64, glu_embed_count=4096, device="meta")
+    dec = DalleBartDecoder(image_vocab_count=16415, embed_count=2048, attention_head_count=32, glu_embed_count=4096, layer_count=24, device="meta")
+print(json.dumps({"params": sum(p.numel() for m in (enc, dec) for p in m.parameters())}))
+'''
+    reference_mega = run_min_dalle(script)["params"]
+    for recipe, expected in (("rudalle-malevich", reference_malevich), ("dalle-mega", reference_mega)):
+        released = json.loads(run_cli("inspect", recipe, "--gpus", "1").stdout)["prior"]
+        assert released["params"]["total"] == expected, recipe
+        result = run_cli("inspect", f"{recipe}-lora", "--gpus", "1")
+        assert result.returncode == 0, result.stderr
+        prior = json.loads(result.stdout)["prior"]
+        adapters = prior["params"]["trainable"]
+        assert prior["params"]["total"] == expected + adapters and 0 < adapters < expected / 20  # only the adapters train
+        memory = prior["memory"]
+        assert memory["frozen_weights_gib_per_gpu"] > 4 and memory["activations_gib_per_gpu"] > 0
+        assert memory["total_gib_per_gpu"]["gpu"] > memory["frozen_weights_gib_per_gpu"]
+    assert 1.2e9 < reference_malevich < 1.4e9 and 2.4e9 < reference_mega < 2.8e9
+    zero = json.loads(run_cli("inspect", "dalle-mega-zero", "--gpus", "8").stdout)["prior"]
+    assert zero["params"]["trainable"] > reference_mega / 3 and zero["memory"]["zero_stage"] == 2
