@@ -29,6 +29,19 @@ import pytest
 RUDALLE_PACKAGES = ("rudalle", "rudalle.dalle", "rudalle.vae")
 
 
+def torch_no_grad(fn):
+    """``torch.no_grad`` applied at call time (this module imports torch lazily)."""
+
+    def wrapped(*args, **kwargs):
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    wrapped.__doc__, wrapped.__name__ = fn.__doc__, fn.__name__
+    return wrapped
+
+
 def reference(module: str):
     """Import a reference package; CI (DALLE_REQUIRE_DATA=1, scripts/env.sh) must have it."""
     try:
@@ -57,12 +70,61 @@ def rudalle(module: str):
     return importlib.import_module(module)
 
 
+@torch_no_grad
+def rudalle_loop(ref, text, steps: int, pick=None):
+    """rudalle's ``generate_images`` loop: a cached forward over the growing sequence per image token.
+
+    ``generate_images`` itself imports transformers 4.10 for ``top_k_top_p_filtering``, so the
+    loop runs here call for call with ``pick(logits[B, image_vocab]) -> [B, 1]`` in place of
+    the filter and multinomial (default: greedy). Returns the ``steps`` image tokens drawn.
+    """
+    import torch
+
+    pick = pick or (lambda logits: logits.argmax(-1, keepdim=True))
+    total = ref.total_seq_length
+    mask = torch.tril(torch.ones(len(text), 1, total, total, device=text.device))
+    out, cache = text.clone(), None
+    for _ in range(steps):
+        logits, cache = ref(out, mask, use_cache=True, cache=cache, return_loss=False)
+        out = torch.cat([out, pick(logits[:, -1, ref.vocab_size :])], dim=-1)
+    return out[:, ref.text_seq_length :]
+
+
+def min_dalle_model(shape: dict, tokenizer=None, encoder=None, decoder=None):
+    """A ``min_dalle.MinDalle`` built offline (its ``__init__`` would download) whose own sampling loop
+    returns the finished tokens instead of decoding them to pixels. Imports min_dalle, which turns
+    gradients off and asks for every core process-wide: call it in a subprocess or a benchmark."""
+    import torch
+    from min_dalle import MinDalle
+    from min_dalle.models import DalleBartDecoder, DalleBartEncoder
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    class TokenTap(MinDalle):
+        def image_grid_from_tokens(self, image_tokens, is_seamless, is_verbose=False):
+            return image_tokens
+
+    s = shape
+    model = TokenTap.__new__(TokenTap)
+    model.device, model.is_mega, model.is_reusable, model.dtype, model.is_verbose = "cpu", True, True, torch.float32, False
+    model.text_token_count, model.layer_count, model.attention_head_count = 64, s["layers"], s["heads"]
+    model.embed_count, model.glu_embed_count = s["width"], s["glu"]
+    model.text_vocab_count, model.image_vocab_count = s["text_vocab"], s["image_vocab"]
+    model.tokenizer = tokenizer
+    model.encoder = encoder or DalleBartEncoder(layer_count=s["layers"], embed_count=s["width"], attention_head_count=s["heads"],
+                                                text_vocab_count=s["text_vocab"], text_token_count=64, glu_embed_count=s["glu"], device="cpu").eval()
+    model.decoder = decoder or DalleBartDecoder(image_vocab_count=s["image_vocab"], embed_count=s["width"], attention_head_count=s["heads"],
+                                                glu_embed_count=s["glu"], layer_count=s["layers"], device="cpu").eval()
+    return model
+
+
 def run_min_dalle(script: str, **inputs) -> dict:
     """Run ``script`` (Python using ``min_dalle``) in a subprocess with ``inputs`` as JSON in ``INPUTS``;
     it prints one JSON object, returned here."""
     if importlib.util.find_spec("min_dalle") is None:
         reference("min_dalle")
-    env = {**os.environ, "INPUTS": json.dumps(inputs)}
+    tests = str(Path(__file__).resolve().parent)
+    env = {**os.environ, "INPUTS": json.dumps(inputs), "PYTHONPATH": os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=1800)
     assert result.returncode == 0, result.stderr[-4000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -91,42 +153,22 @@ print(json.dumps({"saved": True}))
 
 MIN_DALLE_SAMPLE = '''
 import json, os, torch
+from references import min_dalle_model
 inputs = json.loads(os.environ["INPUTS"])
-from min_dalle import MinDalle
 from min_dalle.text_tokenizer import TextTokenizer
-from min_dalle.models import DalleBartEncoder, DalleBartDecoder
-torch.set_num_threads(1)  # importing min_dalle asks for every core; the tests run one intra-op thread
-s = inputs["shape"]
-
-
-class TokenTap(MinDalle):
-    """min-dalle's own sampling loop; the finished tokens are returned instead of decoded to pixels."""
-
-    def image_grid_from_tokens(self, image_tokens, is_seamless, is_verbose=False):
-        return image_tokens
-
-
-model = TokenTap.__new__(TokenTap)  # MinDalle.__init__ would download; set what it would have set
-model.device, model.is_mega, model.is_reusable, model.dtype, model.is_verbose = "cpu", True, True, torch.float32, False
-model.text_token_count, model.layer_count, model.attention_head_count = 64, s["layers"], s["heads"]
-model.embed_count, model.glu_embed_count = s["width"], s["glu"]
-model.text_vocab_count, model.image_vocab_count = s["text_vocab"], s["image_vocab"]
 vocab = json.load(open(inputs["vocab"], encoding="utf8"))
 merges = open(inputs["merges"], encoding="utf8").read().split("\\n")[1:-1]
-model.tokenizer = TextTokenizer(vocab, merges)
-model.encoder = DalleBartEncoder(layer_count=s["layers"], embed_count=s["width"], attention_head_count=s["heads"],
-                                 text_vocab_count=s["text_vocab"], text_token_count=64, glu_embed_count=s["glu"], device="cpu").eval()
+model = min_dalle_model(inputs["shape"], tokenizer=TextTokenizer(vocab, merges))
 model.encoder.load_state_dict(torch.load(inputs["dir"] + "/encoder.pt"))
-model.decoder = DalleBartDecoder(image_vocab_count=s["image_vocab"], embed_count=s["width"], attention_head_count=s["heads"],
-                                 glu_embed_count=s["glu"], layer_count=s["layers"], device="cpu").eval()
 model.decoder.load_state_dict(torch.load(inputs["dir"] + "/decoder.pt"))
-out = {"tokens": {}, "samples": {}, "logits": {}}
+out = {"tokens": {}, "samples": {}}
 for text in inputs["captions"]:
     out["tokens"][text] = model.tokenizer.tokenize(text)
 for text in inputs["sample"]:
     stream = model.generate_raw_image_stream(text=text, seed=1, grid_size=1, top_k=1, supercondition_factor=inputs["factor"])
     out["samples"][text] = next(stream).tolist()
 # logits of a fixed image sequence, without the cache (the decoder's multi-token path)
+s = inputs["shape"]
 ids = model.tokenizer.tokenize(inputs["sample"][0])[:64]
 text = torch.ones(2, 64, dtype=torch.long)
 text[0, :2] = torch.tensor([ids[0], ids[-1]])

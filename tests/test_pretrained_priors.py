@@ -24,7 +24,7 @@ from conftest import run_cli
 from dalle_framework import Sampling
 from dalle_framework.plugins import registry
 from dalle_framework.rundir import load_into
-from references import reference, rudalle
+from references import reference, rudalle, rudalle_loop
 
 PIXEL_ATOL = 1e-4
 LOGIT_ATOL = 1e-4
@@ -148,22 +148,6 @@ def rudalle_reference(*, text_vocab, text_len, side, image_vocab, layers, width,
     return ref.eval()
 
 
-@torch.no_grad()
-def rudalle_greedy(ref, text: torch.Tensor, steps: int) -> torch.Tensor:
-    """rudalle's generate_images loop (cached forward over the growing sequence) with greedy picks.
-
-    generate_images itself imports transformers 4.10 for top_k_top_p_filtering; greedy
-    decoding needs no filter, so the loop runs here call for call, argmax for multinomial.
-    """
-    total = ref.total_seq_length
-    mask = torch.tril(torch.ones(len(text), 1, total, total))
-    out, cache = text.clone(), None
-    for _ in range(steps):
-        logits, cache = ref(out, mask, use_cache=True, cache=cache, return_loss=False)
-        out = torch.cat([out, logits[:, -1, ref.vocab_size :].argmax(-1, keepdim=True)], dim=-1)
-    return out[:, ref.text_seq_length :]
-
-
 def rudalle_captions(text_len: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(3)
     rows = []
@@ -205,7 +189,7 @@ def test_rudalle_prior_greedy_samples_match_the_reference(rudalle_files):
     ref, block, runtime = rudalle_files
     prior = build_block("prior", block, **runtime)
     text = rudalle_captions(runtime["text_len"])
-    expected = rudalle_greedy(ref, text, prior.layout.image_len)
+    expected = rudalle_loop(ref, text, prior.layout.image_len)
     for use_cache in (True, False):
         tokens = prior.generate(text, Sampling(top_k=1, use_cache=use_cache), generator=torch.Generator().manual_seed(0))
         assert torch.equal(tokens, expected), use_cache
