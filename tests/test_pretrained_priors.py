@@ -418,3 +418,36 @@ print(json.dumps({"params": sum(p.numel() for m in (enc, dec) for p in m.paramet
     assert 1.2e9 < reference_malevich < 1.4e9 and 2.4e9 < reference_mega < 2.8e9
     zero = json.loads(run_cli("inspect", "dalle-mega-zero", "--gpus", "8").stdout)["prior"]
     assert zero["params"]["trainable"] > reference_mega / 3 and zero["memory"]["zero_stage"] == 2
+
+
+@pytest.mark.slow  # minutes, and about 11 GB at its peak: run it alone
+def test_rudalle_malevich_at_its_released_shape_matches_the_reference(tmp_path):
+    """The whole 1.3B Malevich (random weights): 24 layers, 128 text + 32x32 image tokens, the 11x11 conv mask
+    at its real grid. The reference is built, measured, saved and freed before the converted copy is loaded,
+    so only one 5 GB model lives at a time."""
+    import gc
+
+    from dalle_framework.decoding import sample_image_tokens
+
+    ref = rudalle_reference(text_vocab=16384, text_len=128, side=32, image_vocab=8192, layers=24, width=2048, heads=16)
+    text = rudalle_captions(128)[:2]
+    image = torch.randint(0, 8192, (2, 64), generator=torch.Generator().manual_seed(4))
+    mask = torch.tril(torch.ones(2, 1, 192, 192))
+    with torch.no_grad():
+        expected_logits, _ = ref(torch.cat([text, image], dim=1), mask, return_loss=False)
+    expected_tokens = rudalle_loop(ref, text, 8)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model_v3.bin")
+    del ref
+    gc.collect()
+
+    block = convert("rudalle", tmp_path / "pytorch_model_v3.bin", out=tmp_path / "converted", kind="prior")  # heads from the width
+    (tmp_path / "pytorch_model_v3.bin").unlink()
+    assert block["params"] == {**block["params"], "dim": 2048, "depth": 24, "heads": 16}
+    prior = build_block("prior", block, text_vocab_size=16384, text_len=128, image_vocab_size=8192, grid=(32, 32))
+    assert prior.layer_patterns()[:5] == ["row", "rudalle-column", "row", "row", "row"] and prior.layer_patterns()[-1] == "rudalle-conv"
+    with torch.no_grad():
+        states = prior.hidden(torch.cat([prior.text_ids_of(text), image], dim=1))
+        logits = torch.cat([prior.text_logits(states), prior.image_logits(states)], dim=-1)
+    assert torch.allclose(logits, expected_logits, atol=LOGIT_ATOL * 10, rtol=1e-4), float((logits - expected_logits).abs().max())
+    tokens = sample_image_tokens(prior, text, Sampling(top_k=1), image_len=8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(tokens, expected_tokens)
