@@ -80,25 +80,29 @@ def adapter_of(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def plain_weights(weights: dict[str, torch.Tensor], block: Any) -> dict[str, torch.Tensor]:
-    """A peft-adapted state dict as the plain component's: adapters merged, ``base_layer`` names undone."""
-    if block.lora is None:
+    """A trained state dict as the plain component's: peft's ``base_layer`` names undone, adapters merged,
+    and every parameter that was kept fixed (``freeze``, or all but the adapters under LoRA) exactly as
+    loaded from ``weights`` (an engine that trains in bf16 holds rounded copies of them)."""
+    if block.lora is None and not block.freeze:
         return weights
-    scale = block.lora.alpha / block.lora.rank
-    layers = _adapted_layers(weights)
-    out = {}
-    for key, value in weights.items():
-        if ".lora_" in key:
-            continue
-        out[key.replace(".base_layer.", ".")] = value
-    for layer in layers:
-        out[f"{layer}.weight"] = out[f"{layer}.weight"] + scale * (weights[layer + _B].float() @ weights[layer + _A].float()).to(out[f"{layer}.weight"].dtype)
+    out = {key.replace(".base_layer.", "."): value for key, value in weights.items() if ".lora_" not in key}
+    fixed = set(out) if block.lora is not None else {k for k in out if any(fnmatch.fnmatchcase(k, p) for p in block.freeze)}
+    if block.weights and fixed:
+        loaded = rundir.load_weights(block.weights)
+        out.update({key: loaded[key].to(out[key].dtype) for key in fixed if key in loaded})
+    if block.lora is not None:
+        scale = block.lora.alpha / block.lora.rank
+        for layer in _adapted_layers(weights):
+            weight = out[f"{layer}.weight"]
+            delta = weights[layer + _B].float() @ weights[layer + _A].float()
+            out[f"{layer}.weight"] = weight + (scale * delta).to(weight.dtype)
     return out
 
 
 def save_trained(path: Path, weights: dict[str, torch.Tensor], block: Any, metadata: dict[str, str]) -> None:
     """Publish a stage's trained weights: the whole state dict, or (LoRA) the adapter and what it adapts."""
     if block.lora is None:
-        rundir.save_weights(path, weights, metadata=metadata)
+        rundir.save_weights(path, plain_weights(weights, block), metadata=metadata)
         return
     spec = block.lora
     about = {**metadata, "adapter": ADAPTER_KIND, "rank": str(spec.rank), "alpha": repr(spec.alpha),

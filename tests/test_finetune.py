@@ -130,3 +130,27 @@ def test_mega_lora_fine_tunes_through_dalle_train_and_generates(tmp_path):
                         "--out", str(tmp_path / "grid.png"), "--quiet")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert (tmp_path / "grid.png").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["lora", "freeze"])
+def test_fine_tuning_under_deepspeed_zero2_keeps_what_it_should(rudalle_setup, how):
+    """The -zero recipes' mechanism on the CPU: ZeRO-2 (bf16) trains only the adapters, or all but the frozen layers."""
+    directory, release, images = rudalle_setup
+    from dalle_framework.train.loop import train_all
+
+    tuning = {"lora": {"lora": LORA}, "freeze": {"freeze": ["text_embeddings.*", "transformer.layers.0.*"]}}[how]
+    name = f"ru-zero-{how}"
+    path = releases.recipe(directory, release, images, name=name, prior=tuning)
+    body = yaml.safe_load(path.read_text())
+    body["prior"]["train"].update(precision="bf16", engine={"name": "deepspeed", "params": {"zero_stage": 2}})
+    path.write_text(yaml.safe_dump(body, allow_unicode=True))
+    pipe = Pipeline(load_recipe(path), device="cpu")
+    train_all(pipe, progress=False)
+    base = load_file(release["prior"]["weights"])
+    trained = Pipeline.load(directory / "runs" / name, device="cpu").prior.state_dict()
+    moved = {k for k in base if not torch.allclose(base[k], trained[k])}
+    if how == "lora":
+        assert moved and all(k.endswith(("query_key_value.weight", "attention.dense.weight")) for k in moved)
+    else:
+        assert moved and not any(k.startswith(("text_embeddings.", "transformer.layers.0.")) for k in moved)
