@@ -57,6 +57,10 @@ def test_rudalle_lora_fine_tunes_through_dalle_train_and_generates(rudalle_setup
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert (directory / "grid.png").is_file() and len(json.loads(generated.stdout)["rows"]) == 2
 
+    served = serve_one(pipe, "красный квадрат слева")
+    assert served["status"] == "done", served.get("error")
+    assert served["progress"]["total"] == 2 * 16 and served["image_sizes"] == [(64, 64)]  # the wavelet decoder doubles 32px
+
     inspected = run_cli("inspect", str(path))
     assert inspected.returncode == 0, inspected.stderr
     stats = json.loads(inspected.stdout)["prior"]
@@ -111,6 +115,27 @@ def test_fine_tuning_blocks_are_checked(rudalle_setup):
     assert refused.returncode == 2 and "adapters fine-tune pretrained weights" in refused.stderr
 
 
+def serve_one(pipe, caption: str) -> dict:
+    """One job through `dalle serve`'s app (FastAPI's TestClient): the finished job and its images' sizes."""
+    import io
+    import time
+
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from dalle_framework.serve import Limits, create_app
+
+    with TestClient(create_app(pipe, Limits())) as client:
+        response = client.post("/generate", json={"caption": caption, "candidates": 2, "keep": 1, "seed": 1})
+        assert response.status_code == 202, response.text
+        deadline = time.monotonic() + 300
+        while (job := client.get(f"/jobs/{response.json()['id']}").json())["status"] not in ("done", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        sizes = [Image.open(io.BytesIO(client.get(image["url"]).content)).size for image in job.get("images", [])]
+    return {**job, "image_sizes": sizes}
+
+
 MEGA_LORA = {"targets": ["decoder.layers.*.self_attn.*_proj", "decoder.layers.*.encoder_attn.*_proj"], "rank": 4, "alpha": 8}
 
 
@@ -130,6 +155,8 @@ def test_mega_lora_fine_tunes_through_dalle_train_and_generates(tmp_path):
                         "--out", str(tmp_path / "grid.png"), "--quiet")
     assert generated.returncode == 0, generated.stderr[-3000:]
     assert (tmp_path / "grid.png").is_file()
+    served = serve_one(Pipeline.load(run, device="cpu"), "a red square on the left")
+    assert served["status"] == "done" and served["progress"]["total"] == 2 * 256 and served["image_sizes"] == [(32, 32)]
 
 
 @pytest.mark.slow
