@@ -22,6 +22,7 @@ image); the framework's sampler is given the same guidance there.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -76,7 +77,7 @@ def malevich(tokens: int) -> dict:
     text = torch.tensor([[2, *range(100, 110), 3] + [0] * 116])  # a 10-word caption framed as ruDALL-E frames it
     torch.manual_seed(0)
     reference = dalle_model.DalleModel(device="cpu", **MALEVICH).eval()
-    wall, cpu, _ = timed(lambda: rudalle_loop(reference, text, tokens))
+    wall, cpu, _ = timed(functools.partial(rudalle_loop, reference, text, tokens))
     result = {"reference": {"package": "rudalle 1.1.3", "loop": "generate_images (greedy)", **per_token((wall, cpu), tokens)}}
     del reference
     gc.collect()
@@ -96,7 +97,7 @@ def min_dalle(size: str, tokens: int) -> dict:
     reference.tokenizer = _BartIds()
     stream = reference.generate_raw_image_stream(text="a painting", seed=1, grid_size=1, progressive_outputs=True, top_k=1,
                                                  supercondition_factor=16)
-    wall, cpu, _ = timed(lambda: next(stream))  # its first progressive output: 32 tokens
+    wall, cpu, _ = timed(functools.partial(next, stream))  # its first progressive output: 32 tokens
     result = {"reference": {"package": "min-dalle 0.4.11", "loop": "generate_raw_image_stream (top_k 1, supercondition 16)",
                             "tokens": 32, **per_token((wall, cpu), 32)}}
     del reference, stream

@@ -2,7 +2,8 @@
 
 A stage block that names ``weights`` may add
 
-- ``freeze: [glob, ...]``: parameters whose names match stay as loaded;
+- ``freeze: [glob, ...]``: parameters whose names match stay as loaded (and are exported
+  exactly as loaded, though an engine training in bf16 computes with rounded copies);
 - ``lora: {targets, rank, alpha, dropout, merge}``: peft's LoRA layers wrap the linear
   modules matching ``targets``; only their low-rank matrices train.
 
@@ -20,7 +21,6 @@ merged full weights are exported instead and the adapter is kept beside them
 from __future__ import annotations
 
 import fnmatch
-import json
 from pathlib import Path
 from typing import Any, Optional
 
@@ -145,15 +145,14 @@ def apply_adapter(module: nn.Module, adapter: dict[str, torch.Tensor], *, scale:
 
 
 def _metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata (its JSON header), read without loading tensors."""
-    path = Path(path)
+    """A safetensors file's metadata, read without loading its tensors ({} when unreadable: load_into says why)."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size)) if 0 < size < 100 * 2**20 else {}
-    except (OSError, ValueError):
-        return {}  # load_into names what is wrong with the file
-    return header.get("__metadata__") or {}
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}
