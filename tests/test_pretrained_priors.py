@@ -168,6 +168,21 @@ def rudalle_files(tmp_path_factory):
     return ref, block, runtime
 
 
+def test_rudalle_masks_are_rudalles_at_the_released_layout():
+    """Row, column and 11x11 conv masks over 128 text + 32x32 image tokens, position for position."""
+    from dalle_framework.attention import Layout, dense_mask
+
+    masks = rudalle("rudalle.dalle.image_attention")
+    layout = Layout(128, (32, 32))
+    theirs = {
+        "row": masks.get_row_mask(128, 32, is_bool_mask=True),
+        "rudalle-column": masks.get_col_mask(128, 32, is_bool_mask=True),
+        "rudalle-conv": masks.get_conv_mask(128, 32, is_bool_mask=True, hf_version="v3"),
+    }
+    for pattern, mask in theirs.items():
+        assert torch.equal(dense_mask(pattern, layout), mask), pattern
+
+
 def test_rudalle_prior_logits_match_the_reference(rudalle_files):
     ref, block, runtime = rudalle_files
     prior = build_block("prior", block, **runtime)

@@ -12,20 +12,21 @@ checkpoints load as they are:
 2. ``depth`` pre-norm layers. CogView's sandwich norm adds a LayerNorm on the attention
    output and on the MLP output before each residual addition. The MLP is GELU (tanh
    form) at 4x width; the attention output is clamped to fp16's range. Each layer
-   attends with one of ruDALL-E's masks: every image query sees all text, and earlier
-   image tokens by layer (ruDALL-E's order): layers 1, 5, 9, ... ``rudalle-column`` (the
-   query's own column), the last ``rudalle-conv`` (an 11x11 window), the rest ``row``
-   (the previous ``w + 1`` positions).
+   attends with one of ruDALL-E's masks (:mod:`dalle_framework.attention` patterns): every
+   image query sees all text, and earlier image tokens by layer (ruDALL-E's order): layers
+   1, 5, 9, ... ``rudalle-column`` (the query's own column), the last ``rudalle-conv`` (an
+   11x11 window around the query), the rest ``row`` (the previous ``w + 1`` positions).
 3. ``transformer.final_layernorm``, then ``to_logits`` (LayerNorm and one Linear over
    the text ids, the padding tokens and the image codes). Text logits are its first
    ``text_vocab + text_len`` rows, image logits the rest.
 
 PB-relax (CogView section 2.4) rescales attention scores so fp16 cannot overflow
 before the softmax: the query is divided by sqrt(head_dim) before its product with
-the keys and each head's largest score is subtracted. That is how PyTorch's SDPA
-kernels already compute attention (the scale applied before the product, the maximum
-subtracted in fp32 accumulators), so the masks run through the framework's attention
-kernels and KV cache unchanged.
+the keys and each head's largest score is subtracted. PyTorch's SDPA kernels never
+form fp16 scores either (the math kernel scales q and k before their product, the
+fused kernels accumulate it in fp32, and all subtract the row maximum before
+exponentiating), so the masks run through the framework's attention kernels and KV
+cache unchanged; in fp32 the two agree to rounding (tests/test_pretrained_priors.py).
 
 Loss: the framework's convention (text positions ``0..T-2`` predict text, positions
 ``T-1..L-2`` predict the image codes with the image logits, as ruDALL-E's sampling uses
@@ -45,27 +46,11 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback
-from dalle_framework.attention import Layout, Position, mean_keys_per_query, pattern_attention, positions, register_pattern
+from dalle_framework.attention import Layout, Position, mean_keys_per_query, pattern_attention, positions
 from dalle_framework.decoding import KVCache, all_padding, sample_image_tokens
 from dalle_framework.metrics import activation_bytes, flops_per_token
 
 FP16_MAX = 65504.0
-CONV_RADIUS = 5  # ruDALL-E's 11x11 convolutional mask, whatever the grid
-
-
-@register_pattern("rudalle-column")
-def rudalle_column_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
-    """ruDALL-E's column mask: earlier image tokens in the query's own column."""
-    return (q - k) % layout.grid[1] == 0
-
-
-@register_pattern("rudalle-conv")
-def rudalle_conv_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
-    """ruDALL-E's v3 convolutional mask: earlier image tokens within 5 rows and 5 columns of the query."""
-    w = layout.grid[1]
-    near_row = (torch.div(q, w, rounding_mode="floor") - torch.div(k, w, rounding_mode="floor")).abs() <= CONV_RADIUS
-    near_col = ((q % w) - (k % w)).abs() <= CONV_RADIUS
-    return near_row & near_col
 
 
 def layer_pattern(layer: int, depth: int) -> str:
@@ -304,4 +289,4 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-__all__ = ["RudallePrior", "layer_pattern", "rudalle_column_rule", "rudalle_conv_rule"]
+__all__ = ["RudallePrior", "layer_pattern"]
