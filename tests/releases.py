@@ -118,14 +118,14 @@ MEGA_TINY = dict(layers=2, width=32, heads=4, glu=48, text_vocab=300, image_voca
 BART_WORDS = "a red blue green yellow square on the left right of picture car house cat dog tree sky".split()
 
 
-def bart_files(directory: Path) -> tuple[Path, Path]:
+def bart_files(directory: Path, words: list[str] = BART_WORDS) -> tuple[Path, Path]:
     """A BART-style byte-level BPE (``<s> <pad> </s> <unk>`` first) saved as vocab.json + merges.txt."""
     from tokenizers import ByteLevelBPETokenizer
 
     directory.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(rng.choices(BART_WORDS, k=8)) for _ in range(300)], vocab_size=300, min_frequency=2,
+    bpe.train_from_iterator([" ".join(rng.choices(words, k=8)) for _ in range(300)], vocab_size=300, min_frequency=2,
                             special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
     bpe.save_model(str(directory))
     return directory / "vocab.json", directory / "merges.txt"

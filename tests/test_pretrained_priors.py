@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -25,21 +24,11 @@ from dalle_framework import Sampling
 from dalle_framework.plugins import registry
 from dalle_framework.rundir import load_into
 from references import reference, rudalle, rudalle_loop
+from releases import EN, RU, convert
+from releases import bart_files as bart_bpe
 
 PIXEL_ATOL = 1e-4
 LOGIT_ATOL = 1e-4
-
-
-def convert(component: str, *files: Path, out: Path, kind: str, params: dict | None = None, trust: bool = False) -> dict:
-    """Run `dalle convert` as a user would; returns the block it wrote."""
-    args = ["convert", component, *map(str, files), str(out)] + (["--trust-pickle"] if trust else [])
-    for key, value in (params or {}).items():
-        args += ["--param", f"{key}={value}"]
-    result = run_cli(*args)
-    assert result.returncode == 0, result.stderr
-    summary = json.loads(result.stdout)
-    assert summary["component"] == component and summary["kind"] == kind
-    return yaml.safe_load((out / f"{kind}.yaml").read_text())
 
 
 def build_block(kind: str, block: dict, **runtime):
@@ -53,10 +42,6 @@ def build_block(kind: str, block: dict, **runtime):
 
 
 # ----------------------------------------------------------------------------- ruDALL-E: tokenizer
-
-RU = "красная машина стоит на улице возле дома кот сидит на окне собака бежит по полю зелёное дерево синее небо".split()
-EN = "a red car stands on the street near a house cat sits window dog runs field green tree blue sky".split()
-
 
 @pytest.fixture(scope="module")
 def yttm_files(tmp_path_factory):
@@ -305,18 +290,9 @@ MIN_DALLE_CAPTIONS = ["a red car near a house", "Painting of an AVOCADO chair", 
 @pytest.fixture(scope="module")
 def bart_files(tmp_path_factory):
     """A BART-style byte-level BPE (vocab.json + merges.txt, <s> <pad> </s> <unk> first), converted."""
-    from tokenizers import ByteLevelBPETokenizer
-    import random
-
     directory = tmp_path_factory.mktemp("bart")
-    rng = random.Random(0)
-    words = "a red car stands on the street near a house cat sits window dog runs field green tree blue sky painting of avocado chair".split()
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator([" ".join(rng.choices(words, k=8)) for _ in range(300)], vocab_size=300, min_frequency=2,
-                            special_tokens=["<s>", "<pad>", "</s>", "<unk>"])
-    bpe.save_model(str(directory))
-    block = convert("min-dalle-bpe", directory / "vocab.json", directory / "merges.txt", out=directory / "converted", kind="tokenizer")
-    return directory, block
+    vocab, merges = bart_bpe(directory, EN + ["painting", "of", "avocado", "chair"])
+    return directory, convert("min-dalle-bpe", vocab, merges, out=directory / "converted", kind="tokenizer")
 
 
 @pytest.fixture(scope="module")
