@@ -26,6 +26,8 @@ Patterns (``PATTERNS``, a name -> rule dict; add one with :func:`register_patter
   target's left neighbour).
 - ``conv``: a ``k x k`` causal neighbourhood around the target, ``k`` the paper's 11 at
   a 32x32 grid scaled to the grid (odd, at least 3; :func:`conv_kernel`), plus the query.
+- ``rudalle-column``, ``rudalle-conv``: ruDALL-E's variants of the last two, centred on
+  the query instead of its target: its own column, and an 11x11 window (any grid).
 - ``fixed``: Child et al.'s fixed pattern: the query's own stride block (one image
   row) plus the last ``c`` "summary" columns of every earlier block.
 - ``bigbird``: a local window, the first image row as global tokens, and
@@ -124,6 +126,22 @@ def conv_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
     near_row = (torch.div(k, w, rounding_mode="floor") - torch.div(target, w, rounding_mode="floor")).abs() <= radius
     near_col = ((k % w) - (target % w)).abs() <= radius
     return (near_row & near_col) | (k == q)
+
+
+@register_pattern("rudalle-column")
+def rudalle_column_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
+    return (q - k) % layout.grid[1] == 0  # the query's own column (ruDALL-E's get_col_mask)
+
+
+RUDALLE_CONV_RADIUS = 5  # ruDALL-E's 11x11 window, whatever the grid
+
+
+@register_pattern("rudalle-conv")
+def rudalle_conv_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
+    w = layout.grid[1]
+    near_row = (torch.div(q, w, rounding_mode="floor") - torch.div(k, w, rounding_mode="floor")).abs() <= RUDALLE_CONV_RADIUS
+    near_col = ((q % w) - (k % w)).abs() <= RUDALLE_CONV_RADIUS
+    return near_row & near_col  # around the query (ruDALL-E's v3 get_conv_mask: edges clamp, never wrap)
 
 
 @register_pattern("fixed")

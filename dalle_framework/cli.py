@@ -397,9 +397,9 @@ def cmd_serve(args) -> int:
     from .interfaces import ImageCodec, Prior
 
     pipe = _pipeline_for(args.run, [], args.device)
-    for contract in (ImageCodec, Prior):  # what generation needs trained
+    for contract in (ImageCodec, Prior):  # what generation needs: trained, or pretrained weights (`dalle convert`)
         stage = pipe.role(contract)
-        if stage is None or not pipe.has_weights(stage):
+        if stage is None or not (pipe.has_weights(stage) or pipe.stage(stage).block.weights):
             raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
     import uvicorn
 
@@ -418,11 +418,9 @@ def cmd_serve(args) -> int:
 # ----------------------------------------------------------------------------- data
 
 
-def _source_from_args(name: str, params: list[str]):
+def _params_from_args(params: list[str]) -> dict:
+    """``--param key=value`` items (values parsed as YAML) as a dict."""
     import yaml
-    from pydantic import ValidationError
-
-    from .plugins import get_plugin_manager
 
     values = {}
     for item in params:
@@ -433,6 +431,15 @@ def _source_from_args(name: str, params: list[str]):
             values[key] = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise UsageError(f"--param {item!r}: value is not valid YAML: {exc}") from None
+    return values
+
+
+def _source_from_args(name: str, params: list[str]):
+    from pydantic import ValidationError
+
+    from .plugins import get_plugin_manager
+
+    values = _params_from_args(params)
     registry = get_plugin_manager().registry("data")
     try:
         return registry.build({"name": name, "params": values})
@@ -468,15 +475,35 @@ def cmd_data(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    """Released weights -> OUT/model.safetensors + codec.yaml + conversion.json (the codec's converter)."""
-    from .plugins import get_plugin_manager
-
+    """Released files -> OUT/model.safetensors (or a vocabulary) + <kind>.yaml + conversion.json, by the component's converter."""
     if len(args.files_and_out) < 2:
-        raise UsageError("dalle convert COMPONENT FILE [FILE ...] OUT [--trust-pickle]")
+        raise UsageError("dalle convert COMPONENT FILE [FILE ...] OUT [--trust-pickle] [--param KEY=VALUE ...]")
     *files, out = map(Path, args.files_and_out)
-    codec_cls = get_plugin_manager().registry("codec").get(args.component)
-    _print_json(codec_cls.convert_released(files, out, trust_pickle=args.trust_pickle))
+    cls = _converter(args.component)
+    _print_json(cls.convert_released(files, out, trust_pickle=args.trust_pickle, params=_params_from_args(args.param)))
     return 0
+
+
+def _converter(name: str) -> type:
+    """The registered class called ``name`` that converts released files, whatever kind it is."""
+    import difflib
+
+    from .plugins import KINDS, get_plugin_manager
+
+    manager = get_plugin_manager()
+    found = {kind: manager.registry(kind).get(name) for kind in KINDS if name in manager.registry(kind)}
+    converters = [cls for cls in found.values() if cls.converts_released()]
+    if len(converters) == 1:
+        return converters[0]
+    if converters:
+        raise UsageError(f"{name!r} names converters of several kinds ({', '.join(found)}); plugins must give them distinct names")
+    offered = sorted(n for kind in KINDS for n, cls in manager.registry(kind).items() if cls.converts_released())
+    if found:
+        what = f"{next(iter(found))} {name!r} has no converter for released files"
+    else:
+        close = difflib.get_close_matches(name, offered, n=3, cutoff=0.5)
+        what = f"no component is called {name!r}" + (f"; did you mean {' or '.join(map(repr, close))}?" if close else "")
+    raise UsageError(f"dalle convert: {what} (components with a converter: {', '.join(offered) or 'none'})")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -602,10 +629,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: the recipe's)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("convert", help="convert a codec's released weights (e.g. OpenAI's dVAE, a VQGAN) to safetensors")
-    p.add_argument("component", help="registered codec name (dalle components codec)")
+    p = sub.add_parser("convert", help="convert released weights or vocabularies (OpenAI's dVAE, a VQGAN, ruDALL-E, min-dalle) for recipes")
+    p.add_argument("component", help="a registered component with a converter: a codec, prior or tokenizer (dalle components)")
     p.add_argument("files_and_out", nargs="+", metavar="FILE... OUT", help="the released files, then the output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading pickles (only for files you trust)")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a component param the files do not hold (e.g. heads=16), over what they say (repeatable)")
     p.set_defaults(func=cmd_convert)
     return parser
 

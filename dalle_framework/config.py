@@ -30,6 +30,20 @@ class TokenizerBlock(ComponentBlock):
     )
 
 
+class LoraBlock(Strict):
+    """Low-rank adapters (LoRA, Hu et al. 2021) on chosen linear layers; everything else stays as loaded."""
+
+    targets: list[str] = Field(
+        ..., min_length=1, max_length=256, description="glob patterns of the linear modules that get adapters, e.g. '*.query_key_value'"
+    )
+    rank: int = Field(8, ge=1, le=4096, description="rank r of each adapter")
+    alpha: float = Field(16.0, gt=0, description="adapters add (alpha / r) * B A to each weight")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the adapters' input in training")
+    merge: bool = Field(
+        False, description="export merged full weights (plus the adapter beside them) instead of the adapter alone, applied at load"
+    )
+
+
 class StageBlock(ComponentBlock):
     """A stage's block: its component, how it trains, and optionally pretrained weights."""
 
@@ -38,11 +52,19 @@ class StageBlock(ComponentBlock):
         None, max_length=4096, description="a safetensors file of this component's weights (e.g. from `dalle convert`), loaded before training"
     )
     frozen: bool = Field(False, description="never train this stage: use `weights` as they are")
+    lora: Optional[LoraBlock] = Field(None, description="fine-tune `weights` through low-rank adapters only")
+    freeze: list[str] = Field(
+        default_factory=list, max_length=256, description="glob patterns of parameter names kept fixed while training, e.g. 'text_embeddings.*'"
+    )
 
     @model_validator(mode="after")
     def _frozen_needs_weights(self) -> "StageBlock":
         if self.frozen and not self.weights:
             raise ValueError("frozen: a frozen stage is never trained, so it needs `weights` (a safetensors file)")
+        if self.lora is not None and not self.weights:
+            raise ValueError("lora: adapters fine-tune pretrained weights; set `weights` (e.g. from `dalle convert`)")
+        if self.frozen and (self.lora is not None or self.freeze):
+            raise ValueError("frozen: a frozen stage is never trained; drop `lora` / `freeze`, or `frozen` to fine-tune")
         return self
 
 

@@ -1,11 +1,15 @@
-"""Reading weights released elsewhere, for ``dalle convert COMPONENT FILE... OUT``.
+"""Reading files released elsewhere, for ``dalle convert COMPONENT FILE... OUT``.
 
-A codec class converts its authors' files in ``ImageCodec.convert_released``
-with these helpers; the command then only ever loads what they write:
+Any component class (a codec, a prior, a tokenizer) converts its authors' files in
+``convert_released`` with these helpers; the command then only ever loads what they
+write:
 
-    OUT/model.safetensors   the codec's state dict
-    OUT/codec.yaml          a recipe codec block: {name, params, weights, frozen: true}
+    OUT/model.safetensors   the component's state dict (components with weights)
+    OUT/<kind>.yaml         a recipe block: {name, params, weights, frozen: true}
     OUT/conversion.json     the source files with their sha256, the component, the date
+
+A tokenizer writes the files it reads (a vocabulary) instead of weights, and its
+block names them in its params.
 
 Released weights are usually pickles, and unpickling can run arbitrary code.
 :func:`read_released` therefore reads a file in the most restricted way that
@@ -33,10 +37,9 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 import yaml
 
-from .rundir import WEIGHTS_FILE, save_weights, write_json, write_text
+from .rundir import WEIGHTS_FILE, save_weights, write_bytes, write_json, write_text
 from .errors import UsageError
 
-CODEC_BLOCK_FILE = "codec.yaml"
 CONVERSION_FILE = "conversion.json"
 TRUST_FLAG = "--trust-pickle"
 
@@ -182,29 +185,74 @@ def read_config(path: Path) -> dict:
 # ----------------------------------------------------------------------------- writing
 
 
+def block_file(kind: str) -> str:
+    """The recipe block a conversion writes: ``codec.yaml``, ``prior.yaml``, ``tokenizer.yaml``."""
+    return f"{kind}.yaml"
+
+
 def write_converted(
-    codec_cls: type,
+    cls: type,
     out_dir: Path,
     *,
+    kind: str,
     params: Mapping[str, Any],
-    state: Mapping[str, torch.Tensor],
     sources: list[Path],
+    state: Optional[Mapping[str, torch.Tensor]] = None,
+    runtime: Optional[Mapping[str, Any]] = None,
+    overrides: Optional[Mapping[str, Any]] = None,
     notes: Optional[Mapping[str, Any]] = None,
 ) -> dict:
-    """Check that ``state`` loads into ``codec_cls(params)`` exactly, then write the three outputs.
+    """Check the conversion and write its outputs; returns the summary also written to ``conversion.json``.
 
-    Returns the summary also written to ``conversion.json``.
+    With ``state`` (a component with weights): ``state`` must load into
+    ``cls(params, **runtime)`` exactly (checked on the meta device, so nothing the size
+    of the model is allocated); it is saved as ``model.safetensors`` in the module's
+    dtypes and the block names it. Without (a tokenizer): ``cls(params)`` is built once
+    to check that it builds. ``overrides`` (the command line's ``--param``) replace params.
     """
+    name = cls.name or cls.__name__
+    validated = _validated_params(cls, {**params, **dict(overrides or {})})
+    out_dir = Path(out_dir)
+    block: dict[str, Any] = {"name": name, "params": validated.model_dump(mode="json")}
+    counts: dict[str, Any] = {}
+    if state is not None:
+        with torch.device("meta"):
+            expected = cls(validated, **dict(runtime or {})).state_dict()
+        _check_fits(f"{name}: the released weights do not fit the {kind}", expected, state)
+        weights = (out_dir / WEIGHTS_FILE).resolve()
+        tensors = {key: state[key].detach().to(expected[key].dtype).contiguous() for key in expected}
+        save_weights(weights, tensors, metadata={"component": name})
+        block.update(weights=str(weights), frozen=True)
+        counts = {"weights": str(weights), "parameters": int(sum(t.numel() for t in tensors.values()))}
+    else:
+        cls(validated, **dict(runtime or {}))
+    block_path = out_dir / block_file(kind)
+    write_text(block_path, yaml.safe_dump(block, sort_keys=False, allow_unicode=True))
+    summary = {
+        "component": name,
+        "kind": kind,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sources": [{"path": str(Path(p).resolve()), "sha256": sha256(Path(p))} for p in sources],
+        **counts,
+        "block": str(block_path.resolve()),
+        **({"runtime": dict(runtime)} if runtime else {}),
+        **dict(notes or {}),
+    }
+    write_json(out_dir / CONVERSION_FILE, summary)
+    return summary
+
+
+def _validated_params(cls: type, params: Mapping[str, Any]) -> Any:
     from pydantic import ValidationError
 
-    name = codec_cls.name or codec_cls.__name__
     try:
-        validated = codec_cls.Params.model_validate(dict(params))
+        return cls.Params.model_validate(dict(params))
     except ValidationError as exc:
         lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"{name}: the released files describe params this codec does not accept: {lines}") from None
-    codec = codec_cls(validated)
-    expected = codec.state_dict()
+        raise UsageError(f"{cls.name or cls.__name__}: the released files describe params it does not accept: {lines}") from None
+
+
+def _check_fits(what: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong = sorted(k for k in set(expected) & set(state) if tuple(expected[k].shape) != tuple(state[k].shape))
@@ -214,33 +262,25 @@ def write_converted(
         if keys
     ]
     if problems:
-        raise UsageError(f"{name}: the released weights do not fit the codec: {'; '.join(problems)}")
+        raise UsageError(f"{what}: {'; '.join(problems)}")
 
-    out_dir = Path(out_dir)
-    weights = (out_dir / WEIGHTS_FILE).resolve()
-    tensors = {key: state[key].detach().to(expected[key].dtype).contiguous() for key in expected}
-    save_weights(weights, tensors, metadata={"component": name})
-    block = {"name": name, "params": validated.model_dump(mode="json"), "weights": str(weights), "frozen": True}
-    write_text(out_dir / CODEC_BLOCK_FILE, yaml.safe_dump(block, sort_keys=False))
-    summary = {
-        "component": name,
-        "kind": "codec",
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "sources": [{"path": str(Path(p).resolve()), "sha256": sha256(Path(p))} for p in sources],
-        "weights": str(weights),
-        "codec_block": str((out_dir / CODEC_BLOCK_FILE).resolve()),
-        "parameters": int(sum(t.numel() for t in tensors.values())),
-        **dict(notes or {}),
-    }
-    write_json(out_dir / CONVERSION_FILE, summary)
-    return summary
+
+def copy_released(source: Path, out_dir: Path, name: Optional[str] = None) -> Path:
+    """Copy a released file (a vocabulary, say) into ``out_dir`` atomically; returns the copy's absolute path."""
+    source = Path(source)
+    if not source.is_file():
+        raise UsageError(f"{source}: no such file")
+    target = (Path(out_dir) / (name or source.name)).resolve()
+    write_bytes(target, source.read_bytes())
+    return target
 
 
 __all__ = [
-    "CODEC_BLOCK_FILE",
     "CONVERSION_FILE",
     "TRUST_FLAG",
     "StandIn",
+    "block_file",
+    "copy_released",
     "module_state",
     "read_config",
     "read_released",

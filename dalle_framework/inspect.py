@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import finetune
 from .errors import UsageError
 from .metrics import flops_per_token
 
@@ -88,6 +89,7 @@ def inspect_recipe(recipe: Any, *, gpus_per_node: int = 8, nodes: int = 1) -> di
             except Exception as exc:  # one stage that cannot be built on meta must not hide the rest
                 report[name] = {"error": f"cannot be built on the meta device: {type(exc).__name__}: {exc}"}
                 continue
+            module = finetune.prepare(module, stage.block)  # trainable counts under LoRA / freeze
             report[name] = _stage_stats(pipe, stage, module, gpus_per_node=gpus_per_node, nodes=nodes)
     return report
 
@@ -116,13 +118,41 @@ def _stage_stats(pipe, stage, module: nn.Module, *, gpus_per_node: int, nodes: i
             "tokens": tokens_per_step * train.steps,
             "flops": float(flops["train"]) * tokens_per_step * train.steps,
         }
-    engine = pipe.build("engine", train.engine)
-    memory = engine.memory_estimate(
-        total_params=counts["total"], largest_layer_params=counts["largest_layer"], gpus_per_node=gpus_per_node, nodes=nodes
-    )
+    memory = _memory(pipe, stage, module, counts, gpus_per_node=gpus_per_node, nodes=nodes)
     if memory is not None:
         stats["memory"] = memory
     return stats
+
+
+GiB = 2**30
+
+
+def _memory(pipe, stage, module: nn.Module, counts: dict[str, int], *, gpus_per_node: int, nodes: int) -> dict[str, Any] | None:
+    """Memory per GPU while training: the engine's model states for the trainable parameters,
+    frozen weights (held whole by every process), and the activations of one micro-batch."""
+    train = stage.train
+    engine = pipe.build("engine", train.engine)
+    memory = engine.memory_estimate(
+        total_params=counts["trainable"], largest_layer_params=counts["largest_layer"], gpus_per_node=gpus_per_node, nodes=nodes
+    )
+    if memory is None:
+        return None
+    half = train.precision in ("bf16", "fp16")
+    extra = 0.0
+    frozen = counts["total"] - counts["trainable"]
+    if frozen:
+        # the torch engine keeps fp32 weights under autocast; DeepSpeed keeps frozen ones in its compute
+        # dtype, and ZeRO-3 shards them like the rest
+        weight_bytes = 2 if half and train.engine.name == "deepspeed" else 4
+        shards = gpus_per_node * nodes if memory.get("zero_stage") == 3 else 1
+        extra += memory.setdefault("frozen_weights_gib_per_gpu", round(frozen * weight_bytes / shards / GiB, 2))
+    activations = getattr(module, "activation_bytes", lambda *a: None)(train.batch_size, 2 if half else 4)
+    if activations is not None:
+        extra += memory.setdefault("activations_gib_per_gpu", round(activations / GiB, 2))
+        memory["activations_note"] = f"one micro-batch of {train.batch_size} at {'bf16/fp16' if half else 'fp32'} (an estimate)"
+    variants = {name: v["gpu_gib_per_gpu"] for name, v in memory.items() if isinstance(v, dict) and "gpu_gib_per_gpu" in v}
+    memory["total_gib_per_gpu"] = {name: round(gib + extra, 2) for name, gib in variants.items()}
+    return memory
 
 
 __all__ = ["flops_per_token", "human", "inspect_recipe", "parameter_counts"]

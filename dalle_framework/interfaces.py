@@ -51,6 +51,24 @@ class Component:
     name: ClassVar[str] = ""
     plugin: ClassVar[str] = ""
 
+    @classmethod
+    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, params: Optional[dict] = None) -> dict:
+        """Convert files released elsewhere (``dalle convert NAME FILE... OUT``); any kind may offer it.
+
+        Writes into ``out_dir`` what a recipe then loads: ``model.safetensors`` (this
+        class's state dict, for components with weights) or the files it reads (a
+        tokenizer's vocabulary), ``<kind>.yaml`` (a recipe block naming them) and
+        ``conversion.json``; returns a summary. Helpers: :mod:`dalle_framework.convert`.
+        A pickle may only be read when ``trust_pickle``. ``params`` (``--param key=value``)
+        are applied over what the files say, for facts they do not hold (a head count).
+        """
+        raise UsageError(f"{cls.name or cls.__name__!r} has no converter for released files")
+
+    @classmethod
+    def converts_released(cls) -> bool:
+        """Whether this class overrides :meth:`convert_released`."""
+        return cls.convert_released.__func__ is not Component.convert_released.__func__
+
 
 class ModuleComponent(nn.Module, Component):
     """A component with weights (codec, prior, reranker).
@@ -160,7 +178,9 @@ class ImageCodec(ModuleComponent):
     """Maps images to a grid of discrete tokens and back.
 
     - ``encode(images[B,3,H,W] in [0,1]) -> LongTensor[B, h*w]`` (hard codes)
-    - ``decode(LongTensor[B, h*w]) -> images[B,3,H,W] in [0,1]``
+    - ``decode(LongTensor[B, h*w]) -> images[B,3,H',W'] in [0,1]``: usually the size it
+      encodes; a decoder may return larger images (ruDALL-E's wavelet decoder: twice the
+      side), and reconstruction is then measured at the input size
     - ``loss(images, step) -> dict``: key ``loss`` (scalar to minimise) plus named
       terms to log (floats or 0-d tensors). ``forward`` is ``loss`` so that
       training engines (DeepSpeed) can call the module directly.
@@ -197,16 +217,6 @@ class ImageCodec(ModuleComponent):
             codec = cls(params)
         return CodecFacts(int(codec.vocab_size), (int(codec.grid[0]), int(codec.grid[1])), int(codec.image_size))
 
-    @classmethod
-    def convert_released(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
-        """Convert weights released elsewhere (``dalle convert NAME FILE... OUT``).
-
-        Writes ``out_dir/model.safetensors`` (this class's state dict), ``codec.yaml``
-        (a recipe codec block) and ``conversion.json``; returns a summary. Helpers:
-        :mod:`dalle_framework.convert`. A pickle may only be read when ``trust_pickle``.
-        """
-        raise UsageError(f"codec {cls.name or cls.__name__!r} has no converter for released weights")
-
 
 # --------------------------------------------------------------------------- stage 2
 
@@ -238,16 +248,23 @@ StepCallback = Callable[[int, int], None]  # (image positions drawn, positions i
 
 
 class Prior(ModuleComponent):
-    """Autoregressive model of ``[text tokens | image tokens]``.
+    """Autoregressive model of image tokens given a caption's tokens.
+
+    How the caption conditions the image is the prior's business: a decoder-only prior
+    models ``[text tokens | image tokens]`` as one sequence (the DALL-E paper, ruDALL-E),
+    an encoder-decoder encodes the caption and cross-attends to it (DALL-E Mini / Mega).
 
     Built as ``cls(params, text_vocab_size=, text_len=, image_vocab_size=, grid=)``.
 
-    - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted), and
-      ``text_loss`` / ``image_loss`` in nats per token.
+    - ``loss(text[B,T], image_tokens[B,h*w]) -> dict``: ``loss`` (weighted) and
+      ``image_loss`` in nats per image token; ``text_loss`` (nats per text token) from
+      priors that also model the caption.
     - ``generate(text[B,T], sampling, prime=None, generator=None, on_step=None) -> LongTensor[B,h*w]``;
       ``prime[B, n]`` holds the first ``n`` image tokens to keep (image priming);
       ``on_step(done, total)`` is called after each image token position is drawn for the
       whole batch, with ``total = h*w`` and ``done`` the positions filled so far (primed ones included).
+      :func:`dalle_framework.decoding.sample_image_tokens` implements it (KV cache,
+      guidance, draws) for a prior with ``prefill`` / ``decode_step``.
     """
 
     @abc.abstractmethod
@@ -268,6 +285,12 @@ class Prior(ModuleComponent):
 
     def flops_per_token(self) -> Optional[dict[str, Any]]:
         """Forward and training FLOPs per token (``{"forward": ..., "train": ...}``), or None if unknown."""
+        return None
+
+    def activation_bytes(self, batch_size: int, bytes_per_value: int) -> Optional[int]:
+        """Activation memory backward keeps for one training micro-batch of ``batch_size`` pairs
+        (values of ``bytes_per_value`` bytes), per process; None if unknown. Helper:
+        :func:`dalle_framework.metrics.activation_bytes`."""
         return None
 
 

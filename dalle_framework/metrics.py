@@ -258,3 +258,27 @@ def bootstrap_interval(
     tail = (1 - level) / 2
     shift = 0.0 if centre is None else centre - float(values.median())
     return float(values.quantile(tail)) + shift, float(values.quantile(1 - tail)) + shift
+
+
+def activation_bytes(
+    *, layers: int, dim: int, tokens: int, batch: int, bytes_per_value: int, checkpointing: bool,
+    mlp_ratio: float = 4.0, extra_per_layer: float = 0.0, logits: int = 0,
+) -> int:
+    """What backward keeps of one micro-batch of a transformer, in bytes (an estimate).
+
+    Per layer and token, after Korthikanti et al. 2022 (section 4.1) with attention
+    scores not stored (SDPA's fused kernels recompute them): the attention block keeps
+    ``5 * dim`` values (its input, q, k, v, the output projection's input), the MLP
+    ``(1 + 2 * mlp_ratio) * dim`` (its input, the hidden layer before and after the
+    nonlinearity), each LayerNorm ``dim``, two dropout masks ``dim`` bytes each;
+    ``extra_per_layer`` adds values per ``dim`` (sandwich norms, cross-attention).
+    With ``checkpointing`` only each layer's input stays, plus one layer recomputed.
+    ``logits`` (vocabulary entries per token) adds the fp32 logits and their gradient.
+    """
+    values = (5 + 1 + 2 * mlp_ratio + 2 + extra_per_layer) * dim
+    per_layer = tokens * batch * (values * bytes_per_value + 2 * dim)
+    if checkpointing:
+        kept = layers * tokens * batch * dim * bytes_per_value + per_layer
+    else:
+        kept = layers * per_layer
+    return int(kept + 2 * 4 * tokens * batch * logits)

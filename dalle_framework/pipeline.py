@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import distributed, rundir
+from . import distributed, finetune, rundir
 from .candidates import RunningBest
 from .data.images import fit_images, load_split
 from .data.stream import ShardedSplit, count_records
@@ -209,7 +209,7 @@ class Pipeline:
                 module = spec.build()
             if self.has_weights(stage):
                 self._check_fresh(stage)
-                rundir.load_into(module, self.run_dir / stage / rundir.WEIGHTS_FILE)
+                finetune.load_trained(module, self.run_dir / stage / rundir.WEIGHTS_FILE, base=spec.block.weights)
             elif spec.block.weights:
                 rundir.load_into(module, spec.block.weights)
             elif require_trained:

@@ -24,6 +24,12 @@ if [ ! -f "$STAMP" ]; then
   # not their download helpers; the tests give them random weights on disk).
   "$VENV/bin/python" -m pip install --quiet scipy >&2
   "$VENV/bin/python" -m pip install --quiet --no-deps "pytorch-fid==0.3.0" "torch-fidelity==0.4.0" >&2
+  # Test-only: the reference ruDALL-E and min-dalle code the pretrained-prior tests compare
+  # against, again without their (old, large) dependencies: only the small modules their
+  # model code imports. youtokentome's setup imports Cython without declaring it.
+  "$VENV/bin/python" -m pip install --quiet Cython PyWavelets omegaconf >&2
+  "$VENV/bin/python" -m pip install --quiet --no-deps --no-build-isolation "youtokentome==1.0.6" >&2
+  "$VENV/bin/python" -m pip install --quiet --no-deps "rudalle==1.1.3" "min-dalle==0.4.11" >&2
   rm -f "$VENV"/.installed-*
   touch "$STAMP"
 fi

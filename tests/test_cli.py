@@ -187,4 +187,4 @@ def test_components_lists_a_kind():
     result = run_cli("components", "prior", "--json")
     assert result.returncode == 0
     names = [row["name"] for row in json.loads(result.stdout)["prior"]]
-    assert names == ["dense-transformer", "sparse-transformer"]
+    assert names == ["dense-transformer", "min-dalle", "rudalle", "sparse-transformer"]

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from .. import distributed, rundir
+from .. import distributed, finetune, rundir
 from ..errors import DalleError, NonFiniteError, UsageError
 from ..pipeline import Pipeline
 from ..recipe import as_data, component_differences, dump, read_yaml
@@ -188,6 +188,7 @@ class _Training:
             module = stage.build()
         if stage.block.weights and not self.resume:
             rundir.load_into(module, stage.block.weights)  # fine-tune from pretrained weights
+        module = finetune.prepare(module, stage.block)  # LoRA adapters, frozen layers
         run = self.engine_run = engine.prepare(module, train)
         if run.rank > 0:  # dropout, caption dropout and noise differ per rank; rank 0 keeps the one-process stream
             torch.manual_seed(_rank_seed(seed, run.rank, 0))
@@ -338,12 +339,12 @@ class _Training:
             return self.engine_run.module
         if self.eval_module is None:
             self.eval_module = self.stage.build().to(self.engine_run.device)
-        self.eval_module.load_state_dict(self.ema.weights(self.engine_run.module))
+        self.eval_module.load_state_dict(finetune.plain_weights(self.ema.weights(self.engine_run.module), self.stage.block))
         return self.eval_module
 
     def _publish(self, weights: dict[str, torch.Tensor], metrics: dict[str, float], **facts: Any) -> None:
         stage, block = self.stage, self.stage.block
-        rundir.save_weights(self.stage_dir / rundir.WEIGHTS_FILE, weights, metadata={"component": block.name, "stage": stage.name})
+        finetune.save_trained(self.stage_dir / rundir.WEIGHTS_FILE, weights, block, {"component": block.name, "stage": stage.name})
         _write_meta(self.pipe, stage, metrics, step=self.step, world_size=self.engine_run.world_size, **facts)
         self.pipe.forget(stage.name)  # the next access loads the new weights
 

@@ -57,7 +57,7 @@ def _blocks_per_group(state: dict[str, torch.Tensor]) -> int:
     return len({k.split(".")[2] for k in state if k.startswith("blocks.group_1.block_")})
 
 
-def convert_openai_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
+def convert_openai_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
     """Read both pickles, infer the shapes, rename, and write via :func:`write_converted`."""
     if len(files) != 2:
         raise UsageError(
@@ -102,6 +102,8 @@ def convert_openai_files(codec_cls, files: list[Path], out_dir: Path, *, trust_p
     return write_converted(
         codec_cls,
         out_dir,
+        kind="codec",
+        overrides=overrides,
         params={**params, "image_size": 256},
         state=state,
         sources=[Path(f) for f in files],

@@ -113,7 +113,7 @@ class OpenAIDVAE(ImageCodec):
         }
 
     @classmethod
-    def convert_released(cls, files, out_dir, *, trust_pickle: bool) -> dict:
+    def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
         from .convert import convert_openai_files
 
-        return convert_openai_files(cls, files, out_dir, trust_pickle=trust_pickle)
+        return convert_openai_files(cls, files, out_dir, trust_pickle=trust_pickle, overrides=params)

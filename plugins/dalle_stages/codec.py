@@ -59,6 +59,12 @@ class CodecStage(Stage):
         mirror = torch.rand(len(images), generator=generator) < 0.5
         return [torch.where(mirror[:, None, None, None], images.flip(-1), images), *batch[1:]]
 
+    def evaluate(self, module, device, *, limit=None, collective=False):
+        """Loss terms and reconstruction; a frozen codec (converted, maybe with no training loss) only reconstructs."""
+        if self.block.frozen:
+            return self.extra_metrics(module, device, limit or self.train.eval_batches * self.train.batch_size, collective=collective)
+        return super().evaluate(module, device, limit=limit, collective=collective)
+
     @torch.no_grad()
     def extra_metrics(self, module, device, limit, *, collective=False):
         batches = ((batch[0], weight) for batch, weight in self.heldout_batches(limit, collective=collective))
@@ -74,8 +80,16 @@ class CodecStage(Stage):
     @torch.no_grad()
     def preview(self, module, device) -> Optional[Preview]:
         images = as_model_images(self.heldout(8)[0], module.image_size, device)
-        recon = module.decode(module.encode(images)).clamp(0, 1)
+        recon = at_size(module.decode(module.encode(images)).clamp(0, 1), images)
         return Preview(torch.stack([images, recon]), ["held-out images", "their hard-token reconstructions"])
+
+
+def at_size(decoded: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Decoded images at the side of the images they encode: a decoder that returns larger
+    ones (ruDALL-E's wavelet decoder: twice the side) is measured at the input size."""
+    if decoded.shape[-2:] == images.shape[-2:]:
+        return decoded
+    return torch.nn.functional.interpolate(decoded, size=images.shape[-2:], mode="area")
 
 
 @torch.no_grad()
@@ -94,7 +108,7 @@ def codec_metrics(codec: nn.Module, batches: Iterable[tuple[torch.Tensor, float]
     for images, weight in batches:
         batch = as_model_images(images, codec.image_size, device)
         tokens = codec.encode(batch)
-        recon = codec.decode(tokens).clamp(0, 1)
+        recon = at_size(codec.decode(tokens).clamp(0, 1), batch)
         per_image = (recon - batch).float().pow(2).flatten(1).mean(1)
         mse_sum += float(per_image.sum()) * weight
         psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum()) * weight

@@ -50,9 +50,8 @@ from dalle_framework.attention import (
     pattern_attention,
     positions,
 )
-from dalle_framework.decoding import StepRunner, resolve_decode
-from dalle_framework.metrics import flops_per_token
-from dalle_framework.sampling import TokenDrawer, split_guidance
+from dalle_framework.decoding import KVCache, all_padding, sample_image_tokens
+from dalle_framework.metrics import activation_bytes, flops_per_token
 
 AttentionKernel = Callable[..., Tensor]  # (q, k, v, *, q_start, dropout_p) -> out
 
@@ -117,40 +116,6 @@ class Rotary(nn.Module):
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class KVCache:
-    """Keys and values of one layer for ``rows`` sequences, preallocated to ``max_len``.
-
-    Storage is allocated on the first write with that write's dtype, so sampling under
-    autocast (bf16 keys) works as well as in fp32.
-    """
-
-    def __init__(self, rows: int, heads: int, max_len: int, head_dim: int) -> None:
-        self.shape = (rows, heads, max_len, head_dim)
-        self.k: Optional[Tensor] = None
-        self.v: Optional[Tensor] = None
-
-    def update(self, k: Tensor, v: Tensor, start: Position) -> tuple[Tensor, Tensor]:
-        """Write ``k/v [B, H, n, D]`` at ``start``; return the whole buffers ``[B, H, max_len, D]``.
-
-        Every step sees all ``max_len`` slots (masks hide the unwritten ones) so attention
-        shapes never change while decoding: on GPU a new key length per step would rebuild
-        SDPA's cuDNN graph (tens of ms) at every token, and a CUDA graph needs fixed shapes.
-        A device-tensor ``start`` writes by index, without reading the position on the host.
-        """
-        if self.k is None:
-            self.k = k.new_zeros(self.shape)
-            self.v = v.new_zeros(self.shape)
-        if isinstance(start, int):
-            end = start + k.shape[-2]
-            self.k[:, :, start:end] = k
-            self.v[:, :, start:end] = v
-        else:
-            idx = positions(start, k.shape[-2], k.device)
-            self.k.index_copy_(2, idx, k)
-            self.v.index_copy_(2, idx, v)
-        return self.k, self.v
 
 
 class SelfAttention(nn.Module):
@@ -293,6 +258,12 @@ class TransformerPrior(Prior):
             attended=sum(attended) / len(attended),
         )
 
+    def activation_bytes(self, batch_size: int, bytes_per_value: int) -> int:
+        p, layout = self.params, self.layout
+        logits = (layout.text_len * self.text_vocab_size + layout.image_len * self.image_vocab_size) / layout.seq_len
+        return activation_bytes(layers=p.depth, dim=p.dim, tokens=layout.seq_len - 1, batch=batch_size, bytes_per_value=bytes_per_value,
+                                checkpointing=p.grad_checkpointing, mlp_ratio=p.mlp_ratio, logits=int(logits))
+
     def _init_weights(self, module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=self.params.init_std)
@@ -394,10 +365,22 @@ class TransformerPrior(Prior):
         """One empty key/value cache per block for ``rows`` sequences of the full length."""
         return [KVCache(rows, self.heads, self.layout.seq_len, self.head_dim) for _ in self.blocks]
 
-    def image_logits(self, last: Tensor, guidance_scale: float) -> Tensor:
-        """Final states ``[rows, dim]`` -> float logits ``[B, image_vocab]`` (guided when rows = 2B)."""
-        logits = self.image_head(last).float()
-        return split_guidance(logits, guidance_scale) if guidance_scale != 1.0 else logits
+    # what the framework's cached sampler (dalle_framework.decoding.sample_image_tokens) calls
+
+    unconditional_text = staticmethod(all_padding)
+
+    def next_logits(self, text: Tensor, image: Tensor) -> Tensor:
+        """Uncached: text ``[rows, T]`` + image ``[rows, n]`` -> logits ``[rows, image_vocab]`` for image token ``n``."""
+        return self.image_head(self.hidden(torch.cat([text, image], dim=1))[:, -1])
+
+    def prefill(self, text: Tensor, image: Tensor) -> tuple[Tensor, list[KVCache]]:
+        caches = self.new_caches(text.shape[0])
+        h = self.hidden(torch.cat([text, image], dim=1), 0, caches)
+        return self.image_head(h[:, -1]), caches
+
+    def decode_step(self, caches: list[KVCache], token: Tensor, index: Tensor) -> Tensor:
+        """Image token ``index`` (a 0-d device tensor) of every row -> logits for ``index + 1``."""
+        return self.image_head(self.hidden(token[:, None], index + self.text_len, caches)[:, -1])
 
     @torch.no_grad()
     def generate(
@@ -410,77 +393,15 @@ class TransformerPrior(Prior):
     ) -> Tensor:
         """text ``[B, T]`` (+ ``prime[B, n]`` kept as the first image codes) -> codes ``[B, h*w]``.
 
-        ``use_cache=False`` recomputes the whole prefix at every step (the reference the
-        cache must match). Guidance runs ``[text; all-padding]`` as one ``2B`` batch.
-        ``on_step(done, h*w)`` follows every drawn position. ``self.last_decode`` records
-        how the steps ran (draws, decode mode, any fallback).
+        The framework's cached sampler draws them: guidance runs ``[text; all-padding]``
+        as one ``2B`` batch, ``use_cache=False`` recomputes the whole prefix at every step
+        (the reference the cache must match) and ``self.last_decode`` records how the steps ran.
         """
-        B, T, N = text.shape[0], self.text_len, self.layout.image_len
+        B, T = text.shape[0], self.text_len
         assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
-        guided = sampling.guidance_scale != 1.0
-        rows = 2 * B if guided else B
-        seq = torch.zeros(rows, T + N, dtype=torch.long, device=text.device)
-        seq[:B, :T] = text
-        seq[B:, :T] = PAD_ID  # the unconditional branch sees an all-padding caption
-        n0 = 0
-        if prime is not None:
-            n0 = prime.shape[1]
-            assert prime.shape[0] == B and n0 <= N, f"prime must be [B={B}, n<={N}], got {tuple(prime.shape)}"
-            seq[:, T : T + n0] = prime.repeat(rows // B, 1)
-        drawer = TokenDrawer(sampling, text.device, generator)
-        self.last_decode = {"draws": drawer.mode, "decode": "recompute", "fallback": None}
-        was_training = self.training
-        self.eval()  # dropout off: cached and recomputed sampling must agree
-        try:
-            if n0 < N:
-                decode = self._decode_cached if sampling.use_cache else self._decode_recomputed
-                decode(seq, n0, sampling, drawer, on_step or (lambda done, total: None))
-        finally:
-            self.train(was_training)
-        return seq[:B, T:]
-
-    def _decode_recomputed(self, seq: Tensor, n0: int, sampling: Sampling, drawer: TokenDrawer, on_step) -> None:
-        """The reference: every step is a forward over the whole known prefix."""
-        T, N = self.text_len, self.layout.image_len
-        reps = 2 if sampling.guidance_scale != 1.0 else 1
-        for i in range(n0, N):
-            h = self.hidden(seq[:, : T + i])  # positions 0..T+i-1 are known; the last predicts code i
-            token = drawer.draw(self.image_logits(h[:, -1], sampling.guidance_scale), i)
-            seq[:, T + i] = token.repeat(reps)
-            on_step(i + 1, N)
-
-    def _decode_cached(self, seq: Tensor, n0: int, sampling: Sampling, drawer: TokenDrawer, on_step) -> None:
-        """Prefill the caches with the known prefix, then one fixed-shape step per code."""
-        T, N, rows, scale = self.text_len, self.layout.image_len, seq.shape[0], sampling.guidance_scale
-        reps = 2 if scale != 1.0 else 1
-        caches = self.new_caches(rows)
-        h = self.hidden(seq[:, : T + n0], 0, caches)
-        seq[:, T + n0] = drawer.draw(self.image_logits(h[:, -1], scale), n0).repeat(reps)
-        on_step(n0 + 1, N)
-        if n0 + 1 == N:
-            return
-        # step state, updated in place: the newest token of every row and its position
-        current = seq[:, T + n0].clone()
-        pos = torch.full((), T + n0, dtype=torch.long, device=seq.device)
-
-        def forward_step() -> Tensor:
-            return self.image_logits(self.hidden(current[:, None], pos, caches)[:, -1], scale)
-
-        def accept(token: Tensor) -> None:  # token [B] -> every row at position pos + 1
-            current.copy_(token.repeat(reps))
-            pos.add_(1)
-            seq.index_copy_(1, pos.view(1), current[:, None])
-
-        def step_and_draw() -> None:
-            accept(drawer.draw(forward_step(), pos - (T - 1)))
-
-        runner = StepRunner(step_and_draw if drawer.on_device else forward_step, resolve_decode(sampling, seq.device), seq.device)
-        for i in range(n0 + 1, N):
-            logits = runner()
-            if not drawer.on_device:  # host draws: a sync per token, outside the captured step
-                accept(drawer.draw(logits, i))
-            on_step(i + 1, N)
-        self.last_decode.update(decode=runner.used, fallback=runner.fallback)
+        return sample_image_tokens(
+            self, text, sampling, image_len=self.layout.image_len, prime=prime, generator=generator, on_step=on_step
+        )
 
 
 def call_block(block: Block, x: Tensor, start: Position, cache: Optional[KVCache]) -> Tensor:

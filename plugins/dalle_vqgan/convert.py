@@ -17,6 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from dalle_framework import UsageError
 from dalle_framework.convert import read_config, read_released, write_converted
 
@@ -60,7 +62,7 @@ def params_from_config(config: dict, path: Path) -> dict[str, Any]:
     return out
 
 
-def convert_taming_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool) -> dict:
+def convert_taming_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
     checkpoint_path, config_path = _split_files(codec_cls.name, [Path(f) for f in files])
     config = read_config(config_path)
     params = params_from_config(config, config_path)
@@ -75,8 +77,115 @@ def convert_taming_files(codec_cls, files: list[Path], out_dir: Path, *, trust_p
     return write_converted(
         codec_cls,
         out_dir,
+        kind="codec",
+        overrides=overrides,
         params=params,
         state=state,
         sources=[checkpoint_path, config_path],
         notes={"released_format": "taming-transformers Lightning checkpoint + config.yaml", "taming_target": target},
     )
+
+
+# ----------------------------------------------------------------------------- checkpoints without a config
+
+
+def _count(state: dict, prefix: str) -> int:
+    """How many ``prefix.N`` children the state holds (``decoder.up`` -> levels)."""
+    return len({k[len(prefix) + 1 :].split(".")[0] for k in state if k.startswith(prefix + ".")})
+
+
+def params_from_state(state: dict[str, Any], path: Path, resolution: int = 256) -> dict[str, Any]:
+    """The ddconfig and quantiser of a taming-layout state dict, from its shapes alone.
+
+    ``resolution`` only places attention (``attn_resolutions`` are sides at it); the
+    released VQGANs were all trained at 256.
+    """
+    try:
+        levels = _count(state, "decoder.up")
+        conv_out = state["decoder.conv_out.weight"]
+        encoder = "encoder.conv_in.weight" in state
+        ch = state["encoder.conv_in.weight"].shape[0] if encoder else conv_out.shape[1]  # released: ch_mult[0] == 1
+        params: dict[str, Any] = {
+            "ch": int(ch),
+            "ch_mult": [int(state[f"decoder.up.{i}.block.0.conv2.weight"].shape[0] // ch) for i in range(levels)],
+            "num_res_blocks": _count(state, "decoder.up.0.block") - 1,
+            "attn_resolutions": [resolution // 2**i for i in range(levels) if f"decoder.up.{i}.attn.0.q.weight" in state],
+            "resamp_with_conv": levels < 2 or "decoder.up.1.upsample.conv.weight" in state,
+            "in_channels": int(state["encoder.conv_in.weight"].shape[1]) if encoder else 3,
+            "out_ch": int(conv_out.shape[0]),
+            "resolution": resolution,
+            "z_channels": int(state["decoder.conv_in.weight"].shape[1]),
+            "encoder": encoder,
+            "image_size": resolution,
+        }
+    except KeyError as exc:
+        raise UsageError(f"{path}: not a VQGAN in taming's layout (no {exc})") from None
+    gumbel = "quantize.proj.weight" in state
+    embed = state["quantize.embed.weight" if gumbel else "quantize.embedding.weight"]
+    params.update(quantizer="gumbel" if gumbel else "vq", n_embed=int(embed.shape[0]), embed_dim=int(embed.shape[1]))
+    return params
+
+
+def _checkpoint_state(path: Path, *, trust_pickle: bool) -> dict[str, Any]:
+    content = read_released(path, trust_pickle=trust_pickle)
+    state = content.get("state_dict", content) if isinstance(content, dict) else None
+    if not isinstance(state, dict) or not state:
+        raise UsageError(f"{path}: expected a state dict (or a checkpoint holding one), found {type(content).__name__}")
+    return {k: v for k, v in state.items() if not k.startswith(TRAINING_ONLY)}
+
+
+def check_haar(state: dict[str, Any], path: Path) -> None:
+    """The wavelet decoder's stored synthesis filters must be Haar's (db1), which this codec applies."""
+    for key, value in state.items():
+        if key.startswith(("decoder.idwt.", "model.decoder.idwt.")):
+            if not torch.allclose(value.abs().double().flatten(), torch.full((value.numel(),), 2**-0.5, dtype=torch.double)):
+                raise UsageError(f"{path}: its wavelet filters are not Haar's (db1); only ruDALL-E's db1 decoder is supported")
+
+
+def sber_state(state: dict[str, Any]) -> dict[str, Any]:
+    """ruDALL-E's Sber VQGAN in taming's layout: the wavelet file nests the decoder and has a ``model.`` prefix."""
+    state = {k.removeprefix("model."): v for k, v in state.items()}
+    if "decoder.decoder.conv_in.weight" not in state:
+        return state  # the plain Gumbel-VQ file is taming's layout already
+    out = {k: v for k, v in state.items() if not k.startswith(("decoder.", "post_quant_conv."))}  # the outer one is unused
+    for key, value in state.items():
+        if key.startswith("decoder.decoder."):
+            out["decoder." + key.removeprefix("decoder.decoder.")] = value
+        elif key.startswith("decoder.post_quant_conv."):
+            out[key.removeprefix("decoder.")] = value
+    return out
+
+
+def convert_rudalle_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
+    """ruDALL-E's ``vqgan.gumbelf8-sber-dwt.model.ckpt`` (wavelet) or ``vqgan.gumbelf8-sber.model.ckpt``; no config needed."""
+    if len(files) != 1:
+        raise UsageError(f"{codec_cls.name}: give the checkpoint and the output directory: dalle convert {codec_cls.name} vqgan.gumbelf8-sber-dwt.model.ckpt OUT")
+    path = Path(files[0])
+    released = _checkpoint_state(path, trust_pickle=trust_pickle)
+    check_haar(released, path)
+    state = sber_state(released)
+    params = params_from_state(state, path)
+    params["wavelet"] = params["out_ch"] == 12
+    return write_converted(codec_cls, out_dir, kind="codec", params=params, state=state, sources=[path], overrides=overrides,
+                           notes={"released_format": "rudalle 1.1.3 Sber VQGAN (Gumbel f8) state dict"})
+
+
+def convert_min_dalle_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
+    """min-dalle's ``detoker.pt`` (the decoder), optionally with the same VQGAN's encoder in taming's layout."""
+    if not 1 <= len(files) <= 2:
+        raise UsageError(f"{codec_cls.name}: give detoker.pt (and optionally the VQGAN's encoder weights), then OUT: "
+                         f"dalle convert {codec_cls.name} detoker.pt [encoder.pt] OUT")
+    paths = [Path(f) for f in files]
+    decoder = _checkpoint_state(paths[0], trust_pickle=trust_pickle)
+    if "embedding.weight" not in decoder or "decoder.conv_in.weight" not in decoder:
+        raise UsageError(f"{paths[0]}: not min-dalle's detoker.pt (expected embedding.weight and decoder.*)")
+    state = {("quantize.embedding.weight" if k == "embedding.weight" else k): v for k, v in decoder.items()}
+    if len(paths) == 2:
+        encoder = _checkpoint_state(paths[1], trust_pickle=trust_pickle)
+        wanted = {k: v for k, v in encoder.items() if k.startswith(("encoder.", "quant_conv."))}
+        if not wanted:
+            raise UsageError(f"{paths[1]}: holds no encoder.* / quant_conv.* weights (taming's layout)")
+        state.update(wanted)
+    params = {**params_from_state(state, paths[0]), "pixels": "unit"}
+    return write_converted(codec_cls, out_dir, kind="codec", params=params, state=state, sources=paths, overrides=overrides,
+                           notes={"released_format": "min-dalle 0.4.11 VQGanDetokenizer state dict (decoder of dalle-mini's VQGAN f16)"})

@@ -25,6 +25,15 @@ So an image of side ``image_size`` becomes a grid of side
 into 16x16 tokens, f8 (4 levels) into 32x32. Pixels are mapped to ``[-1, 1]``
 on the way in and back to ``[0, 1]`` (clamped) on the way out.
 
+Two released variants change the ends of the network:
+
+- ``wavelet`` (ruDALL-E's Sber VQGAN, ``rudalle-vqgan``): the decoder predicts 12
+  channels, the four Haar wavelet subbands of each colour, and an inverse Haar
+  transform turns them into an image of twice the side: 32x32 tokens decode to 512px.
+- ``pixels: unit`` (dalle-mini's VQGAN as min-dalle decodes it, ``min-dalle-vqgan``):
+  the network sees and returns pixels in [0, 1] instead of [-1, 1]. min-dalle ships only
+  the decoder (``encoder: false``); encoding needs the encoder of the same VQGAN.
+
 Training the VQGAN (perceptual + adversarial losses) is not supported: the
 codec is for converted checkpoints (``dalle convert vqgan model.ckpt config.yaml OUT``).
 """
@@ -43,8 +52,8 @@ from dalle_framework import ImageCodec, Params, UsageError
 from dalle_framework.nn import token_grid
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, eps: float) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=eps, affine=True)
 
 
 def _conv3(n_in: int, n_out: int, stride: int = 1, padding: int = 1) -> nn.Conv2d:
@@ -58,10 +67,10 @@ def _conv1(n_in: int, n_out: int) -> nn.Conv2d:
 class ResnetBlock(nn.Module):
     """``[B, n_in, H, W] -> [B, n_out, H, W]``: two (GroupNorm, swish, 3x3 conv) plus a shortcut."""
 
-    def __init__(self, n_in: int, n_out: int, dropout: float) -> None:
+    def __init__(self, n_in: int, n_out: int, dropout: float, eps: float) -> None:
         super().__init__()
-        self.norm1, self.conv1 = _norm(n_in), _conv3(n_in, n_out)
-        self.norm2, self.dropout, self.conv2 = _norm(n_out), nn.Dropout(dropout), _conv3(n_out, n_out)
+        self.norm1, self.conv1 = _norm(n_in, eps), _conv3(n_in, n_out)
+        self.norm2, self.dropout, self.conv2 = _norm(n_out, eps), nn.Dropout(dropout), _conv3(n_out, n_out)
         if n_in != n_out:
             self.nin_shortcut = _conv1(n_in, n_out)
 
@@ -75,9 +84,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the ``H * W`` positions, residual: ``[B, C, H, W] -> same``."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, eps: float) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, eps)
         self.q, self.k, self.v, self.proj_out = (_conv1(channels, channels) for _ in range(4))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -132,11 +141,11 @@ class Level(nn.Module):
 class Middle(nn.Module):
     """ResNet, attention, ResNet at the lowest resolution."""
 
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, eps: float) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, eps)
+        self.attn_1 = AttnBlock(channels, eps)
+        self.block_2 = ResnetBlock(channels, channels, dropout, eps)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -153,16 +162,16 @@ class Encoder(nn.Module):
         for level, mult in enumerate(p.ch_mult):
             stage = Level()
             for _ in range(p.num_res_blocks):
-                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout))
+                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout, p.norm_eps))
                 n_in = p.ch * mult
                 if res in p.attn_resolutions:
-                    stage.attn.append(AttnBlock(n_in))
+                    stage.attn.append(AttnBlock(n_in, p.norm_eps))
             if level < len(p.ch_mult) - 1:
                 stage.downsample = Downsample(n_in, p.resamp_with_conv)
                 res //= 2
             self.down.append(stage)
-        self.mid = Middle(n_in, p.dropout)
-        self.norm_out = _norm(n_in)
+        self.mid = Middle(n_in, p.dropout, p.norm_eps)
+        self.norm_out = _norm(n_in, p.norm_eps)
         self.conv_out = _conv3(n_in, 2 * p.z_channels if p.double_z else p.z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -183,21 +192,21 @@ class Decoder(nn.Module):
         n_in = p.ch * p.ch_mult[-1]
         res = p.resolution // 2 ** (len(p.ch_mult) - 1)
         self.conv_in = _conv3(p.z_channels, n_in)
-        self.mid = Middle(n_in, p.dropout)
+        self.mid = Middle(n_in, p.dropout, p.norm_eps)
         levels: list[Level] = []
         for level in reversed(range(len(p.ch_mult))):  # built from the bottom up, stored top-down
             stage = Level()
             for _ in range(p.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(n_in, p.ch * p.ch_mult[level], p.dropout))
+                stage.block.append(ResnetBlock(n_in, p.ch * p.ch_mult[level], p.dropout, p.norm_eps))
                 n_in = p.ch * p.ch_mult[level]
                 if res in p.attn_resolutions:
-                    stage.attn.append(AttnBlock(n_in))
+                    stage.attn.append(AttnBlock(n_in, p.norm_eps))
             if level > 0:
                 stage.upsample = Upsample(n_in, p.resamp_with_conv)
                 res *= 2
             levels.insert(0, stage)
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(n_in)
+        self.norm_out = _norm(n_in, p.norm_eps)
         self.conv_out = _conv3(n_in, p.out_ch)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -245,13 +254,33 @@ class GumbelQuantizer(nn.Module):
 
 
 QUANTIZERS: dict[str, type[nn.Module]] = {"vq": NearestQuantizer, "gumbel": GumbelQuantizer}
+HAAR = 2**-0.5  # db1's synthesis filters: low [s, s], high [s, -s]
+
+
+def inverse_haar(subbands: torch.Tensor) -> torch.Tensor:
+    """One level of the inverse 2-D Haar transform: ``[B, 12, h, w] -> [B, 3, 2h, 2w]``.
+
+    Channels are the three colours' low-pass band, then per colour its LH, HL and HH
+    bands (ruDALL-E's layout). Rows are synthesised first, then columns, as
+    pytorch_wavelets' ``DWTInverse(wave="db1", mode="zero")`` does.
+    """
+    b, _, h, w = subbands.shape
+    ll = subbands[:, :3]
+    lh, hl, hh = subbands[:, 3:].reshape(b, 3, 3, h, w).unbind(2)
+
+    def synthesise(low: torch.Tensor, high: torch.Tensor, dim: int) -> torch.Tensor:
+        pair = torch.stack([low * HAAR + high * HAAR, low * HAAR - high * HAAR], dim=dim + 1)
+        return pair.flatten(dim, dim + 1)
+
+    rows_low, rows_high = synthesise(ll, lh, 2), synthesise(hl, hh, 2)
+    return synthesise(rows_low, rows_high, 3)
 
 
 class VQGAN(ImageCodec):
     """taming-transformers VQGAN / Gumbel-VQ (frozen; load converted weights).
 
     - ``encode(images[B,3,S,S] in [0,1]) -> LongTensor[B, (S/f)**2]``, f = 2**(len(ch_mult)-1)
-    - ``decode(LongTensor[B, h*w]) -> images[B,3,h*f,w*f]`` in [0,1]
+    - ``decode(LongTensor[B, h*w]) -> images[B,3,h*f,w*f]`` in [0,1] (twice that side with ``wavelet``)
     - ``loss``: not supported (raises UsageError)
 
     Released shapes: ImageNet f16 with 1024 or 16384 codes (ch 128, ch_mult
@@ -278,6 +307,11 @@ class VQGAN(ImageCodec):
         n_embed: int = Field(1024, ge=2, description="codes (released f16: 1024 or 16384; Gumbel f8: 8192)")
         embed_dim: int = Field(256, ge=1, description="code vector size")
         quantizer: Literal["vq", "gumbel"] = Field("vq", description="vq: nearest code (VQModel); gumbel: argmax of logits (GumbelVQ)")
+        # released variants
+        wavelet: bool = Field(False, description="ruDALL-E's wavelet decoder: 12 output channels (Haar subbands), images of twice the side")
+        pixels: Literal["signed", "unit"] = Field("signed", description="pixel range the network works in: signed [-1, 1] (taming) or unit [0, 1] (dalle-mini)")
+        encoder: bool = Field(True, description="false: decoder only (min-dalle's detoker.pt); encoding is refused")
+        norm_eps: float = Field(1e-6, gt=0, lt=1, description="GroupNorm epsilon (taming: 1e-6; min-dalle's port: PyTorch's default 1e-5)")
         # this framework
         image_size: int = Field(256, gt=0, description="side of the images this codec encodes; a multiple of 2**(levels-1)")
 
@@ -292,6 +326,8 @@ class VQGAN(ImageCodec):
                 raise ValueError("double_z: true belongs to KL autoencoders; taming's VQ models use false")
             if self.quantizer == "gumbel" and self.embed_dim != self.z_channels:
                 raise ValueError("quantizer gumbel needs embed_dim == z_channels (taming projects quant_conv's output)")
+            if self.wavelet and self.out_ch != 12:
+                raise ValueError("wavelet: true needs out_ch: 12 (four Haar subbands of three colours)")
             return self
 
     def __init__(self, params: Optional["VQGAN.Params"] = None, **runtime: Any) -> None:
@@ -301,9 +337,10 @@ class VQGAN(ImageCodec):
         self.image_size = p.image_size
         side = p.image_size // 2 ** (len(p.ch_mult) - 1)
         self.grid = (side, side)
-        self.encoder = Encoder(p)
+        if p.encoder:
+            self.encoder = Encoder(p)
+            self.quant_conv = _conv1(p.z_channels, p.embed_dim)
         self.decoder = Decoder(p)
-        self.quant_conv = _conv1(p.z_channels, p.embed_dim)
         self.quantize = QUANTIZERS[p.quantizer](p.n_embed, p.embed_dim, p.z_channels)
         self.post_quant_conv = _conv1(p.embed_dim, p.z_channels)
 
@@ -311,7 +348,12 @@ class VQGAN(ImageCodec):
         """``[B, 3, S, S]`` in [0, 1] -> quantiser input ``[B, embed_dim, h, w]``."""
         assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
         assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
-        return self.quant_conv(self.encoder(images * 2 - 1))
+        if not self.params.encoder:
+            raise UsageError(
+                f"codec {self.name or 'vqgan'!r} holds only a decoder (min-dalle ships no encoder), so it cannot encode images; "
+                "convert it together with the encoder of the same VQGAN (see docs/pretrained-priors.md)"
+            )
+        return self.quant_conv(self.encoder(images * 2 - 1 if self.params.pixels == "signed" else images))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -321,6 +363,10 @@ class VQGAN(ImageCodec):
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         z = self.quantize.lookup(token_grid(tokens, self.grid))
         out = self.decoder(self.post_quant_conv(z))
+        if self.params.wavelet:
+            out = inverse_haar(out)
+        if self.params.pixels == "unit":
+            return out.clamp(0, 1).float()
         return ((out.clamp(-1, 1) + 1) / 2).float()
 
     def loss(self, images: torch.Tensor, step: int = 0) -> dict[str, Any]:
@@ -331,7 +377,49 @@ class VQGAN(ImageCodec):
         )
 
     @classmethod
-    def convert_released(cls, files, out_dir, *, trust_pickle: bool) -> dict:
+    def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
         from .convert import convert_taming_files
 
-        return convert_taming_files(cls, files, out_dir, trust_pickle=trust_pickle)
+        return convert_taming_files(cls, files, out_dir, trust_pickle=trust_pickle, overrides=params)
+
+
+class SberVQGAN(VQGAN):
+    """ruDALL-E's Sber VQGAN: Gumbel f8, 8,192 codes, the wavelet decoder (256px in, 32x32 tokens, 512px out).
+
+    Convert ``vqgan.gumbelf8-sber-dwt.model.ckpt`` (or the plain ``vqgan.gumbelf8-sber.model.ckpt``,
+    256px out) with ``dalle convert rudalle-vqgan FILE OUT``: no config file is needed.
+    """
+
+    class Params(VQGAN.Params):
+        ch_mult: list[int] = Field(default_factory=lambda: [1, 1, 2, 4], min_length=1, description="channel multiplier per level (Sber: 1,1,2,4)")
+        attn_resolutions: list[int] = Field(default_factory=lambda: [32], description="sides with attention (Sber: 32)")
+        out_ch: int = Field(12, ge=1, description="decoder channels out (wavelet: 12)")
+        n_embed: int = Field(8192, ge=2, description="codes (Sber: 8,192)")
+        quantizer: Literal["vq", "gumbel"] = Field("gumbel", description="Sber: gumbel")
+        wavelet: bool = Field(True, description="ruDALL-E's wavelet decoder (false: the plain decoder file, out_ch 3)")
+
+    @classmethod
+    def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
+        from .convert import convert_rudalle_files
+
+        return convert_rudalle_files(cls, files, out_dir, trust_pickle=trust_pickle, overrides=params)
+
+
+class MinDalleVQGAN(VQGAN):
+    """dalle-mini's VQGAN f16 (16,384 codes, pixels in [0, 1]) as min-dalle ships it: the decoder alone.
+
+    Convert ``detoker.pt`` with ``dalle convert min-dalle-vqgan detoker.pt OUT``; to encode
+    images (fine-tuning) add the same VQGAN's encoder weights as a second file.
+    """
+
+    class Params(VQGAN.Params):
+        n_embed: int = Field(16384, ge=2, description="codes (dalle-mini: 16,384)")
+        pixels: Literal["signed", "unit"] = Field("unit", description="dalle-mini's VQGAN works in [0, 1]")
+        encoder: bool = Field(False, description="min-dalle's detoker.pt has no encoder")
+        norm_eps: float = Field(1e-5, gt=0, lt=1, description="GroupNorm epsilon (min-dalle: PyTorch's default 1e-5)")
+
+    @classmethod
+    def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
+        from .convert import convert_min_dalle_files
+
+        return convert_min_dalle_files(cls, files, out_dir, trust_pickle=trust_pickle, overrides=params)
