@@ -4,7 +4,7 @@ The plugin API is what this module exports plus the modules named in
 ``PLUGIN_API``; a plugin imports nothing else of the framework (the test suite
 checks every built-in plugin against this list):
 
-- ``dalle_framework``: the contracts, ``Params``, ``Stage``, ``Registry``, errors, ``hookimpl``;
+- ``dalle_framework``: the contracts, ``Params``, ``Stage``, ``Registry``, errors, ``hookimpl``, ``deep_merge``;
 - ``dalle_framework.attention``: ``[text | image]`` layouts, sparse patterns and their kernels;
 - ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits, token draws;
 - ``dalle_framework.decoding``: fixed-shape decode steps run eagerly, compiled or as CUDA graphs;
@@ -42,6 +42,7 @@ from .interfaces import (
     Tokenizer,
     TrainConfig,
 )
+from .recipe import deep_merge
 from .registry import Registry
 from .stage import Preview, Stage
 
@@ -92,5 +93,6 @@ __all__ = [
     "Tokenizer",
     "TrainConfig",
     "UsageError",
+    "deep_merge",
     "hookimpl",
 ]

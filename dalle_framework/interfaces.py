@@ -206,6 +206,12 @@ class ImageCodec(ModuleComponent):
     def tokens_per_image(self) -> int:
         return self.grid[0] * self.grid[1]
 
+    def adopt(self, facts: CodecFacts) -> None:
+        """Take ``vocab_size``, ``grid`` and ``image_size`` from ``facts``: a constructor calls
+        ``self.adopt(self.describe(params))`` where ``describe`` reads them from the params, so the
+        two never disagree."""
+        self.vocab_size, self.grid, self.image_size = facts.vocab_size, tuple(facts.grid), facts.image_size
+
     @classmethod
     def describe(cls, params: Params) -> CodecFacts:
         """Vocabulary, grid and image size from ``params``.

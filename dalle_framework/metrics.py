@@ -15,7 +15,15 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     """
     assert a.shape == b.shape, f"psnr needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}"
     mse = torch.mean((a.detach().double() - b.detach().double()) ** 2).item()
-    return math.inf if mse == 0 else 10.0 * math.log10(1.0 / mse)
+    return math.inf if mse == 0 else psnr_from_mse(mse)
+
+
+def psnr_from_mse(mse: "float | torch.Tensor") -> "float | torch.Tensor":
+    """PSNR in dB of pixels in ``[0, 1]`` from mean squared errors (a float, or a tensor of them
+    element-wise); an error below 1e-10 counts as 1e-10 (100 dB), so an exact match stays finite."""
+    if isinstance(mse, torch.Tensor):
+        return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
+    return 10 * math.log10(1.0 / max(mse, 1e-10))
 
 
 def codebook_usage(tokens: torch.Tensor, vocab_size: int) -> dict[str, float]:

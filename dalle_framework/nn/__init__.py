@@ -2,12 +2,13 @@
 
 - :mod:`.conv`: the DALL-E discrete VAE's encoder / decoder (bottleneck residual
   groups, max-pool down, nearest-neighbour up).
-- :mod:`.codebook`: nearest-code lookup, data-dependent sampling of code vectors, token grids.
+- :mod:`.codebook`: nearest-code lookup, data-dependent sampling of code vectors, token grids,
+  the KL to a uniform prior over codes, the check of a codec's input images.
 - :mod:`.recon`: reconstruction likelihoods (logit-Laplace, MSE) behind one interface.
 - :mod:`.schedules`: step schedules (cosine) for temperature, KL weight, etc.
 """
 
-from .codebook import nearest_code, sample_rows, token_grid
+from .codebook import check_images, kl_to_uniform, nearest_code, sample_rows, token_grid
 from .conv import BottleneckBlock, ConvCodecParams, ConvDecoder, ConvEncoder
 from .recon import RECONSTRUCTIONS, LogitLaplace, MeanSquaredError, Reconstruction
 from .schedules import cosine_schedule
@@ -21,7 +22,9 @@ __all__ = [
     "LogitLaplace",
     "MeanSquaredError",
     "Reconstruction",
+    "check_images",
     "cosine_schedule",
+    "kl_to_uniform",
     "nearest_code",
     "sample_rows",
     "token_grid",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from typing import Optional
 
 import torch
@@ -38,3 +40,14 @@ def token_grid(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     h, w = grid
     assert tokens.shape[-1] == h * w, f"expected {h * w} tokens per image, got {tokens.shape[-1]}"
     return tokens.long().reshape(*tokens.shape[:-1], h, w)
+
+
+def kl_to_uniform(probs: torch.Tensor, log_probs: torch.Tensor, dim: int) -> torch.Tensor:
+    """KL(q || uniform over the ``K`` entries of ``dim``) = ``sum_k q log q + log K``, reducing ``dim``."""
+    return (probs * log_probs).sum(dim=dim) + math.log(probs.shape[dim])
+
+
+def check_images(images: torch.Tensor, image_size: int) -> None:
+    """A codec's input: float ``[B, 3, image_size, image_size]``; anything else is named."""
+    assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
+    assert images.shape[-1] == image_size, f"codec expects {image_size}px images, got {images.shape[-1]}"

@@ -32,7 +32,6 @@ EMA 0.999 for long runs (paper), off for runs of a few thousand steps.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -41,8 +40,8 @@ from einops import rearrange
 from pydantic import Field
 
 from dalle_framework import CodecFacts, ImageCodec
-from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, cosine_schedule, token_grid
+from dalle_framework.metrics import codebook_usage, psnr_from_mse
+from dalle_framework.nn import ConvCodecParams, RECONSTRUCTIONS, check_images, cosine_schedule, kl_to_uniform, token_grid
 
 
 class GumbelDVAE(ImageCodec):
@@ -78,9 +77,7 @@ class GumbelDVAE(ImageCodec):
     def __init__(self, params: "GumbelDVAE.Params") -> None:
         super().__init__()
         self.params = params
-        self.vocab_size = params.vocab_size
-        self.image_size = params.image_size
-        self.grid = params.grid
+        self.adopt(params.facts())
         self.recon = RECONSTRUCTIONS[params.loss](params.eps)
         self.encoder = params.build_encoder(out_channels=params.vocab_size)
         # The decoder's first 1x1 conv over one-hot codes is the codebook embedding.
@@ -98,8 +95,7 @@ class GumbelDVAE(ImageCodec):
     # -- the model -----------------------------------------------------------------------
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> code logits ``[B, K, h, w]``."""
-        assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
-        assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
+        check_images(images, self.image_size)
         return self.encoder(images * 2 - 1)
 
     @torch.no_grad()
@@ -123,11 +119,10 @@ class GumbelDVAE(ImageCodec):
 
         # KL(q || uniform) per cell = sum_k q log q + log K; summed over cells, per pixel dim.
         log_q = F.log_softmax(logits.float(), dim=1)
-        kl_cells = (log_q.exp() * log_q).sum(dim=1) + math.log(self.vocab_size)  # [B, h, w]
-        kl = kl_cells.sum(dim=(1, 2)).mean() / images[0].numel()
+        kl = kl_to_uniform(log_q.exp(), log_q, dim=1).sum(dim=(1, 2)).mean() / images[0].numel()  # cells [B, h, w] summed
         # The same divergence for the batch's average posterior: low when many codes are in use.
         mean_q = log_q.exp().mean(dim=(0, 2, 3))
-        usage_kl = (mean_q * mean_q.clamp_min(1e-12).log()).sum() + math.log(self.vocab_size)
+        usage_kl = kl_to_uniform(mean_q, mean_q.clamp_min(1e-12).log(), dim=0)
         usage_kl = usage_kl * logits[0, 0].numel() / images[0].numel()
 
         with torch.no_grad():
@@ -142,5 +137,5 @@ class GumbelDVAE(ImageCodec):
             "beta": beta,
             "perplexity": stats["perplexity"],
             "usage": stats["usage"],
-            "psnr": float(-10 * torch.log10(mse)),
+            "psnr": float(psnr_from_mse(mse)),
         }

@@ -12,6 +12,9 @@ from torch import nn
 from dalle_framework import NonFiniteError, TrainConfig, UsageError, distributed
 
 
+PRECISION_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # train.precision -> the low-precision dtype
+
+
 # ----------------------------------------------------------------------------- optimizer
 
 

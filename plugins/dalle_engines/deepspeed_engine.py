@@ -23,7 +23,6 @@ the run; fp16 keeps DeepSpeed's own overflow skipping.
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib
 import logging
 import math
@@ -36,7 +35,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 import dalle_framework
-from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, UsageError, distributed, rundir
+from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, UsageError, deep_merge, distributed, rundir
 
 from . import common
 
@@ -46,7 +45,6 @@ PRECISION_CONFIG = {
     "bf16": {"bf16": {"enabled": True}},
     "fp16": {"fp16": {"enabled": True, "initial_scale_power": 16, "loss_scale_window": 1000}},
 }
-FLOAT_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def import_deepspeed():
@@ -104,16 +102,6 @@ class WeightsOnlyLoads:
         return rundir.load_torch(path, allowed=checkpoint_classes(), map_location=map_location)
 
 
-def deep_merge(base: dict, extra: dict) -> dict:
-    out = copy.deepcopy(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = deep_merge(out[key], value)
-        else:
-            out[key] = copy.deepcopy(value)
-    return out
-
-
 class DeepSpeedRun(EngineRun):
     """A module inside ``deepspeed.initialize``; ``module`` is the bare model."""
 
@@ -137,7 +125,7 @@ class DeepSpeedRun(EngineRun):
         self.device = self.engine.device
         self.stage = self.engine.zero_optimization_stage()
         self.sharded_forward = self.stage == 3  # each forward gathers the weights from every rank
-        self.float_dtype = FLOAT_DTYPES[train.precision]  # inputs follow the (cast) weights
+        self.float_dtype = common.PRECISION_DTYPES[train.precision]  # inputs follow the (cast) weights
         self.last_grad_norm = 0.0
 
     # ------------------------------------------------------------------ training
@@ -255,7 +243,7 @@ def build_config(train, params: "DeepSpeedEngine.Params") -> dict:
     }
     if params.scheduler == "deepspeed":
         config["scheduler"] = DS_SCHEDULERS[train.lr_schedule](train)
-    return deep_merge(config, params.config)
+    return deep_merge(config, params.config)  # the recipe's merge: the raw config wins, section by section
 
 
 def _nvme(params, device: str) -> dict:

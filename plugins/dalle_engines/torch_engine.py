@@ -30,7 +30,6 @@ from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, Usag
 
 from . import common
 
-AUTOCAST_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class TorchRun(EngineRun):
@@ -56,7 +55,7 @@ class TorchRun(EngineRun):
             )
         self.optimizer = common.adamw(self.module, train, fused=self.device.type == "cuda")
         self.scheduler = common.lambda_lr(self.optimizer, train)
-        self.autocast_dtype = AUTOCAST_DTYPES[train.precision]
+        self.autocast_dtype = common.PRECISION_DTYPES[train.precision]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=train.precision == "fp16")
         self.micro = 0  # micro-batches seen; the optimizer steps every grad_accum of them
         self.last_grad_norm = 0.0

@@ -25,7 +25,7 @@ import torch
 from dalle_framework import UsageError
 from dalle_framework.convert import module_state, read_released, write_converted
 
-from .model import GROUPS
+from .layout import GROUPS
 
 RELEASED_CLASSES = {"dall_e.encoder.Encoder": "encoder", "dall_e.decoder.Decoder": "decoder"}
 _KEY = re.compile(r"blocks\.(?:(input)|(output)\.conv|group_(\d+)\.block_(\d+)\.(?:(id_path)|res_path\.conv_(\d)))\.([wb])$")

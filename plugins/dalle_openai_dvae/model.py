@@ -21,7 +21,6 @@ the posterior to the uniform prior, normalised by the same count.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
@@ -29,11 +28,12 @@ import torch.nn.functional as F
 from einops import rearrange
 from pydantic import Field, model_validator
 
-from dalle_framework import ImageCodec, Params
-from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import ConvDecoder, ConvEncoder, LogitLaplace, token_grid
+from dalle_framework import CodecFacts, ImageCodec, Params
+from dalle_framework.metrics import codebook_usage, psnr_from_mse
+from dalle_framework.nn import ConvDecoder, ConvEncoder, LogitLaplace, check_images, kl_to_uniform, token_grid
 
-GROUPS = 4  # the released encoder / decoder have 4 groups: a grid of image_size / 8
+from .layout import GROUPS
+
 LOGIT_LAPLACE_EPS = 0.1  # dall_e's map_pixels / unmap_pixels
 
 
@@ -65,13 +65,15 @@ class OpenAIDVAE(ImageCodec):
                 raise ValueError(f"hidden must be a multiple of 4 (bottleneck width = hidden / 4), got {self.hidden}")
             return self
 
+    @classmethod
+    def describe(cls, params: "OpenAIDVAE.Params") -> CodecFacts:
+        side = params.image_size // 2 ** (GROUPS - 1)  # the encoder pools between its groups
+        return CodecFacts(params.vocab_size, (side, side), params.image_size)
+
     def __init__(self, params: Optional["OpenAIDVAE.Params"] = None, **runtime: Any) -> None:
         super().__init__()
         self.params = params = params or self.Params()
-        self.vocab_size = params.vocab_size
-        self.image_size = params.image_size
-        side = params.image_size // 2 ** (GROUPS - 1)
-        self.grid = (side, side)
+        self.adopt(self.describe(params))
         self.pixels = LogitLaplace(LOGIT_LAPLACE_EPS)
         shape = dict(width=params.hidden, channel_mults=[1, 2, 4, 8], blocks_per_group=params.blocks_per_group)
         self.encoder = ConvEncoder(out_channels=params.vocab_size, stem_kernel=7, **shape)
@@ -81,8 +83,7 @@ class OpenAIDVAE(ImageCodec):
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> code logits ``[B, K, H/8, W/8]``."""
-        assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
-        assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
+        check_images(images, self.image_size)
         return self.encoder(self.pixels.map_pixels(images))
 
     @torch.no_grad()
@@ -99,7 +100,7 @@ class OpenAIDVAE(ImageCodec):
         recon = self.pixels.nll(out, images)
         # KL(q || uniform) per cell, summed over cells and divided by the pixel dimensions like recon.
         log_q = F.log_softmax(logits.float(), dim=1)
-        kl = ((log_q.exp() * log_q).sum(dim=1) + math.log(self.vocab_size)).sum(dim=(1, 2)).mean() / images[0].numel()
+        kl = kl_to_uniform(log_q.exp(), log_q, dim=1).sum(dim=(1, 2)).mean() / images[0].numel()
         with torch.no_grad():
             stats = codebook_usage(logits.argmax(dim=1), self.vocab_size)
             mse = F.mse_loss(self.pixels.to_image(out).float(), images.float()).clamp_min(1e-10)
@@ -109,11 +110,11 @@ class OpenAIDVAE(ImageCodec):
             "kl": kl.detach(),
             "perplexity": stats["perplexity"],
             "usage": stats["usage"],
-            "psnr": float(-10 * torch.log10(mse)),
+            "psnr": float(psnr_from_mse(mse)),
         }
 
     @classmethod
     def convert_released(cls, files, out_dir, *, trust_pickle: bool, params=None) -> dict:
-        from .convert import convert_openai_files
+        from .convert import convert_openai_files  # reads released files; imported when converting only
 
         return convert_openai_files(cls, files, out_dir, trust_pickle=trust_pickle, overrides=params)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from functools import cached_property
 from typing import Any, Iterable, Optional
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from dalle_framework import CodecFacts, Preview, Stage, TrainConfig, distributed
 from dalle_framework.data import as_model_images, image_tensor, save_grid
-from dalle_framework.metrics import histogram_usage
+from dalle_framework.metrics import histogram_usage, psnr_from_mse
 
 
 class CodecTrain(TrainConfig):
@@ -111,7 +110,7 @@ def codec_metrics(codec: nn.Module, batches: Iterable[tuple[torch.Tensor, float]
         recon = at_size(codec.decode(tokens).clamp(0, 1), batch)
         per_image = (recon - batch).float().pow(2).flatten(1).mean(1)
         mse_sum += float(per_image.sum()) * weight
-        psnr_sum += float((10 * torch.log10(1.0 / per_image.clamp_min(1e-10))).sum()) * weight
+        psnr_sum += float(psnr_from_mse(per_image).sum()) * weight
         n += len(batch) * weight
         histogram += torch.bincount(tokens.flatten().cpu(), minlength=codec.vocab_size).double() * weight
     if collective:
@@ -121,7 +120,7 @@ def codec_metrics(codec: nn.Module, batches: Iterable[tuple[torch.Tensor, float]
     return {
         "mse": mse_sum / max(n, 1),
         "psnr": psnr_sum / max(n, 1),
-        "psnr_of_mean_mse": 10 * math.log10(1.0 / max(mse_sum / max(n, 1), 1e-10)),
+        "psnr_of_mean_mse": psnr_from_mse(mse_sum / max(n, 1)),
         "images": int(n),
         "codebook_usage": usage["usage"],
         "perplexity": usage["perplexity"],

@@ -48,8 +48,8 @@ from einops import rearrange
 from pydantic import Field, model_validator
 from torch import nn
 
-from dalle_framework import ImageCodec, Params, UsageError
-from dalle_framework.nn import token_grid
+from dalle_framework import CodecFacts, ImageCodec, Params, UsageError
+from dalle_framework.nn import check_images, token_grid
 
 
 def _norm(channels: int, eps: float) -> nn.GroupNorm:
@@ -330,13 +330,15 @@ class VQGAN(ImageCodec):
                 raise ValueError("wavelet: true needs out_ch: 12 (four Haar subbands of three colours)")
             return self
 
+    @classmethod
+    def describe(cls, params: "VQGAN.Params") -> CodecFacts:
+        side = params.image_size // 2 ** (len(params.ch_mult) - 1)  # one downsampling between levels
+        return CodecFacts(params.n_embed, (side, side), params.image_size)
+
     def __init__(self, params: Optional["VQGAN.Params"] = None, **runtime: Any) -> None:
         super().__init__()
         self.params = p = params or self.Params()
-        self.vocab_size = p.n_embed
-        self.image_size = p.image_size
-        side = p.image_size // 2 ** (len(p.ch_mult) - 1)
-        self.grid = (side, side)
+        self.adopt(self.describe(p))
         if p.encoder:
             self.encoder = Encoder(p)
             self.quant_conv = _conv1(p.z_channels, p.embed_dim)
@@ -346,8 +348,7 @@ class VQGAN(ImageCodec):
 
     def pre_quant(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, S, S]`` in [0, 1] -> quantiser input ``[B, embed_dim, h, w]``."""
-        assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
-        assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
+        check_images(images, self.image_size)
         if not self.params.encoder:
             raise UsageError(
                 f"codec {self.name or 'vqgan'!r} holds only a decoder (min-dalle ships no encoder), so it cannot encode images; "

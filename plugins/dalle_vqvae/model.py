@@ -24,8 +24,8 @@ from pydantic import Field
 from torch import nn
 
 from dalle_framework import CodecFacts, ImageCodec, distributed
-from dalle_framework.metrics import codebook_usage
-from dalle_framework.nn import RECONSTRUCTIONS, ConvCodecParams, nearest_code, sample_rows, token_grid
+from dalle_framework.metrics import codebook_usage, psnr_from_mse
+from dalle_framework.nn import ConvCodecParams, RECONSTRUCTIONS, check_images, nearest_code, sample_rows, token_grid
 
 
 def _distributed() -> bool:
@@ -132,9 +132,7 @@ class VQVAE(ImageCodec):
     def __init__(self, params: "VQVAE.Params") -> None:
         super().__init__()
         self.params = params
-        self.vocab_size = params.vocab_size
-        self.image_size = params.image_size
-        self.grid = params.grid
+        self.adopt(params.facts())
         self.recon = RECONSTRUCTIONS[params.loss](params.eps)
         self.encoder = params.build_encoder(out_channels=params.code_dim)
         self.quantiser = EMACodebook(
@@ -149,8 +147,7 @@ class VQVAE(ImageCodec):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> encoder vectors ``[B, D, h, w]``."""
-        assert images.dim() == 4 and images.shape[1] == 3, f"images must be [B,3,H,W], got {tuple(images.shape)}"
-        assert images.shape[-1] == self.image_size, f"codec expects {self.image_size}px images, got {images.shape[-1]}"
+        check_images(images, self.image_size)
         return self.encoder(images * 2 - 1)
 
     @torch.no_grad()
@@ -180,5 +177,5 @@ class VQVAE(ImageCodec):
             "perplexity": stats["perplexity"],
             "usage": stats["usage"],
             "unused_last_step": float(dead),
-            "psnr": float(-10 * torch.log10(mse)),
+            "psnr": float(psnr_from_mse(mse)),
         }
