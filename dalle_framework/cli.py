@@ -66,7 +66,29 @@ def _number(text: str) -> float:
 # ----------------------------------------------------------------------------- plugins / components
 
 
+def cmd_plugins_new(args) -> int:
+    from .scaffold import KINDS, new_plugin
+
+    if not args.name:
+        raise UsageError(f"dalle plugins new: give the plugin's name, e.g. dalle plugins new my-codec --kind {'|'.join(KINDS)}")
+    if not args.kind:
+        raise UsageError(f"dalle plugins new {args.name}: --kind is required; choose one of {', '.join(KINDS)}")
+    written = new_plugin(args.name, args.kind, Path(args.dir))
+    if args.json:
+        _print_json(written)
+        return 0
+    print(f"wrote {written['folder']} ({written['kind']} plugin, {len(written['files'])} files)")
+    for relative in written["files"]:
+        print(f"    {relative}")
+    print(f"next: {written['next']}")
+    return 0
+
+
 def cmd_plugins(args) -> int:
+    if args.action == "new":
+        return cmd_plugins_new(args)
+    if args.action is not None:
+        raise UsageError(f"dalle plugins {args.action!r}: the only action is 'new' (dalle plugins new NAME --kind KIND)")
     from .plugins import get_plugin_manager
 
     manager = get_plugin_manager()
@@ -514,7 +536,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO messages)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True, metavar="COMMAND")
 
-    p = sub.add_parser("plugins", help="list loaded plugins, their components and load errors")
+    p = sub.add_parser("plugins", help="list loaded plugins, their components and load errors; 'plugins new' writes a new one")
+    p.add_argument("action", nargs="?", choices=["new"], help="new: write a plugin package to start from (tests, recipe, entry point)")
+    p.add_argument("name", nargs="?", help="with new: the plugin's name (lower-case letters, digits, hyphens)")
+    p.add_argument("--kind", help="with new: codec, prior, reranker, data, tokenizer or stage")
+    p.add_argument("--dir", default=".", help="with new: the folder to write the package in (default: here)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plugins)
 
