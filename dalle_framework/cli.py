@@ -7,24 +7,32 @@ traceback), 1 runtime failures (a clear message too).
 from __future__ import annotations
 
 import argparse
-import errno
+import contextlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from . import distributed
-from .errors import DalleError, RecipeError, UsageError
+from .errors import DalleError, RecipeError, UsageError, os_error
 
 MAX_SEED = 2**63 - 1
-# Disk and device failures are the machine's, not the user's input: exit 1.
-RUNTIME_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.ENOMEM}
+OUT_OF_MEMORY = "out of memory; use smaller batches (train.batch_size, --batch-size) or a smaller model"
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; keep one format
         raise UsageError(f"{self.prog}: {message}")
+
+
+def _output_file(text: str) -> Path:
+    """An output file, checked before any work: never a device, FIFO, socket or directory."""
+    from .rundir import check_output
+
+    check_output(Path(text))
+    return Path(text)
 
 
 def _print_json(data: Any) -> None:
@@ -152,13 +160,14 @@ def cmd_recipes(args) -> int:
 
                 print(yaml.safe_dump(load_raw(ref), sort_keys=False, allow_unicode=True), end="")
         return 0
-    # validate
-    if not args.recipes:
-        raise UsageError("dalle recipes validate PATH [PATH ...]")
+    # validate, with the overrides `dalle train` would apply
+    refs, overrides = _split_overrides(args.recipes)
+    if not refs:
+        raise UsageError("dalle recipes validate PATH [PATH ...] [key.path=value ...]")
     failures: list[RecipeError | UsageError] = []
-    for ref in args.recipes:
+    for ref in refs:
         try:
-            load_recipe(ref)
+            load_recipe(ref, overrides)
             print(f"ok      {ref}")
         except UsageError as exc:
             failures.append(exc)
@@ -176,6 +185,9 @@ def _pipeline_for(ref: str, overrides: list[str], device: Optional[str]):
     path = Path(ref)
     if path.is_dir():
         return Pipeline.load(path, device=device, overrides=overrides)
+    if not path.exists() and (os.sep in ref or ref.startswith(".")):  # a path, not a recipe name
+        raise UsageError(f"{ref}: no such run directory or recipe file; train a run first (dalle train RECIPE), "
+                         "or name a recipe (dalle recipes ls)")
     return Pipeline.from_recipe(ref, overrides, device=device)
 
 
@@ -271,28 +283,49 @@ def cmd_generate(args) -> int:
     prime_images = None
     if args.prime:
         prime_images = _read_image(args.prime).unsqueeze(0)
+    sampling = _sampling(args, pipe.recipe.generate.sampling)
+    seed = pipe.recipe.seed if args.seed is None else args.seed
     result = pipe.generate(
         captions,
         candidates=args.n,
         keep=args.keep,
-        sampling=_sampling(args, pipe.recipe.generate.sampling),
-        seed=args.seed,
+        sampling=sampling,
+        seed=seed,
         prime_images=prime_images,
         prime_rows=args.prime_rows,
         batch_size=args.batch_size,
         progress=not args.quiet,
     )
-    out = save_captioned_grid(result.images, captions, args.out, scores=result.scores)
-    _print_json(
-        {
-            "grid": str(out),
-            "rows": [
-                {"caption": c, "scores": [None if torch.isnan(s) else round(float(s), 4) for s in row]}
-                for c, row in zip(captions, result.scores)
-            ],
-        }
-    )
+    scores = [[None if torch.isnan(s) else round(float(s), 4) for s in row] for row in result.scores]
+    printed: dict[str, Any] = {}
+    grid = args.out or (None if args.out_dir else Path("grid.png"))
+    if grid is not None:
+        printed["grid"] = str(save_captioned_grid(result.images, captions, grid, scores=result.scores))
+    if args.out_dir:
+        printed["images"] = _save_each(result, scores, args.out_dir, {
+            "run": str(pipe.run_dir), "seed": seed, "sampling": sampling.model_dump(mode="json"),
+            "candidates": int(result.candidate_scores.shape[1]),
+        })
+    printed["rows"] = [{"caption": c, "scores": row} for c, row in zip(captions, scores)]
+    _print_json(printed)
     return 0
+
+
+def _save_each(result, scores: list[list[Optional[float]]], directory: Path, facts: dict[str, Any]) -> list[str]:
+    """One PNG per kept image, best first, each beside a JSON sidecar saying how it was made."""
+    from .data.images import save_image
+    from .rundir import write_json
+
+    written = []
+    for i, (caption, images) in enumerate(zip(result.captions, result.images)):
+        for rank, image in enumerate(images):
+            stem = directory / f"{i:03d}-{rank:02d}"
+            save_image(image, stem.with_suffix(".png"))
+            candidate = None if result.best is None else int(result.best[i, rank])
+            write_json(stem.with_suffix(".json"), {"caption": caption, "rank": rank, "score": scores[i][rank],
+                                                   "candidate": candidate, **facts})
+            written.append(str(stem.with_suffix(".png")))
+    return written
 
 
 def _read_image(path: str):
@@ -589,7 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=_count(1, 100_000), default=None, help="candidates drawn per caption (default: the recipe's)")
     p.add_argument("--keep", type=_count(1, 100_000), default=None, help="best candidates kept per caption after reranking")
     p.add_argument("--batch-size", type=_count(1, 100_000), default=None, help="candidates sampled per forward pass (bounds memory)")
-    p.add_argument("--out", default="grid.png", help="PNG grid: one row per caption with its caption and scores (default: grid.png)")
+    p.add_argument("--out", type=_output_file, help="PNG grid: one row per caption with its caption and scores "
+                   "(default: grid.png, or none with --out-dir)")
+    p.add_argument("--out-dir", type=Path, help="also one PNG per kept image, each with a JSON sidecar (caption, seed, "
+                   "settings, score, rank): DIR/CAPTION-RANK.png and .json")
     p.add_argument("--temperature", type=_number, help="softmax temperature (> 0)")
     p.add_argument("--top-k", type=_count(1, 2**31), help="sample among the k most likely codes")
     p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
@@ -610,7 +646,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stage", default="all", help="one stage of the run, generation, or all (default)")
     p.add_argument("--metrics", help="comma-separated metrics to measure (default: the recipe's evaluate.metrics, "
                    "else every default one); `dalle components metric` lists them")
-    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--out", type=_output_file, help="also write the JSON here")
     p.add_argument(
         "--sweep",
         action="append",
@@ -680,13 +716,20 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
-def _os_error(exc: OSError) -> DalleError:
-    """A file-system failure as a message naming the file; the user's path (2) or the machine (1)."""
-    where = exc.filename or "a file"
-    detail = exc.strerror or str(exc)
-    if exc.errno in RUNTIME_ERRNOS:
-        return DalleError(f"{where}: {detail}; free space (or memory) and rerun: checkpoints written so far are intact")
-    return UsageError(f"{where}: {detail}")
+@contextlib.contextmanager
+def _bars_off():
+    """--quiet: every progress bar off, in this process and the ones it starts (see progress.py)."""
+    from .progress import QUIET_ENV
+
+    before = os.environ.get(QUIET_ENV)
+    os.environ[QUIET_ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(QUIET_ENV, None)
+        else:
+            os.environ[QUIET_ENV] = before
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -694,21 +737,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser = build_parser()
         args, extra = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
         # Overrides may also follow options: `dalle train R --stage prior prior.train.steps=10`.
+        # Likewise recipe names after a flag: `dalle recipes show --resolved NAME`.
         if extra and hasattr(args, "recipe_and_overrides") and all("=" in e and not e.startswith("-") for e in extra):
             args.recipe_and_overrides += extra
+        elif extra and hasattr(args, "recipes") and not any(e.startswith("-") for e in extra):
+            args.recipes += extra
         elif extra:
             raise UsageError(f"dalle: unrecognized arguments: {' '.join(extra)}")
         logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-        return int(args.func(args) or 0)
+        with _bars_off() if getattr(args, "quiet", False) else contextlib.nullcontext():
+            return int(args.func(args) or 0)
     except DalleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        error = _os_error(exc)
+        error = os_error(exc)
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     except MemoryError:
-        print("error: out of memory; use smaller batches (train.batch_size, --batch-size) or a smaller model", file=sys.stderr)
+        print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:
+        if type(exc).__name__ != "OutOfMemoryError":  # torch's allocator error (a RuntimeError), named so torch is not imported here
+            raise
+        print(f"error: {OUT_OF_MEMORY} ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("interrupted; resume with --resume", file=sys.stderr)

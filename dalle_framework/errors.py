@@ -1,5 +1,10 @@
 """Errors that the CLI turns into a clear message and an exit code."""
 
+import errno
+
+# Disk and device failures are the machine's, not the user's input: exit 1.
+RUNTIME_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.ENOMEM, errno.EFBIG}
+
 
 class DalleError(Exception):
     """A runtime failure the user can act on (exit code 1)."""
@@ -39,3 +44,22 @@ class NonFiniteError(DalleError):
     def __init__(self, what: str, value: float, *, applied: bool, step_discarded: bool = False) -> None:
         self.what, self.value, self.applied, self.step_discarded = what, value, applied, step_discarded
         super().__init__(f"{what} is {value}")
+
+
+def os_error(exc: OSError, where: object = None) -> DalleError:
+    """A file-system failure as a message naming the file; the user's path (2) or the machine (1)."""
+    where = where or exc.filename or "a file"
+    detail = exc.strerror or str(exc)
+    if exc.errno in RUNTIME_ERRNOS:
+        return DalleError(f"{where}: {detail}; free space (or memory) and rerun: files written before it are intact")
+    return UsageError(f"{where}: {detail}")
+
+
+def write_failed(path: object, exc: BaseException) -> DalleError:
+    """Any failure while writing ``path`` (a full disk, a quota, an I/O error, a library's own write
+    error such as safetensors') as one message naming it; what the file held before is untouched."""
+    if isinstance(exc, OSError):
+        return os_error(exc, path)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return DalleError(f"{path}: could not be written ({first}); free space and check the disk, then rerun: "
+                      "what was there before is untouched")

@@ -153,7 +153,7 @@ def draw(
     Under ``torchrun`` each rank draws every ``world_size``-th chunk and the parts are gathered;
     rank 0 returns the whole :class:`Draws` (the same as one process draws), other ranks None.
     """
-    from tqdm.auto import tqdm
+    from .progress import progress_bar
 
     networks = networks or {}
     units = [caption for _ in range(rounds) for caption in captions]
@@ -163,8 +163,8 @@ def draw(
     mine = list(range(rank, len(chunks), world))
     keep = min(keep, candidates)
     parts: list[dict[str, Any]] = []
-    bar = tqdm(total=sum(len(chunks[c]) for c in mine), desc=f"evaluate (rank {rank} of {world})" if world > 1 else "evaluate",
-               unit="caption", disable=not (progress and distributed.is_main()), leave=False)
+    bar = progress_bar(total=sum(len(chunks[c]) for c in mine), desc=f"evaluate (rank {rank} of {world})" if world > 1 else "evaluate",
+                       unit="caption", enabled=progress and distributed.is_main(), leave=False)
     for c in mine:
         part = _draw_chunk(pipe, [units[u] for u in chunks[c]], candidates=candidates, keep=keep, sampling=sampling,
                            seed=chunk_seed(seed, c), networks=networks)

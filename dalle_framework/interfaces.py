@@ -232,10 +232,12 @@ class Sampling(BaseModel):
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    temperature: float = Field(1.0, gt=0, description="softmax temperature")
-    top_k: Optional[int] = Field(None, ge=1, description="keep the k most likely tokens")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus mass to keep")
-    guidance_scale: float = Field(1.0, ge=0, description="classifier-free guidance; 1 = off")
+    # Bounds keep the float32 maths finite: logits / temperature and the guided difference stay
+    # far below float32's 3e38 (a temperature of 1e-4 is already greedy; guidance past 1e3 is noise).
+    temperature: float = Field(1.0, ge=1e-4, le=1e4, description="softmax temperature (1e-4 is greedy)")
+    top_k: Optional[int] = Field(None, ge=1, le=2**31, description="keep the k most likely tokens")
+    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus mass to keep (the most likely token always stays)")
+    guidance_scale: float = Field(1.0, ge=0, le=1e3, description="classifier-free guidance; 1 = off")
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
     draws: Literal["auto", "device", "host"] = Field(
         "auto",
@@ -442,7 +444,7 @@ class TrainConfig(Strict):
     Stages that need more (the codec's ``hflip``) subclass it as their ``Params``.
     """
 
-    steps: int = Field(1000, ge=0, le=10**9, description="optimizer steps")
+    steps: int = Field(1000, ge=1, le=10**9, description="optimizer steps (a stage that is not trained: frozen: true with its weights)")
     batch_size: int = Field(32, ge=1, le=2**20, description="samples per step per process")
     lr: float = Field(3e-4, gt=0, description="peak learning rate")
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * this")

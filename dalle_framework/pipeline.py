@@ -222,7 +222,12 @@ class Pipeline:
     def _check_fresh(self, stage: str) -> None:
         """Refuse weights trained on inputs the run no longer holds (a retrained codec under a prior, say)."""
         meta = rundir.read_meta(self.run_dir, stage)
-        recorded = meta.get("identity") if meta else None
+        if meta is None:  # weights without their record: an export cut short, or files put there by hand
+            raise UsageError(
+                f"{self.run_dir / stage}: {rundir.WEIGHTS_FILE} has no {rundir.META_FILE} record of the run that made it, so "
+                f"nothing says what it was trained on; retrain it: `dalle train {self.run_dir / rundir.RECIPE_FILE} --stage {stage}`"
+            )
+        recorded = meta.get("identity")
         if not isinstance(recorded, dict):
             return  # a run written before stages recorded their inputs
         current = self.stage(stage).identity()
@@ -304,6 +309,8 @@ class Pipeline:
             raise UsageError("give at least one caption")
         cfg = self.recipe.generate
         n = cfg.candidates if candidates is None else candidates
+        if keep is not None and keep > n:  # asked for: an error; the recipe's default keep shrinks to fit
+            raise UsageError(f"keep ({keep}) is more than the {n} candidates drawn per caption; draw more (-n / candidates) or keep fewer")
         keep = min(cfg.keep if keep is None else keep, n)
         if n < 1 or keep < 1:
             raise UsageError(f"candidates ({n}) and keep ({keep}) must be at least 1")
@@ -336,9 +343,9 @@ class Pipeline:
         best = RunningBest(len(captions), keep, n)
         tokens = torch.zeros(len(captions), n, image_len, dtype=torch.long)
         all_images: list[torch.Tensor] = []
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        bar = tqdm(total=total_tokens, desc="generate", unit="tok", disable=not progress, leave=False)
+        bar = progress_bar(total=total_tokens, desc="generate", unit="tok", enabled=progress, leave=False)
         stepwise = "on_step" in inspect.signature(prior.generate).parameters
         for start in range(0, total_rows, batch_size):
             flat = torch.arange(start, min(start + batch_size, total_rows))

@@ -21,11 +21,12 @@ import copy
 import difflib
 import os
 import string
+import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock, TokenizerBlock
 from .errors import RecipeError, UsageError
@@ -35,6 +36,8 @@ RECIPE_PATH_ENV = "DALLE_RECIPE_PATH"
 MAX_RECIPE_BYTES = 1 * 2**20  # the largest shipped recipe is 3 KB
 MAX_RECIPE_NODES = 100_000  # values after YAML aliases are expanded (a 533-byte alias bomb makes billions)
 MAX_DEPTH = 64
+MAX_EXTENDS = 16  # parents one recipe lists
+MAX_RECIPE_FILES = 256  # recipe files one chain reads in all (a diamond of parents repeats them)
 
 
 class Recipe(Strict):
@@ -55,6 +58,8 @@ class Recipe(Strict):
     @field_validator("output_dir")
     @classmethod
     def _only_name_placeholder(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("is empty, which would write the run into the current directory; give one, e.g. runs/{name}")
         try:
             fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
         except ValueError as exc:
@@ -197,10 +202,14 @@ def deep_merge(base: dict, child: dict) -> dict:
     return out
 
 
-def load_raw(ref: str | Path, _seen: Optional[list[Path]] = None) -> dict:
+def load_raw(ref: str | Path, _seen: Optional[list[Path]] = None, _read: Optional[list[Path]] = None) -> dict:
     """Read a recipe and resolve its ``extends:`` chain (no validation yet)."""
     path = find_recipe(ref, relative_to=_seen[-1].parent if _seen else None).resolve()
     seen = list(_seen or [])
+    read = [] if _read is None else _read
+    read.append(path)
+    if len(read) > MAX_RECIPE_FILES:
+        raise UsageError(f"{read[0]}: its `extends` reads more than {MAX_RECIPE_FILES} recipe files; flatten the chain")
     if path in seen:
         chain = " -> ".join(str(p.name) for p in [*seen, path])
         raise UsageError(f"recipe extends itself: {chain}")
@@ -213,10 +222,12 @@ def load_raw(ref: str | Path, _seen: Optional[list[Path]] = None) -> dict:
     if isinstance(parents, str):
         parents = [parents]
     if not (isinstance(parents, list) and parents and all(isinstance(p, str) and p.strip() for p in parents)):
-        raise UsageError(f"{path}: extends: must be a recipe name or a list of recipe names, got {parents!r}")
+        raise UsageError(f"{path}: extends: must be a recipe name or a list of recipe names, got {str(parents)[:200]}")
+    if len(parents) > MAX_EXTENDS:
+        raise UsageError(f"{path}: extends: lists {len(parents)} recipes, more than {MAX_EXTENDS}; merge some of them")
     merged: dict = {}
     for parent in parents:
-        merged = deep_merge(merged, load_raw(parent, [*seen, path]))
+        merged = deep_merge(merged, load_raw(parent, [*seen, path], read))
     return deep_merge(merged, data)
 
 
@@ -253,11 +264,32 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 # ----------------------------------------------------------------------------- validation
 
 
-def _format(prefix: str, err: dict) -> str:
+def _problems(prefix: str, exc: ValidationError, model: type[BaseModel]) -> list[str]:
+    return [_format(prefix, e, model) for e in exc.errors()]
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """The field names of the block at ``loc`` inside ``model`` (through Optional, lists, dicts), or []."""
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue  # an item of a list or a dict: the same block type
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _block_type(field.annotation) if field is not None else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def _block_type(annotation: Any) -> Optional[type]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _block_type(arg)) is not None), None)
+
+
+def _format(prefix: str, err: dict, model: Optional[type[BaseModel]] = None) -> str:
     path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
     msg = err["msg"]
     if err["type"] == "extra_forbidden":
-        msg = "unknown key (not a field of this block)"
+        close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]), n=1) if model else []
+        msg = "unknown key (not a field of this block)" + (f"; did you mean {close[0]!r}?" if close else "")
     elif err["type"] == "value_error":
         msg = msg.removeprefix("Value error, ")
     return f"{path}: {msg}" if path else msg
@@ -282,7 +314,7 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(core)
     except ValidationError as exc:
-        problems += [_format("", e) for e in exc.errors()]
+        problems += _problems("", exc, Recipe)
 
     for block, kind in (("data", "data"), ("tokenizer", "tokenizer")):
         raw = data.get(block)
@@ -325,7 +357,7 @@ def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list
     try:
         model = registry.validate_params(name, params)
     except ValidationError as exc:
-        return [_format(f"{path}.params", e) for e in exc.errors()]
+        return _problems(f"{path}.params", exc, registry.get(name).Params)
     except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
         return [f"{path}.params: {exc}"]
     if recipe is not None:
@@ -349,7 +381,7 @@ def _check_evaluate(manager, evaluate: EvaluateConfig) -> list[str]:
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += [_format(f"{path}.params", e) for e in exc.errors()]
+            problems += _problems(f"{path}.params", exc, registry.get(block.name).Params)
         except (ValueError, TypeError) as exc:
             problems.append(f"{path}.params: {exc}")
     return problems
@@ -361,7 +393,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
     try:
         block = StageBlock.model_validate(raw)
     except ValidationError as exc:
-        return None, [_format(name, e) for e in exc.errors()]
+        return None, _problems(name, exc, StageBlock)
     problems: list[str] = []
     registry = manager.registry(cls.kind)
     if block.name not in registry:
@@ -372,7 +404,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += [_format(f"{name}.params", e) for e in exc.errors()]
+            problems += _problems(f"{name}.params", exc, registry.get(block.name).Params)
         except (ValueError, TypeError) as exc:
             problems.append(f"{name}.params: {exc}")
     train_raw = block.train if isinstance(block.train, dict) else None
@@ -382,7 +414,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
     try:
         train: TrainConfig = cls.Params.model_validate(train_raw)
     except ValidationError as exc:
-        return None, problems + [_format(f"{name}.train", e) for e in exc.errors()]
+        return None, problems + _problems(f"{name}.train", exc, cls.Params)
     engines = manager.registry("engine")
     if train.engine.name not in engines:
         problems.append(f"{name}.train.engine.name: {engines.unknown_message(train.engine.name)}")
@@ -392,7 +424,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             train.engine.params = engines.validate_params(train.engine.name, train.engine.params)
         except ValidationError as exc:
-            problems += [_format(f"{name}.train.engine.params", e) for e in exc.errors()]
+            problems += _problems(f"{name}.train.engine.params", exc, engines.get(train.engine.name).Params)
     block.train = train
     return (None if problems else block), problems
 

@@ -30,6 +30,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import time
@@ -39,7 +40,7 @@ from typing import Any, Iterable, Iterator, Optional
 import torch
 
 from . import distributed
-from .errors import UsageError
+from .errors import DalleError, UsageError, write_failed
 
 RECIPE_FILE = "recipe.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -92,25 +93,69 @@ def make_dirs(path: str | Path) -> Path:
 # ----------------------------------------------------------------------------- atomic files
 
 
+def check_output(path: Path) -> None:
+    """An output may replace only a regular file: renaming over ``/dev/null``, a FIFO or a socket
+    would replace the device or the channel itself (as root, the device node)."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return  # nothing there yet (or a dangling link, which the rename replaces)
+    except NotADirectoryError:
+        raise UsageError(f"{path.parent}: exists and is not a directory; choose another output path") from None
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot be checked as an output ({exc.strerror}); give another file name") from None
+    if stat.S_ISDIR(mode):
+        raise UsageError(f"{path}: is a directory; give a file name")
+    if not stat.S_ISREG(mode):
+        raise UsageError(f"{path}: is a {_kind(mode)}, not a regular file; outputs never replace one: give a file name")
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"), (stat.S_ISFIFO, "FIFO"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+# What a writer inside atomic_path/atomic_directory raises when the disk fails it: the OS's errors,
+# torch's stream writer (RuntimeError) and safetensors' own error type.
+WRITE_ERRORS: tuple[type[BaseException], ...] = (OSError, RuntimeError)
+with contextlib.suppress(ImportError):
+    from safetensors import SafetensorError
+
+    WRITE_ERRORS += (SafetensorError,)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    Any failure while writing (a full disk, say) is an exit-1 error naming ``path``, and the
+    file that was there stays as it was."""
     path = Path(path)
     make_dirs(path.parent)
-    if path.is_dir():
-        raise UsageError(f"{path}: is a directory; give a file name")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    check_output(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_failed(path, exc) from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as f:
-            os.fsync(f.fileno())
-        _share(tmp_path)
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            with open(tmp_path, "rb+") as f:
+                os.fsync(f.fileno())
+            _share(tmp_path)
+            os.replace(tmp_path, path)
+        except DalleError:
+            raise
+        except WRITE_ERRORS as exc:
+            raise write_failed(path, exc) from exc
         _fsync_dir(path.parent)
     finally:
-        if tmp_path.exists():
+        with contextlib.suppress(OSError):
             tmp_path.unlink()
 
 
@@ -138,6 +183,8 @@ def read_json(path: str | Path) -> Any:
         raise UsageError(f"{path}: missing; is this a run directory written by `dalle train`?") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: damaged, not valid JSON ({exc}); restore it or retrain with --force") from None
+    except RecursionError:  # nested thousands deep: no file the framework writes
+        raise UsageError(f"{path}: nested too deep to be a file the framework wrote; restore it or retrain with --force") from None
     except IsADirectoryError:
         raise UsageError(f"{path}: is a directory, expected a JSON file") from None
 
@@ -180,6 +227,8 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"{path}: weights file missing; train this stage first (`dalle train RECIPE --stage ...`)")
+    if not os.access(path, os.R_OK):
+        raise UsageError(f"{path}: not readable (permission denied); give yourself read access (chmod u+r) or use another file")
     try:
         return load_file(str(path), device=str(device))
     except (SafetensorError, ValueError, OSError) as exc:
@@ -228,8 +277,13 @@ def load_torch(path: str | Path, *, allowed: Iterable[type] = (), map_location: 
 
 
 def _fsync_tree(path: Path) -> None:
-    for root, _, files in os.walk(path):
+    """Flush every file of a checkpoint, giving each the umask's mode (writers such as DeepSpeed's
+    leave some at a temporary file's 0600)."""
+    for root, dirs, files in os.walk(path):
+        for name in dirs:
+            _share(Path(root, name), directory=True)
         for name in files:
+            _share(Path(root, name))
             with open(os.path.join(root, name), "rb") as fh:
                 os.fsync(fh.fileno())
     _fsync_dir(path)
@@ -288,11 +342,16 @@ def atomic_directory(directory: str | Path, *, collective: bool) -> Iterator[Pat
         _share(tmp, directory=True)
     if collective:
         distributed.barrier()
-    yield tmp
-    if collective:
-        distributed.barrier()
-    if main:
-        publish(tmp, final)
+    try:
+        yield tmp
+        if collective:
+            distributed.barrier()
+        if main:
+            publish(tmp, final)
+    except DalleError:
+        raise
+    except WRITE_ERRORS as exc:
+        raise write_failed(final, exc) from exc
     if collective:
         distributed.barrier()
 
@@ -316,13 +375,26 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
 # ----------------------------------------------------------------------------- stage records
 
 
+def read_record(path: str | Path) -> dict:
+    """A JSON file that must hold an object (a record): anything else is a damaged or foreign file."""
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: holds a JSON {type(data).__name__}, not a record; it was not written by dalle: "
+                         "restore it, or retrain with --force")
+    return data
+
+
 def read_meta(run_dir: Path, stage: str) -> Optional[dict]:
-    """``<stage>/meta.json`` of a finished stage whose weights exist, else None."""
+    """``<stage>/meta.json`` of a finished stage whose weights exist, else None (a stage never
+    finished). A meta.json that is not a finished stage's record is refused, naming it."""
     meta_path = Path(run_dir) / stage / META_FILE
     if not (meta_path.is_file() and (Path(run_dir) / stage / WEIGHTS_FILE).is_file()):
         return None
-    meta = read_json(meta_path)
-    return meta if isinstance(meta, dict) and meta.get("complete") else None
+    meta = read_record(meta_path)
+    if meta.get("complete") is not True:
+        raise UsageError(f"{meta_path}: not the record of a finished stage (no \"complete\": true); "
+                         "it was not written by dalle train: retrain the stage with --force")
+    return meta
 
 
 # ----------------------------------------------------------------------------- one directory for all ranks

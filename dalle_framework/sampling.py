@@ -42,6 +42,7 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
         probs = sorted_logits.softmax(dim=-1)
         mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
         drop_sorted = mass_before >= top_p  # keeps the smallest prefix reaching top_p
+        drop_sorted[..., 0] = False  # the cumsum's rounding can put the top token's mass_before above a tiny top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
     return out

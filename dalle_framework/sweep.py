@@ -12,6 +12,7 @@ prints a table and writes the JSON to ``<run>/eval/sweep.json``.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from typing import Any, Optional
 
@@ -47,8 +48,15 @@ def parse_axes(items: list[str]) -> dict[str, list[Any]]:
     return axes
 
 
+MAX_SETTINGS = 1000  # each setting is a whole generation pass; beyond this a sweep is a typo, not a plan
+
+
 def settings(axes: dict[str, list[Any]], base: Sampling) -> list[Sampling]:
     """Every combination of the axes' values on top of ``base``, last axis varying fastest."""
+    total = math.prod(len(values) for values in axes.values())
+    if total > MAX_SETTINGS:
+        sizes = " x ".join(f"{len(v)} {k}" for k, v in axes.items())
+        raise UsageError(f"--sweep: {sizes} is {total} settings, more than {MAX_SETTINGS}; sweep fewer values (one axis at a time)")
     out = []
     for values in itertools.product(*axes.values()):
         changed = dict(zip(axes, values))

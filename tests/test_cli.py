@@ -153,8 +153,13 @@ def test_validate_reports_three_mistakes_and_exits_2(tmp_path):
     assert "3 problem(s)" in err
     assert "codec.name: unknown codec 'gumbel-dvea'; did you mean 'gumbel-dvae'" in err
     assert "prior.params.depth: Input should be a valid integer" in err
-    assert "reranker.params.batch_sise: unknown key" in err
+    assert "reranker.params.batch_sise: unknown key (not a field of this block); did you mean 'batch_size'?" in err
     assert "Traceback" not in err
+    # the same overrides as `dalle train`, and an unknown key deep in a block gets its suggestion too
+    assert run_cli("recipes", "validate", "shapes-demo", "prior.params.depth=4").returncode == 0
+    fixed = run_cli("recipes", "validate", "shapes-demo", "prior.params.depth=four", "generate.sampling.temprature=2")
+    assert fixed.returncode == 2 and "2 problem(s)" in fixed.stderr and "prior.params.depth" in fixed.stderr, fixed.stderr
+    assert "generate.sampling.temprature: unknown key (not a field of this block); did you mean 'temperature'?" in fixed.stderr
 
 
 def test_every_recipe_validates():
@@ -169,6 +174,7 @@ def test_recipes_ls_and_show_resolved():
     assert listing.returncode == 0 and "shapes-demo" in listing.stdout
     shown = run_cli("recipes", "show", "shapes-demo", "--resolved")
     assert shown.returncode == 0
+    assert run_cli("recipes", "show", "--resolved", "shapes-demo").stdout == shown.stdout  # the flag first works too
     import yaml
 
     resolved = yaml.safe_load(shown.stdout)
@@ -181,6 +187,8 @@ def test_usage_errors_exit_2_without_traceback():
         result = run_cli(*args)
         assert result.returncode == 2, (args, result.stderr)
         assert "Traceback" not in result.stderr and result.stderr.startswith("error:"), result.stderr
+    missing = run_cli("generate", "/nonexistent/run", "a cat")
+    assert "/nonexistent/run: no such run directory or recipe file" in missing.stderr, missing.stderr
 
 
 def test_components_lists_a_kind():
@@ -188,3 +196,20 @@ def test_components_lists_a_kind():
     assert result.returncode == 0
     names = [row["name"] for row in json.loads(result.stdout)["prior"]]
     assert names == ["dense-transformer", "min-dalle", "rudalle", "sparse-transformer"]
+
+
+def test_quiet_silences_every_progress_bar(tmp_path):
+    """The data sources', token encoding's and training's bars all go with -q; without it they show."""
+    import yaml
+
+    from test_train import tiny_recipe
+
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.steps": 2, "prior.train.steps": 2})
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    loud = run_cli("train", str(path))
+    assert loud.returncode == 0, loud.stderr[-2000:]
+    assert all(f"{bar}" in loud.stderr for bar in ("shapes/train", "encode train", "train codec")), loud.stderr[-2000:]
+    quiet = run_cli("train", str(path), "--force", "-q")
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "%|" not in quiet.stderr and "it/s" not in quiet.stderr and "img/s" not in quiet.stderr, quiet.stderr[-2000:]

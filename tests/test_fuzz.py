@@ -36,6 +36,8 @@ def paths(node, prefix=()):
 
 PATHS = sorted(set(paths(BASE)))
 NASTY_STRINGS = ["", "{name}", "{nme}", "{}", "{0}", "runs/{name}/{name}", "../../../tmp/x", "pipe:touch /tmp/pwned",
+                 # schemes that exist only once braces are expanded
+                 "{pipe:,x}touch /tmp/pwned", "pip{e,}:touch /tmp/pwned", "{file:,pipe:}x.tar", "{a..c}{pipe:,}x",
                  "cuda", "meta", "auto", "-1", "1e999", "nan", "\x00", "é" * 50, "shapes-demo", "vq-vae", "deepspeed"]
 VALUES = st.one_of(
     st.none(),
@@ -142,10 +144,33 @@ def tiny_run(tmp_path_factory) -> Path:
     return root / "run"
 
 
+@pytest.fixture(scope="module")
+def special_files(tmp_path_factory) -> dict[str, Path]:
+    """Outputs that are not regular files: a write must refuse each, and leave it as it was."""
+    import socket
+    import stat
+
+    root = tmp_path_factory.mktemp("special")
+    os.mkfifo(root / "fifo")
+    (root / "link-to-fifo").symlink_to(root / "fifo")
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(root / "socket"))
+    files = {"fifo": root / "fifo", "link-to-fifo": root / "link-to-fifo", "socket": root / "socket", "directory": root}
+    if os.geteuid() == 0:  # a null device node of our own, never the machine's
+        os.mknod(root / "device", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        files["device"] = root / "device"
+    yield files
+    for path in files.values():
+        assert path == root or not path.resolve().is_file(), f"{path} was replaced by a regular file"
+    sock.close()
+
+
 SMALL = st.one_of(st.integers(min_value=-3, max_value=4).map(str), st.sampled_from(["0", "x", "", "1e3", "nan", "inf", "-inf", "99999999999999999999999"]))
 FLAGS = st.one_of(
     st.tuples(st.sampled_from(["-n", "--keep", "--batch-size", "--prime-rows"]), SMALL),
-    st.tuples(st.sampled_from(["--temperature", "--top-p", "--guidance", "--top-k", "--seed"]), st.one_of(SMALL, st.floats().map(str))),
+    st.tuples(st.sampled_from(["--temperature", "--top-p", "--guidance", "--top-k", "--seed"]),
+              st.one_of(SMALL, st.floats().map(str), st.sampled_from(["1e-300", "1e300", "5e-324", "1e-4", "1e4", "1000", "2147483648"]))),
+    st.tuples(st.just("--out"), st.sampled_from(["fifo", "socket", "device", "directory", "link-to-fifo"])),
     st.tuples(st.sampled_from(["--device"]), st.sampled_from(["cpu", "cuda", "cuda:7", "bogus", "meta", "mps", ""])),
     st.tuples(st.sampled_from(["--prime"]), st.sampled_from(["/nonexistent.png", "/etc/hostname", "/dev/null"])),
     st.tuples(st.sampled_from(["--no-cache", "--quiet", "--bogus", "-v"]), st.none()),
@@ -154,10 +179,10 @@ FLAGS = st.one_of(
 
 @FUZZ
 @given(flags=st.lists(FLAGS, max_size=5), caption=st.one_of(st.text(max_size=40), st.sampled_from(["a red circle in the top left", ""])))
-def test_fuzzed_generate_arguments_exit_0_or_2(tiny_run, tmp_path, capsys, flags, caption):
+def test_fuzzed_generate_arguments_exit_0_or_2(tiny_run, special_files, tmp_path, capsys, flags, caption):
     argv = ["generate", tiny_run, caption, "--out", tmp_path / "grid.png", "--quiet"]
     for flag, value in flags:
-        argv += [flag] if value is None else [flag, value]
+        argv += [flag] if value is None else [flag, special_files.get(value, value) if flag == "--out" else value]
     # keep successful runs cheap: the fuzzing is about arguments, not sampling many images
     if not any(flag in ("-n",) for flag, _ in flags):
         argv += ["-n", "2"]
@@ -169,3 +194,36 @@ def test_fuzzed_generate_arguments_exit_0_or_2(tiny_run, tmp_path, capsys, flags
 def test_fuzzed_overrides_inspect_or_say_why(capsys, overrides):
     torch.set_num_threads(1)
     run(capsys, "inspect", "shapes-demo", *[f"{key}={value}" for key, value in overrides])
+
+
+JSON = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(-(2**70), 2**70), st.floats(allow_nan=False), st.text(max_size=8)),
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.sampled_from(
+        ["step", "complete", "identity", "run_id", "world_size", "data", "rng", "metrics", "block", "uses", "after", "x"]), inner, max_size=5)),
+    max_leaves=12,
+)
+RECORDS = ["codec/meta.json", "prior/meta.json", "codec/resume.json", "prior/resume.json"]
+
+
+@settings(max_examples=max(10, EXAMPLES // 4), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(record=st.sampled_from(RECORDS), value=st.one_of(JSON, st.builds(lambda d: "[" * d + "]" * d, st.integers(1000, 200_000)).map(
+    lambda text: ("raw", text))), keep_keys=st.booleans())
+def test_fuzzed_run_records_exit_0_or_2(tiny_run, tmp_path, capsys, record, value, keep_keys):
+    """Hostile but well-formed meta.json / resume.json (any JSON, any depth, or the real record with its
+    values replaced): generating and resuming end in exit 0 or 2, naming the file on 2."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir, dirs_exist_ok=True)
+    path = run_dir / record
+    if isinstance(value, tuple):
+        path.write_text(value[1])
+    elif keep_keys and isinstance(value, dict):  # the real record with some values replaced
+        path.write_text(json.dumps({**json.loads(path.read_text()), **value}))
+    else:
+        path.write_text(json.dumps(value))
+    stage = record.split("/")[0]
+    for args in (["generate", run_dir, "a red circle in the top left", "-n", "1", "--quiet", "--out", tmp_path / "g.png"],
+                 ["train", run_dir, "--stage", stage, "--resume", "--quiet", f"{stage}.train.steps=3"]):
+        code, _, err = run(capsys, *args)
+        assert code == 0 or path.name in err or "error:" in err, err

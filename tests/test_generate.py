@@ -60,6 +60,25 @@ def test_generate_cli_is_deterministic_and_reranked(trained_run, tmp_path):
     assert Image.open(tmp_path / "a.png").size[0] > 16 * 2  # a grid of 2 columns plus padding
 
 
+def test_generate_out_dir_writes_each_kept_image_with_a_sidecar(trained_run, tmp_path):
+    args = ["generate", str(trained_run), *CAPTIONS[:2], "-n", "4", "--keep", "2", "--seed", "3", "--quiet", "--guidance", "2"]
+    done = run_cli(*args, "--out-dir", str(tmp_path / "each"), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    assert "grid" not in printed and not (tmp_path / "grid.png").exists()  # --out-dir alone writes no grid
+    assert printed["images"] == [str(tmp_path / "each" / f"{c:03d}-{r:02d}.png") for c in range(2) for r in range(2)]
+    from PIL import Image
+
+    grid = run_cli(*args, "--out", str(tmp_path / "grid.png"))
+    for c, caption in enumerate(CAPTIONS[:2]):
+        for rank in range(2):
+            sidecar = json.loads((tmp_path / "each" / f"{c:03d}-{rank:02d}.json").read_text())
+            assert sidecar["caption"] == caption and sidecar["rank"] == rank and sidecar["seed"] == 3
+            assert sidecar["sampling"]["guidance_scale"] == 2.0 and sidecar["candidates"] == 4 and 0 <= sidecar["candidate"] < 4
+            assert sidecar["score"] == printed["rows"][c]["scores"][rank] == json.loads(grid.stdout)["rows"][c]["scores"][rank]
+            assert Image.open(tmp_path / "each" / f"{c:03d}-{rank:02d}.png").size == (16, 16)
+
+
 def test_generate_cli_options_and_errors(trained_run, tmp_path):
     ok = run_cli("generate", str(trained_run), CAPTIONS[0], "-n", "5", "--keep", "2", "--batch-size", "2", "--top-k", "5",
                  "--top-p", "0.9", "--temperature", "0.8", "--guidance", "2.0", "--draws", "device",

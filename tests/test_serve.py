@@ -188,7 +188,7 @@ def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
         ({"caption": "a red circle", "candidates": "many"}, "candidates: Input should be a valid integer"),
         ({"caption": "a red circle", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
         ({"caption": "a red circle", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
-        ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than 0"),
+        ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than or equal to 0.0001"),
         ({"caption": "a red circle", "candidates": 2, "keep": 3}, "keep: 3 is more than candidates (2)"),
         ({"caption": "a red circle", "colour": "red"}, "colour: Extra inputs are not permitted"),
     ],

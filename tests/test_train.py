@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dalle_framework import UsageError
+from dalle_framework import DalleError, UsageError
 from dalle_framework import rundir as ckpt
 from dalle_framework.data.batches import ShuffledBatches
 from dalle_framework.pipeline import Pipeline
@@ -74,10 +74,10 @@ def test_shuffled_batches_resume_exactly_and_split_ranks():
 def test_atomic_write_keeps_the_old_file_on_failure(tmp_path):
     target = tmp_path / "model.safetensors"
     ckpt.save_weights(target, {"w": torch.ones(2)})
-    with pytest.raises(RuntimeError):
+    with pytest.raises(DalleError, match=r"model.safetensors: could not be written \(crash mid-write\)"):
         with ckpt.atomic_path(target) as tmp:
             tmp.write_bytes(b"half")
-            raise RuntimeError("crash mid-write")
+            raise RuntimeError("crash mid-write")  # what torch's writer raises when the disk fails it
     assert torch.equal(ckpt.load_weights(target)["w"], torch.ones(2))
     assert [p.name for p in tmp_path.iterdir()] == ["model.safetensors"]
 

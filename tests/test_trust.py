@@ -14,6 +14,7 @@ import os
 import pickle
 import shutil
 import stat
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -281,6 +282,46 @@ def test_an_unfinished_run_is_not_silently_restarted(manager, tmp_path):
     assert json.loads((codec / "meta.json").read_text())["step"] == 4
 
 
+def test_a_finished_stage_with_a_changed_train_block_is_retrained_not_called_unfinished(manager, tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.steps": 4, "codec.train.ckpt_every": 2})
+    recipe.pop("prior")
+    train_all(Pipeline(recipe_from_dict(recipe)), progress=False)
+    codec = tmp_path / "run" / "codec"
+    first = json.loads((codec / "meta.json").read_text())
+    for resume, lr in ((False, 2e-3), (True, 3e-3)):  # `dalle train`, and `dalle run` (which resumes)
+        recipe["codec"]["train"]["lr"] = lr
+        results = train_all(Pipeline(recipe_from_dict(recipe)), resume=resume, progress=False)
+        meta = json.loads((codec / "meta.json").read_text())
+        assert "loss" in results["codec"] and meta["run_id"] != first["run_id"] and meta["step"] == 4
+        assert meta["identity"]["block"]["train"]["lr"] == lr
+    # a finished run's checkpoint resumed with fewer steps would publish the old weights as the new stage
+    recipe["codec"]["train"]["steps"] = 2
+    train_all(Pipeline(recipe_from_dict(recipe)), resume=True, progress=False)
+    tb = sorted((tmp_path / "run" / "tb" / "codec").glob("events.*"), key=lambda p: p.stat().st_mtime_ns)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tb[-1]))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")][0] == 1  # trained from step 0, not exported from step 4
+
+
+def test_an_unfinished_checkpoint_past_the_schedule_is_refused(manager, tmp_path):
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.steps": 4, "codec.train.ckpt_every": 2})
+    recipe.pop("prior")
+    train_stage(Pipeline(recipe_from_dict(recipe)), "codec", progress=False)
+    _unfinish(tmp_path / "run")
+    recipe["codec"]["train"]["steps"] = 3
+    with pytest.raises(UsageError, match=r"at step 4, past codec.train.steps = 3"):
+        train_all(Pipeline(recipe_from_dict(recipe)), resume=True, progress=False)
+    assert not (tmp_path / "run" / "codec" / "meta.json").exists()
+
+
+def test_zero_steps_does_not_validate(tmp_path, capsys):
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.steps": 0})
+    code, err = cli("recipes", "validate", write_recipe(tmp_path / "r.yaml", recipe), capsys=capsys)
+    assert code == 2 and "codec.train.steps" in err, err
+
+
 def test_retraining_the_codec_makes_the_prior_stale(manager, tmp_path):
     recipe = tiny_recipe(tmp_path / "run")
     first = train_all(Pipeline(recipe_from_dict(recipe)), progress=False)
@@ -472,7 +513,12 @@ def test_damaged_run_files_are_clear_errors(trained_run, tmp_path, capsys):
         (["-n", "2", "--keep", "3"], "--keep 3 is more than -n 2"),
         (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"),
         (["--guidance", "-1"], "--guidance: Input should be greater than or equal to 0"),
-        (["--temperature", "0"], "--temperature: Input should be greater than 0"),
+        (["--temperature", "0"], "--temperature: Input should be greater than or equal to 0.0001"),
+        (["--temperature", "1e-300"], "--temperature: Input should be greater than or equal to 0.0001"),
+        (["--temperature", "1e300"], "--temperature: Input should be less than or equal to 10000"),
+        (["--guidance", "1e300"], "--guidance: Input should be less than or equal to 1000"),
+        (["--top-p", "1e300"], "--top-p: Input should be less than or equal to 1"),
+        (["--keep", "50"], "keep (50) is more than the 2 candidates"),
         (["--seed", "12345678901234567890"], "--seed: 12345678901234567890 is out of range"),
         (["--device", "bogus"], "device 'bogus'"),
         (["--device", "cuda"], "no CUDA GPU"),
@@ -485,6 +531,43 @@ def test_bad_generate_arguments_are_clear_errors(trained_run, tmp_path, capsys, 
         pytest.skip("this machine has that GPU")
     code, err = cli("generate", trained_run, "a red circle in the top left", "--quiet", "--out", tmp_path / "g.png", *args, capsys=capsys)
     assert code == 2 and expected in err and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("args", [["--top-p", "1e-300"], ["--temperature", "1e-4", "--guidance", "1000"],
+                                  ["--temperature", "1e4", "--top-k", "2147483648"], ["--guidance", "1e-300"]])
+def test_extreme_sampling_values_that_validate_also_generate(trained_run, tmp_path, capsys, args):
+    code, err = cli("generate", trained_run, "a red circle in the top left", "-n", "2", "--quiet", "--out", tmp_path / "g.png", *args, capsys=capsys)
+    assert code == 0 and (tmp_path / "g.png").is_file(), err
+
+
+def test_sweeps_and_extends_lists_are_bounded(trained_run, tmp_path, capsys):
+    axes = ["--sweep", "top_k=" + ",".join(map(str, range(1, 101))), "--sweep", "guidance_scale=" + ",".join(map(str, range(1, 101)))]
+    code, err = cli("evaluate", trained_run, *axes, "--quiet", capsys=capsys)
+    assert code == 2 and "10000 settings, more than 1000" in err, err
+    base = write_recipe(tmp_path / "base.yaml", tiny_recipe(tmp_path / "run"))
+    (tmp_path / "wide.yaml").write_text(yaml.safe_dump({"extends": [str(base)] * 1000}))
+    code, err = cli("recipes", "validate", tmp_path / "wide.yaml", capsys=capsys)
+    assert code == 2 and "lists 1000 recipes" in err, err
+    # a diamond: 16 parents, each listing the next level 16 times, read 16**k files without a total bound
+    for level in range(3):
+        parent = base if level == 0 else tmp_path / f"level{level - 1}.yaml"
+        (tmp_path / f"level{level}.yaml").write_text(yaml.safe_dump({"extends": [str(parent)] * 16}))
+    code, err = cli("recipes", "validate", tmp_path / "level2.yaml", capsys=capsys)
+    assert code == 2 and "more than 256 recipe files" in err, err
+
+
+def test_zero_infinity_swap_files_stay_in_a_directory_of_their_own(tmp_path, capsys):
+    from dalle_engines.deepspeed_engine import NVME_SUBDIR, DeepSpeedEngine, build_config
+    from dalle_framework import TrainConfig
+
+    engine = {"name": "deepspeed", "params": {"zero_stage": 3, "config": {"zero_optimization": {"offload_param": {"device": "nvme", "nvme_path": "/etc"}}}}}
+    recipe = tiny_recipe(tmp_path / "run", **{"codec.train.engine": engine})
+    code, err = cli("recipes", "validate", write_recipe(tmp_path / "r.yaml", recipe), capsys=capsys)
+    assert code == 2 and "nvme_path is the engine's own param" in err, err
+    params = DeepSpeedEngine.Params(zero_stage=3, offload_param="nvme", nvme_path=str(tmp_path))
+    assert build_config(TrainConfig(), params)["zero_optimization"]["offload_param"]["nvme_path"] == str(tmp_path / NVME_SUBDIR)
+    with pytest.raises(UsageError, match="not an existing directory"):
+        build_config(TrainConfig(), DeepSpeedEngine.Params(zero_stage=3, offload_param="nvme", nvme_path="relative/dir"))
 
 
 def test_output_paths_that_cannot_be_written_are_clear_errors(trained_run, tmp_path, capsys):
@@ -500,16 +583,129 @@ def test_output_paths_that_cannot_be_written_are_clear_errors(trained_run, tmp_p
         assert code == 2 and expected in err and str(out.parent) in err and "Traceback" not in err, (out, err)
 
 
-def test_a_full_disk_is_a_runtime_error_naming_the_file(trained_run, tmp_path, capsys, monkeypatch):
-    import errno
+def _file_size_limit(limit: int):
+    """Make the child's writes past ``limit`` bytes fail (EFBIG), as a full disk fails them (Python ignores SIGXFSZ)."""
+    import resource
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "g.png"))
+    return lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    monkeypatch.setattr("safetensors.torch.save_file", full)  # what writing weights calls
-    monkeypatch.setattr("PIL.Image.Image.save", full)  # what writing a grid calls
-    code, err = cli("generate", trained_run, "a red circle in the top left", "-n", "1", "--quiet", "--out", tmp_path / "g.png", capsys=capsys)
-    assert code == 1 and "No space left on device" in err and "g.png" in err and "Traceback" not in err, err
+
+def _contents(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+
+@pytest.mark.parametrize("limit", [2_000, 40_000])
+def test_a_failed_write_is_exit_1_naming_the_file_and_damages_nothing(trained_run, tmp_path, limit):
+    """Real failing writes (a file-size limit: EFBIG, as ENOSPC on a full disk) during training: every
+    writer (weights, JSON, checkpoints, tokens, TensorBoard) ends in one message naming its file."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    before = _contents(run)
+    done = subprocess.run([sys.executable, "-m", "dalle_framework", "train", str(run), "--force", "--quiet"], cwd=ROOT,
+                          capture_output=True, text=True, preexec_fn=_file_size_limit(limit), timeout=600)
+    assert done.returncode == 1, done.stderr[-2000:]
+    named = str(run) in done.stderr and ("intact" in done.stderr or "untouched" in done.stderr)
+    assert named and "Traceback" not in done.stderr, done.stderr[-2000:]
+    after = _contents(run)
+    for name, data in after.items():  # every file is whole: an old one or a new complete one, never half of one
+        if name.endswith(".json"):
+            json.loads(data)
+        elif name.endswith(".safetensors"):
+            rundir.load_weights(run / name)
+    assert set(before) <= set(after), f"lost: {sorted(set(before) - set(after))}"
+
+
+def _special_outputs(tmp_path: Path) -> dict[str, Path]:
+    import socket
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    outputs = {"FIFO": fifo, "directory": tmp_path, "link to a FIFO": tmp_path / "link"}
+    (tmp_path / "link").symlink_to(fifo)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    outputs["socket"] = tmp_path / "sock"
+    if os.geteuid() == 0:  # a device node of our own, never the machine's /dev/null
+        os.mknod(tmp_path / "null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        outputs["character device"] = tmp_path / "null"
+    return outputs
+
+
+def test_outputs_never_replace_a_device_fifo_socket_or_directory(trained_run, tmp_path, capsys):
+    for kind, out in _special_outputs(tmp_path).items():
+        mode = out.stat().st_mode
+        for args in (["generate", trained_run, "a red circle", "-n", "1", "--quiet", "--out", out],
+                     ["evaluate", trained_run, "--stage", "codec", "--quiet", "--out", out]):
+            code, err = cli(*args, capsys=capsys)
+            assert code == 2 and str(out) in err and ("not a regular file" in err or "is a directory" in err), (kind, err)
+            assert out.stat().st_mode == mode, f"{kind} was replaced"
+        with pytest.raises(UsageError, match="not a regular file|is a directory"):
+            rundir.write_json(out, {"a": 1})
+
+
+def _unfinish(run: Path, stage: str = "codec") -> Path:
+    """As if killed after the last checkpoint: the stage is not published."""
+    for name in ("meta.json", "model.safetensors"):
+        (run / stage / name).unlink()
+    return run / stage / "state" / "state.pt"
+
+
+def _edit_client_state(path: Path, edit) -> None:
+    state = torch.load(path, weights_only=True)
+    state["client_state"] = edit(state["client_state"])
+    torch.save(state, path)
+
+
+HOSTILE_STATES = {
+    "a string step": lambda c: {**c, "step": "2"},
+    "a step past the schedule": lambda c: {**c, "step": 10**6},
+    "no data position": lambda c: {k: v for k, v in c.items() if k != "data"},
+    "garbage RNG state": lambda c: {**c, "rng": [{"torch": torch.zeros(3, dtype=torch.uint8)}]},
+    "a list, not a record": lambda c: [1, 2, 3],
+}
+
+
+@pytest.mark.parametrize("damage", list(HOSTILE_STATES))
+def test_well_formed_but_hostile_checkpoint_state_is_refused(trained_run, tmp_path, capsys, damage):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _edit_client_state(_unfinish(run), HOSTILE_STATES[damage])
+    code, err = cli("train", run, "--stage", "codec", "--resume", "--quiet", capsys=capsys)
+    assert code == 2 and "state" in err and "--force" in err and "Traceback" not in err, (damage, err)
+    assert not (run / "codec" / "meta.json").exists()
+
+
+HOSTILE_RECORDS = {
+    "codec/resume.json": ("[1, 2]", ["train", "{run}", "--stage", "codec", "--resume", "--quiet"], "not a record"),
+    "codec/meta.json": ("[]", ["generate", "{run}", "a red circle", "-n", "1", "--quiet", "--out", "{run}/g.png"], "not a record"),
+    "prior/meta.json": ('{"step": 2}', ["generate", "{run}", "a red circle", "-n", "1", "--quiet", "--out", "{run}/g.png"],
+                        "not the record of a finished stage"),
+    "eval/report.json": ("[" * 100_000 + "]" * 100_000, ["compare", "{run}", "{run}"], "report.json"),
+}
+
+
+@pytest.mark.parametrize("relative", list(HOSTILE_RECORDS))
+def test_records_of_the_wrong_type_or_depth_are_refused_naming_them(trained_run, tmp_path, capsys, relative):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    text, args, expected = HOSTILE_RECORDS[relative]
+    if relative == "codec/resume.json":
+        _unfinish(run)
+    (run / relative).parent.mkdir(exist_ok=True)
+    (run / relative).write_text(text)
+    code, err = cli(*[a.format(run=run) for a in args], capsys=capsys)
+    assert code == 2 and relative.split("/")[-1] in err and expected in err and "Traceback" not in err, (relative, err[-1000:])
+    # --force is the way out the message names, and it works over the damaged record
+    if relative.endswith("meta.json") or relative.endswith("resume.json"):
+        assert cli("train", run, "--stage", relative.split("/")[0], "--force", "--quiet", capsys=capsys)[0] == 0
+
+
+def test_weights_without_their_record_are_refused(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    (run / "prior" / "meta.json").unlink()
+    code, err = cli("generate", run, "a red circle", "-n", "1", "--quiet", "--out", tmp_path / "g.png", capsys=capsys)
+    assert code == 2 and "no meta.json record" in err and "dalle train" in err, err
 
 
 def test_skipped_samples_are_counted_at_the_end_of_a_split(tmp_path, caplog):

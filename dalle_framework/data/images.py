@@ -96,7 +96,7 @@ def load_split(
     Reads at most ``limit`` samples. All images of a split must share one size
     (every image source resizes to its ``image_size``).
     """
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     total = source.size(split)
     if limit is not None:
@@ -104,9 +104,7 @@ def load_split(
     skipped_before = int(getattr(source, "skipped", 0))
     images: list[np.ndarray] = []
     captions: list[str] = []
-    bar = tqdm(
-        total=total, desc=f"{getattr(source, 'name', 'data') or 'data'}/{split}", disable=not progress, unit="img"
-    )
+    bar = progress_bar(total=total, desc=f"{getattr(source, 'name', 'data') or 'data'}/{split}", enabled=progress, unit="img")
     try:
         for sample in source.samples(split):
             if limit is not None and len(images) >= limit:
@@ -174,6 +172,14 @@ def save_grid(images: torch.Tensor, path: Union[str, os.PathLike], nrow: int = 8
     path = Path(path)
     with atomic_path(path) as tmp:
         to_pil(grid).save(tmp, format="PNG")
+    return path
+
+
+def save_image(image: torch.Tensor, path: Union[str, os.PathLike]) -> Path:
+    """Write one ``image[3, H, W]`` in ``[0, 1]`` as a PNG, atomically; returns the path."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        to_pil(image.detach().cpu().clamp(0, 1)).save(tmp, format="PNG")
     return path
 
 

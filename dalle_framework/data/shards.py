@@ -49,7 +49,7 @@ def write_shards(
     A ``stats.json`` with the same content is written next to the shards.
     """
     import webdataset as wds
-    from tqdm.auto import tqdm
+    from ..progress import progress_bar
 
     if max_per_shard < 1:
         raise UsageError(f"max_per_shard must be >= 1, got {max_per_shard}")
@@ -61,7 +61,7 @@ def write_shards(
         total = source.size(split)
         if limit is not None:
             total = limit if total is None else min(total, limit)
-        bar = tqdm(total=total, desc=f"shards {split}", unit="img", disable=not progress)
+        bar = progress_bar(total=total, desc=f"shards {split}", unit="img", enabled=progress)
         try:
             for sample in source.samples(split):
                 if limit is not None and count >= limit:

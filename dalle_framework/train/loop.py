@@ -68,7 +68,15 @@ def stage_status(pipe: Pipeline, name: str) -> tuple[str, Optional[dict]]:
 
 def _resume_record(stage_dir: Path) -> Optional[dict]:
     path = stage_dir / rundir.RESUME_FILE
-    return rundir.read_json(path) if path.is_file() else None
+    return rundir.read_record(path) if path.is_file() else None
+
+
+def _recorded_step(record: dict, source: Path) -> int:
+    """A checkpoint's step as a whole number (a string, a float or a bool is a tampered file)."""
+    step = record.get("step")
+    if type(step) is not int or step < 0:
+        raise UsageError(f"{source}: step {step!r} is not a step count; the file is damaged: start the stage over with --force")
+    return step
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -104,24 +112,40 @@ class _Training:
         self.resume = self._check_resume(resume, force)
 
     def _check_resume(self, resume: bool, force: bool) -> Optional[Path]:
-        """The checkpoint to resume from, or None; an unfinished run is never silently restarted."""
+        """The checkpoint to resume from, or None; an unfinished run is never silently restarted,
+        and the checkpoint of a finished one is never taken for an unfinished one."""
         checkpoint = rundir.find_checkpoint(self.state_dir)
-        record = _resume_record(self.stage_dir)
         if checkpoint is None:
             if resume and distributed.is_main():
                 log.info("no checkpoint to resume in %s; starting from scratch", self.state_dir)
             return None
+        if force and not resume:
+            return None
+        record = _resume_record(self.stage_dir)
         fits = record is not None and record.get("identity") == self.stage.identity(with_train=False)
         if not fits:
             if distributed.is_main():
                 log.warning("%s: the checkpoint was made with other %s params or inputs; starting from scratch", self.state_dir, self.stage.name)
             return None
-        if resume:
-            return checkpoint
-        if force:
+        step = _recorded_step(record, self.stage_dir / rundir.RESUME_FILE)
+        published = rundir.read_meta(self.pipe.run_dir, self.stage.name)
+        finished = published is not None and published.get("step") == step  # the checkpoint is the published run's end
+        if finished and not (resume and step < self.train.steps):
+            # Retraining a stale stage starts over: resuming at the old run's end would publish the
+            # old weights as the new stage. (--resume with more steps continues it.)
+            if distributed.is_main():
+                log.info("%s: the checkpoint is the end of the finished run; training from step 0 (to build on it, "
+                         "fine-tune: %s.weights: %s)", self.stage.name, self.stage.name, self.stage_dir / rundir.WEIGHTS_FILE)
             return None
+        if resume:
+            if step > self.train.steps:
+                raise UsageError(
+                    f"{self.stage_dir}: the checkpoint is at step {step}, past {self.stage.name}.train.steps = {self.train.steps}; "
+                    f"raise {self.stage.name}.train.steps to at least {step} to continue it, or start over with --force"
+                )
+            return checkpoint
         raise UsageError(
-            f"{self.stage_dir}: an unfinished {self.stage.name} run stopped at step {record.get('step')} "
+            f"{self.stage_dir}: an unfinished {self.stage.name} run stopped at step {step} "
             f"(checkpoint in {checkpoint}); continue it with --resume, or start over with --force"
         )
 
@@ -138,9 +162,9 @@ class _Training:
         self.writer = _writer(pipe.run_dir / "tb" / stage.name) if self.main else None
         if self.writer is not None:
             self.writer.add_text("recipe", "```yaml\n" + dump(pipe.recipe) + "```", self.step)  # the resolved recipe trained
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        bar = tqdm(total=train.steps, initial=self.step, desc=f"train {stage.name}", disable=not (self.main and self.progress), dynamic_ncols=True)
+        bar = progress_bar(total=train.steps, initial=self.step, desc=f"train {stage.name}", enabled=self.main and self.progress, dynamic_ncols=True)
         started = time.monotonic()
         self.logged = (self.step, started)  # (step, time) of the last log: the speed since
         self.eval_module: Optional[torch.nn.Module] = None
@@ -205,7 +229,29 @@ class _Training:
                 "or start this stage over with --force"
             )
         client = run.load(str(self.resume))
-        self.step = int(client["step"])
+        try:
+            self._restore_client(run, client)
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+            raise UsageError(
+                f"{self.resume}: not a checkpoint this framework wrote ({type(exc).__name__}: {str(exc)[:200]}); "
+                "start the stage over with --force"
+            ) from None
+        before, now = record.get("global_batch"), self._global_batch()
+        if self.main:
+            if before is not None and int(before) != now:
+                log.warning("%s: the global batch was %s samples per optimizer step and is %d now (%d rank(s) x %d x grad_accum %d); "
+                            "the data continues where it stopped", self.stage.name, before, now, run.world_size,
+                            self.train.batch_size, self.train.grad_accum)
+            log.info("resumed %s at step %d", self.stage.name, self.step)
+
+    def _restore_client(self, run, client: Any) -> None:
+        if not isinstance(client, dict):
+            raise TypeError(f"the saved state is a {type(client).__name__}, not a record")
+        self.step = _recorded_step(client, self.resume)
+        if self.step > self.train.steps:
+            raise ValueError(f"step {self.step} is past {self.stage.name}.train.steps = {self.train.steps}")
+        if not isinstance(client["data"], list):
+            raise TypeError("the data position is not a list of per-rank states")
         self.batches.load_state_dict(client["data"])
         if self.ema is not None and "ema" in client:
             self.ema.load_state_dict(client["ema"])
@@ -217,13 +263,6 @@ class _Training:
                 torch.manual_seed(_rank_seed(self.pipe.recipe.seed + self.stage.seed_offset(), run.rank, self.step))
         elif rng is not None:
             rundir.set_rng_state(rng)
-        before, now = record.get("global_batch"), self._global_batch()
-        if self.main:
-            if before is not None and int(before) != now:
-                log.warning("%s: the global batch was %s samples per optimizer step and is %d now (%d rank(s) x %d x grad_accum %d); "
-                            "the data continues where it stopped", self.stage.name, before, now, run.world_size,
-                            self.train.batch_size, self.train.grad_accum)
-            log.info("resumed %s at step %d", self.stage.name, self.step)
 
     def _global_batch(self) -> int:
         return self.engine_run.world_size * self.train.batch_size * self.train.grad_accum
@@ -500,8 +539,8 @@ def train_all(
         if force or any(stage_status(pipe, name)[0] != "complete" for name in names):
             results["text"] = check_captions(pipe)
         for name in names:
-            status, _ = stage_status(pipe, name)
-            if status == "complete" and not force:
+            status = "forced" if force else stage_status(pipe, name)[0]  # --force retrains even over a damaged record
+            if status == "complete":
                 if distributed.is_main():
                     log.info("%s already trained in %s; reusing it (use --force to retrain)", name, pipe.run_dir)
                 results[name] = {"reused": True}

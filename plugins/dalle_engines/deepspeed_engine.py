@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import warnings
+from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
@@ -247,7 +248,21 @@ def build_config(train, params: "DeepSpeedEngine.Params") -> dict:
 
 
 def _nvme(params, device: str) -> dict:
-    return {"nvme_path": params.nvme_path} if device == "nvme" else {}
+    """ZeRO-Infinity's swap files, confined to a directory of their own inside ``nvme_path`` (they can
+    never replace a file elsewhere); the path must be an existing directory."""
+    if device != "nvme":
+        return {}
+    root = Path(params.nvme_path).expanduser()
+    if not root.is_absolute() or not root.is_dir():
+        raise UsageError(f"<stage>.train.engine.params.nvme_path: {params.nvme_path!r} is not an existing directory given by its "
+                         "absolute path; point it at a directory on a local NVMe drive")
+    return {"nvme_path": str(rundir.make_dirs(root / NVME_SUBDIR))}
+
+
+def _has_key(tree: Any, key: str) -> bool:
+    if isinstance(tree, dict):
+        return key in tree or any(_has_key(v, key) for v in tree.values())
+    return isinstance(tree, list) and any(_has_key(v, key) for v in tree)
 
 
 def _torch_scheduler(train):
@@ -276,6 +291,7 @@ DS_SCHEDULERS = {
 # Sections of a DeepSpeed config a recipe may set: numerics and memory only. Monitors
 # (tensorboard, wandb, csv), profilers, autotuning, elasticity and checkpoint
 # engines write files where a stranger's recipe says or start other work.
+NVME_SUBDIR = "dalle-zero-swap"
 CONFIG_SECTIONS = {
     "zero_optimization", "bf16", "fp16", "gradient_clipping", "gradient_accumulation_steps",
     "train_micro_batch_size_per_gpu", "train_batch_size", "communication_data_type", "prescale_gradients",
@@ -299,7 +315,10 @@ class DeepSpeedEngine(Engine):
         offload_param: Literal["none", "cpu", "nvme"] = Field(
             "none", description="keep weights off the GPU between uses (ZeRO-Infinity; stage 3 only)"
         )
-        nvme_path: Optional[str] = Field(None, description="local NVMe directory for nvme offload")
+        nvme_path: Optional[str] = Field(
+            None, max_length=4096,
+            description=f"an existing local NVMe directory for nvme offload; the swap files go in a fresh {NVME_SUBDIR}/ inside it",
+        )
         micro_batch_size: Optional[int] = Field(
             None, ge=1, description="train_micro_batch_size_per_gpu; default: the stage's train.batch_size"
         )
@@ -313,6 +332,9 @@ class DeepSpeedEngine(Engine):
         @field_validator("config")
         @classmethod
         def _safe_sections(cls, config: dict[str, Any]) -> dict[str, Any]:
+            if _has_key(config, "nvme_path"):
+                raise ValueError("config: nvme_path is the engine's own param (nvme_path:), which keeps the swap files "
+                                 f"in a {NVME_SUBDIR}/ directory of their own; drop it from config")
             refused = sorted(k for k in config if k not in CONFIG_SECTIONS)
             if refused:
                 raise ValueError(

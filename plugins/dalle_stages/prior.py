@@ -211,14 +211,14 @@ def encode_split(pipe, split: str, *, collective: bool) -> dict[str, Any]:
 
 def _encode_piece(pipe, split: str, piece: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Text and image tokens of one piece, encoded :data:`ENCODE_BATCH` images at a time (bounded memory)."""
-    from tqdm.auto import tqdm
+    from dalle_framework.progress import progress_bar
 
     codec = pipe.component(CODEC)
     device = next(codec.parameters()).device
     tokens: list[torch.Tensor] = []
     captions: list[str] = []
     rows = piece["rows"][1] - piece["rows"][0] if "rows" in piece else piece["records"]
-    bar = tqdm(total=rows, desc=f"encode {split}", unit="img", leave=False, disable=not distributed.is_main())
+    bar = progress_bar(total=rows, desc=f"encode {split}", unit="img", leave=False, enabled=distributed.is_main())
     for images, texts in _piece_batches(pipe, split, piece):
         bar.update(len(texts))
         tokens.append(codec.encode(as_model_images(images, codec.image_size, device)).cpu())
