@@ -15,6 +15,7 @@ import pickle
 import shutil
 import stat
 import sys
+import threading
 import types
 from pathlib import Path
 
@@ -461,6 +462,41 @@ def test_damaged_run_files_are_clear_errors(trained_run, tmp_path, capsys):
         damage(run / relative)
         code, err = cli("generate", run, "a red circle in the top left", "-n", "1", "--quiet", "--out", tmp_path / "g.png", capsys=capsys)
         assert code == 2 and Path(relative).name in err and "Traceback" not in err, (relative, err)
+
+
+def read_json_refusal(path: Path) -> str:
+    """read_json's UsageError message for ``path``; fails the test (no hang) when it blocks for 10 s."""
+    messages: list[str] = []
+
+    def read() -> None:
+        try:
+            rundir.read_json(path)
+        except UsageError as exc:
+            messages.append(str(exc))
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    reader.join(10)
+    assert not reader.is_alive(), f"read_json({path.name}) blocked"
+    assert messages, f"read_json({path.name}) accepted it"
+    return messages[0]
+
+
+def test_json_files_that_block_never_end_or_overflow_the_parser_are_clear_errors(tmp_path):
+    """A FIFO blocks a plain open, /dev/zero never ends: read_json refuses both without reading a byte."""
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with open(tmp_path / "big.json", "wb") as big:
+        big.truncate(rundir.MAX_JSON_BYTES + 1)  # sparse: nothing is written
+    (tmp_path / "dir.json").mkdir()
+    expected = {
+        "fifo.json": "not a regular file", "zero.json": "not a regular file", "deep.json": "damaged, not valid JSON",
+        "big.json": "far too large", "dir.json": "is a directory",
+    }
+    for name, message in expected.items():
+        refusal = read_json_refusal(tmp_path / name)
+        assert message in refusal and name in refusal, refusal
 
 
 @pytest.mark.parametrize(
