@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=_count(1, 100_000), default=None, help="best candidates kept per caption after reranking")
     p.add_argument("--batch-size", type=_count(1, 100_000), default=None, help="candidates sampled per forward pass (bounds memory)")
     p.add_argument("--out", default="grid.png", help="PNG grid: one row per caption with its caption and scores (default: grid.png)")
-    p.add_argument("--temperature", type=_number, help="softmax temperature (> 0)")
+    p.add_argument("--temperature", type=_number, help="softmax temperature (1 = as trained; low: near greedy)")
     p.add_argument("--top-k", type=_count(1, 2**31), help="sample among the k most likely codes")
     p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
     p.add_argument("--guidance", type=_number, help="classifier-free guidance scale (1 = off)")

@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import rundir
 from .errors import UsageError
-from .interfaces import ImageCodec, Prior, Sampling
+from .interfaces import GuidanceScale, ImageCodec, Prior, Sampling, Temperature, TopK, TopP
 
 PAGE_FILES = {"/": ("serve.html", "text/html"), "/app.js": ("serve.js", "text/javascript"), "/app.css": ("serve.css", "text/css")}
 
@@ -59,15 +59,15 @@ class Limits(BaseModel):
 class GenerateRequest(BaseModel):
     """One caption to draw images for. Options left out take the recipe's ``generate`` defaults (``GET /run``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     caption: str = Field(..., min_length=1, description="the text to draw; at most limits.max_caption_chars characters")
     candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
     keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
-    temperature: Optional[float] = Field(None, gt=0, description="softmax temperature of each token draw")
-    top_k: Optional[int] = Field(None, ge=1, description="draw only among the k most likely tokens")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="draw only within this nucleus probability mass")
-    guidance: Optional[float] = Field(None, ge=0, description="classifier-free guidance scale; 1 = off")
+    temperature: Optional[Temperature] = Field(None, description="softmax temperature of each token draw")
+    top_k: Optional[TopK] = Field(None, description="draw only among the k most likely tokens")
+    top_p: Optional[TopP] = Field(None, description="draw only within this nucleus probability mass")
+    guidance: Optional[GuidanceScale] = Field(None, description="classifier-free guidance scale; 1 = off")
     seed: Optional[int] = Field(
         None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"
     )

@@ -188,7 +188,15 @@ def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
         ({"caption": "a red circle", "candidates": "many"}, "candidates: Input should be a valid integer"),
         ({"caption": "a red circle", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
         ({"caption": "a red circle", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
-        ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than 0"),
+        ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than or equal to 0.0001"),
+        ({"caption": "a red circle", "temperature": 1e-300}, "temperature: Input should be greater than or equal to 0.0001"),
+        ({"caption": "a red circle", "temperature": 1e300}, "temperature: Input should be less than or equal to 10000"),
+        ({"caption": "a red circle", "guidance": 1e300}, "guidance: Input should be less than or equal to 1000"),
+        ({"caption": "a red circle", "top_p": 1e300}, "top_p: Input should be less than or equal to 1"),
+        ({"caption": "a red circle", "seed": 1e300}, "seed: "),
+        ({"caption": "a red circle", "candidates": 1e300}, "candidates: "),
+        ({"caption": ["a red circle"]}, "caption: Input should be a valid string"),
+        ([CAPTION], "body: Input should be a valid dictionary"),
         ({"caption": "a red circle", "candidates": 2, "keep": 3}, "keep: 3 is more than candidates (2)"),
         ({"caption": "a red circle", "colour": "red"}, "colour: Extra inputs are not permitted"),
     ],
@@ -199,10 +207,19 @@ def test_bad_input_gets_422_with_a_message(pipe, body, message):
         assert response.status_code == 422 and message in response.json()["detail"], response.text
 
 
-def test_a_body_that_is_not_json_gets_422(pipe):
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 422, "JSON"),
+        (b'{"caption": "a red circle", "temperature": NaN}', 422, "temperature: Input should be a finite number"),
+        (b'{"caption": "a red circle", "guidance": -Infinity}', 422, "guidance: Input should be a finite number"),
+        (b"[" * 50_000, 400, "error parsing the body"),  # nested past the parser's recursion limit
+    ],
+)
+def test_a_body_that_is_not_json_or_has_no_numbers_json_knows_gets_4xx(pipe, body, status, message):
     with client_for(pipe) as client:
-        response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-        assert response.status_code == 422 and "JSON" in response.json()["detail"]
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status and message in response.json()["detail"], response.text
 
 
 class Gated:

@@ -508,7 +508,7 @@ def test_json_files_that_block_never_end_or_overflow_the_parser_are_clear_errors
         (["-n", "2", "--keep", "3"], "--keep 3 is more than -n 2"),
         (["--guidance", "inf"], "--guidance: 'inf' is not a finite number"),
         (["--guidance", "-1"], "--guidance: Input should be greater than or equal to 0"),
-        (["--temperature", "0"], "--temperature: Input should be greater than 0"),
+        (["--temperature", "0"], "--temperature: Input should be greater than or equal to 0.0001"),
         (["--seed", "12345678901234567890"], "--seed: 12345678901234567890 is out of range"),
         (["--device", "bogus"], "device 'bogus'"),
         (["--device", "cuda"], "no CUDA GPU"),
