@@ -18,7 +18,6 @@ three files, read from this package at start. No route maps a path to a file.
 from __future__ import annotations
 
 import io
-import json
 import math
 import queue
 import secrets
@@ -38,6 +37,7 @@ from .errors import UsageError
 from .interfaces import GuidanceScale, ImageCodec, Prior, Sampling, Temperature, TopK, TopP
 
 PAGE_FILES = {"/": ("serve.html", "text/html"), "/app.js": ("serve.js", "text/javascript"), "/app.css": ("serve.css", "text/css")}
+MAX_JSON_DEPTH = 32  # run files nest a few levels; a deeper one would overflow the /run response's encoder
 
 
 class Limits(BaseModel):
@@ -306,12 +306,26 @@ def _example_captions(pipeline: Any, count: int = 10) -> list[str]:
         return []
 
 
-def _read_json(path: Path) -> Optional[Any]:
-    """A JSON file of the run, or None when it is missing or unreadable (the page shows what there is)."""
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    """A JSON object file of the run, as strict JSON for the page; None when it is missing, unreadable,
+    not a regular file, not an object or nested absurdly deep (the page shows what there is)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = rundir.read_json(path)
+        return _strict_json(data) if isinstance(data, dict) else None
+    except (UsageError, OSError, ValueError):
         return None
+
+
+def _strict_json(value: Any, depth: int = 0) -> Any:
+    """``value`` with NaN and infinities (a metric that could not be computed) as null, as the page's JSON has no
+    such numbers; ValueError when nested past ``MAX_JSON_DEPTH``."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested over {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, dict):
+        return {key: _strict_json(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(item, depth + 1) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 # ----------------------------------------------------------------------------- the app

@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, returns_within, run_cli
 
 CAPTION = "a green square in the top left"
 # shapes-demo made tiny: 2 samples per caption, small models, a few steps each.
@@ -331,6 +331,41 @@ def test_run_page_and_openapi(pipe, tiny_run):
         assert {"caption", "candidates", "keep", "top_k", "top_p", "temperature", "guidance", "seed"} == set(request)
         assert all(field.get("description") for field in request.values())
         assert "429" in schema["paths"]["/generate"]["post"]["responses"]
+
+
+def test_run_files_that_block_never_end_or_cannot_be_shown_are_unavailable_on_the_page(tiny_run, tmp_path):
+    """The page reads eval/report.json and each stage's meta.json, whatever lies there: none of these may hang
+    it, fill its memory or break GET /run; each is shown as unavailable (null)."""
+    from dalle_framework.pipeline import Pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tb"))
+    pipeline = Pipeline.load(run)
+
+    def page_run() -> dict:
+        with client_for(pipeline) as client:
+            response = client.get("/run")
+            assert response.status_code == 200, response.text
+            return response.json()
+
+    report = run / "eval" / "report.json"
+    deep = '{"x": ' * 900 + "1" + "}" * 900  # parses, but is past what /run's encoder takes
+    for what, plant in {
+        "a FIFO (an open that waits for a writer)": os.mkfifo,
+        "a link to /dev/zero (a read that never ends)": lambda path: path.symlink_to("/dev/zero"),
+        "nested past the parser": lambda path: path.write_text("[" * 100_000),
+        "nested past the page": lambda path: path.write_text(deep),
+        "not an object": lambda path: path.write_text("[1, 2]"),
+    }.items():
+        report.unlink()
+        plant(report)
+        assert returns_within(30, page_run)["evaluation"] is None, what
+    report.unlink()
+    report.write_text('{"generation": {"fid": NaN, "clip_score": 0.25}}')  # a metric that could not be computed
+    assert returns_within(30, page_run)["evaluation"] == {"generation": {"fid": None, "clip_score": 0.25}}
+    (run / "data").mkdir()
+    os.mkfifo(run / "data" / "meta.json")
+    assert "step" not in returns_within(30, page_run)["components"]["data"]
 
 
 def test_progress_is_reported_per_token(pipe):
