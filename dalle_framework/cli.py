@@ -438,11 +438,9 @@ def cmd_inspect(args) -> int:
 
 def cmd_serve(args) -> int:
     """A web page and JSON API over a trained run (dalle_framework.serve)."""
-    import ipaddress
-
     from pydantic import ValidationError
 
-    from .serve import Limits, create_app
+    from .serve import Limits, create_app, host_name, host_names, is_loopback, listen_socket
 
     try:
         limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
@@ -451,23 +449,33 @@ def cmd_serve(args) -> int:
         raise UsageError(f"serve options: {lines}") from None
     from .interfaces import ImageCodec, Prior
 
-    pipe = _pipeline_for(args.run, [], args.device)
-    for contract in (ImageCodec, Prior):  # what generation needs: trained, or pretrained weights (`dalle convert`)
-        stage = pipe.role(contract)
-        if stage is None or not (pipe.has_weights(stage) or pipe.stage(stage).block.weights):
-            raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
-    import uvicorn
+    names = host_names(args.host, args.allowed_host)
+    with listen_socket(args.host, args.port) as sock:  # before the model loads: a busy port or a foreign host fails at once
+        pipe = _pipeline_for(args.run, [], args.device)
+        for contract in (ImageCodec, Prior):  # what generation needs: trained, or pretrained weights (`dalle convert`)
+            stage = pipe.role(contract)
+            if stage is None or not (pipe.has_weights(stage) or pipe.stage(stage).block.weights):
+                raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
+        import uvicorn
 
-    app = create_app(pipe, limits)
-    try:
-        local = ipaddress.ip_address(args.host).is_loopback
-    except ValueError:
-        local = args.host == "localhost"
-    if not local:
-        print(f"warning: serving on {args.host}: anyone who can reach it can queue jobs (there is no login)", file=sys.stderr)
-    print(f"serving {args.run} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        app = create_app(pipe, limits, allowed_hosts=names)
+        if not is_loopback(args.host):
+            print(f"warning: serving on {args.host}: anyone who can reach it can queue jobs (there is no login); the page answers "
+                  f"to the Host names {', '.join(sorted(names))} only (add the ones clients use with --allowed-host NAME)", file=sys.stderr)
+        print(f"serving {args.run} on http://{host_name(args.host)}:{sock.getsockname()[1]}/ (Ctrl-C stops)", file=sys.stderr)
+        uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning")).run(sockets=[sock])
     return 0
+
+
+def _host(text: str) -> str:
+    """An argparse type: a host name or address (as given; ``serve.host_name`` checks it)."""
+    from .serve import host_name
+
+    try:
+        host_name(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 # ----------------------------------------------------------------------------- data
@@ -626,7 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: grid.png, or none with --out-dir)")
     p.add_argument("--out-dir", type=Path, help="also one PNG per kept image, each with a JSON sidecar (caption, seed, "
                    "settings, score, rank): DIR/CAPTION-RANK.png and .json")
-    p.add_argument("--temperature", type=_number, help="softmax temperature (> 0)")
+    p.add_argument("--temperature", type=_number, help="softmax temperature (1 = as trained; low: near greedy)")
     p.add_argument("--top-k", type=_count(1, 2**31), help="sample among the k most likely codes")
     p.add_argument("--top-p", type=_number, help="sample within the nucleus of this probability mass (0, 1]")
     p.add_argument("--guidance", type=_number, help="classifier-free guidance scale (1 = off)")
@@ -683,8 +691,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="a web page and JSON API over a trained run")
     p.add_argument("run", help="run directory (codec and prior trained)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to bind (default: 8000)")
+    p.add_argument("--host", type=_host, default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=_count(1, 65535), default=8000, help="port to bind (default: 8000)")
+    p.add_argument("--allowed-host", action="append", type=_host, default=[], metavar="NAME",
+                   help="another Host name the page answers to, e.g. the name behind a proxy (repeatable); "
+                   "by default only the --host address, and localhost's names when that is a loopback address")
     for name, spec in Limits.model_fields.items():
         kind = type(spec.default)
         p.add_argument(f"--{name.replace('_', '-')}", type=kind, default=spec.default, help=f"{spec.description} (default: {spec.default:g})")

@@ -20,7 +20,7 @@ import abc
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, ClassVar, Iterable, Iterator, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -227,17 +227,24 @@ class ImageCodec(ModuleComponent):
 # --------------------------------------------------------------------------- stage 2
 
 
+# The bounds of each sampling setting, for every model that takes one (Sampling, dalle serve's requests).
+# Past these a draw is already greedy, uniform or guidance alone, and logits / temperature or the guided
+# logits only come closer to overflowing.
+Temperature = Annotated[float, Field(ge=1e-4, le=1e4)]
+TopK = Annotated[int, Field(ge=1, le=2**31)]
+TopP = Annotated[float, Field(gt=0, le=1)]
+GuidanceScale = Annotated[float, Field(ge=0, le=1000)]
+
+
 class Sampling(BaseModel):
     """How image tokens are drawn. Shared by priors, the pipeline and the CLI."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    # Bounds keep the float32 maths finite: logits / temperature and the guided difference stay
-    # far below float32's 3e38 (a temperature of 1e-4 is already greedy; guidance past 1e3 is noise).
-    temperature: float = Field(1.0, ge=1e-4, le=1e4, description="softmax temperature (1e-4 is greedy)")
-    top_k: Optional[int] = Field(None, ge=1, le=2**31, description="keep the k most likely tokens")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="nucleus mass to keep (the most likely token always stays)")
-    guidance_scale: float = Field(1.0, ge=0, le=1e3, description="classifier-free guidance; 1 = off")
+    temperature: Temperature = Field(1.0, description="softmax temperature (1e-4 is greedy)")
+    top_k: Optional[TopK] = Field(None, description="keep the k most likely tokens")
+    top_p: Optional[TopP] = Field(None, description="nucleus mass to keep (the most likely token always stays)")
+    guidance_scale: GuidanceScale = Field(1.0, description="classifier-free guidance; 1 = off")
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
     draws: Literal["auto", "device", "host"] = Field(
         "auto",

@@ -174,19 +174,30 @@ def write_json(path: str | Path, data: Any) -> Path:
 
 
 def read_json(path: str | Path) -> Any:
+    """A JSON file of the framework's; a missing, oversized, damaged or non-regular one is a UsageError naming it."""
     path = Path(path)
     try:
-        if path.stat().st_size > MAX_JSON_BYTES:
-            raise UsageError(f"{path}: {path.stat().st_size} bytes is far too large for this file; it is not one the framework wrote")
-        return json.loads(path.read_bytes().decode("utf-8"))
+        # O_NONBLOCK: opening a FIFO must not wait for a writer (regular files ignore the flag).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except FileNotFoundError:
         raise UsageError(f"{path}: missing; is this a run directory written by `dalle train`?") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise UsageError(f"{path}: is a directory, expected a JSON file")
+        if not stat.S_ISREG(info.st_mode):  # a FIFO, socket or device (/dev/zero) would block or never end
+            raise UsageError(f"{path}: not a regular file; replace it with the JSON file the framework wrote")
+        # Size checked before reading, and the read bounded too: the file may grow after fstat.
+        with os.fdopen(fd, "rb", closefd=False) as file:
+            too_large = info.st_size > MAX_JSON_BYTES or len(data := file.read(MAX_JSON_BYTES + 1)) > MAX_JSON_BYTES
+    finally:
+        os.close(fd)
+    if too_large:
+        raise UsageError(f"{path}: over {MAX_JSON_BYTES} bytes, far too large for this file; it is not one the framework wrote")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # decoding errors are ValueErrors; RecursionError: absurdly deep nesting
         raise UsageError(f"{path}: damaged, not valid JSON ({exc}); restore it or retrain with --force") from None
-    except RecursionError:  # nested thousands deep: no file the framework writes
-        raise UsageError(f"{path}: nested too deep to be a file the framework wrote; restore it or retrain with --force") from None
-    except IsADirectoryError:
-        raise UsageError(f"{path}: is a directory, expected a JSON file") from None
 
 
 def sha256_file(path: str | Path) -> str:

@@ -13,31 +13,45 @@ request over one is answered 4xx with a message naming the field and the bound.
 The server serves only what it made: PNG bytes kept in memory under random ids,
 evicted oldest first once ``max_results`` finished jobs are held, plus the page's
 three files, read from this package at start. No route maps a path to a file.
+
+Before the app sees a request, :class:`RequestGuard` refuses one whose Host header
+is not a name the server answers to (403: a DNS-rebinding page names its own
+domain there) and a body not framed by a Content-Length of at most
+``MAX_REQUEST_BYTES`` (411/400/413, unread).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
-import json
+import ipaddress
 import math
 import queue
+import re
 import secrets
+import socket
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Iterable, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import rundir
 from .errors import UsageError
-from .interfaces import ImageCodec, Prior, Sampling
+from .interfaces import GuidanceScale, ImageCodec, Prior, Sampling, Temperature, TopK, TopP
 
 PAGE_FILES = {"/": ("serve.html", "text/html"), "/app.js": ("serve.js", "text/javascript"), "/app.css": ("serve.css", "text/css")}
+MAX_REQUEST_BYTES = 64 * 1024  # a generate request is a caption and a few numbers, well under 1 KiB
+MAX_JSON_DEPTH = 32  # run files nest a few levels; a deeper one would overflow the /run response's encoder
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+# A Host header: a name (perhaps ending in the root's dot) or IPv4 address, or an IPv6 address in brackets; then an optional port.
+_HOST = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9_-]+(?:\.[a-z0-9_-]+)*\.?)(?::(?P<port>[0-9]{1,5}))?")
 
 
 class Limits(BaseModel):
@@ -59,15 +73,15 @@ class Limits(BaseModel):
 class GenerateRequest(BaseModel):
     """One caption to draw images for. Options left out take the recipe's ``generate`` defaults (``GET /run``)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     caption: str = Field(..., min_length=1, description="the text to draw; at most limits.max_caption_chars characters")
     candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
     keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
-    temperature: Optional[float] = Field(None, gt=0, description="softmax temperature of each token draw")
-    top_k: Optional[int] = Field(None, ge=1, description="draw only among the k most likely tokens")
-    top_p: Optional[float] = Field(None, gt=0, le=1, description="draw only within this nucleus probability mass")
-    guidance: Optional[float] = Field(None, ge=0, description="classifier-free guidance scale; 1 = off")
+    temperature: Optional[Temperature] = Field(None, description="softmax temperature of each token draw")
+    top_k: Optional[TopK] = Field(None, description="draw only among the k most likely tokens")
+    top_p: Optional[TopP] = Field(None, description="draw only within this nucleus probability mass")
+    guidance: Optional[GuidanceScale] = Field(None, description="classifier-free guidance scale; 1 = off")
     seed: Optional[int] = Field(
         None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"
     )
@@ -306,19 +320,135 @@ def _example_captions(pipeline: Any, count: int = 10) -> list[str]:
         return []
 
 
-def _read_json(path: Path) -> Optional[Any]:
-    """A JSON file of the run, or None when it is missing or unreadable (the page shows what there is)."""
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    """A JSON object file of the run, as strict JSON for the page; None when it is missing, unreadable,
+    not a regular file, not an object or nested absurdly deep (the page shows what there is)."""
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        data = rundir.read_json(path)
+        return _strict_json(data) if isinstance(data, dict) else None
+    except (UsageError, OSError, ValueError):
+        return None
+
+
+def _strict_json(value: Any, depth: int = 0) -> Any:
+    """``value`` with NaN and infinities (a metric that could not be computed) as null, as the page's JSON has no
+    such numbers; ValueError when nested past ``MAX_JSON_DEPTH``."""
+    if depth > MAX_JSON_DEPTH:
+        raise ValueError(f"nested over {MAX_JSON_DEPTH} levels deep")
+    if isinstance(value, dict):
+        return {key: _strict_json(item, depth + 1) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_strict_json(item, depth + 1) for item in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+# ----------------------------------------------------------------------------- the socket and what reaches the app
+
+
+def host_name(text: str) -> str:
+    """``text`` as a Host header names it: lower case, an IPv6 address in brackets. ValueError if it is no host name."""
+    name = text.strip().lower()
+    with contextlib.suppress(ValueError):
+        if ipaddress.ip_address(name).version == 6:
+            name = f"[{name}]"
+    match = _HOST.fullmatch(name)
+    if match is None or match["port"]:
+        raise ValueError(f"{text!r} is not a host name; give a name or address without a port, e.g. pictures.example.org")
+    return name
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a server bound to ``host`` is reachable from this machine only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+def host_names(bound: str, extra: Iterable[str] = ()) -> frozenset[str]:
+    """The Host header names a server bound to ``bound`` answers to: that one, loopback's names when it is
+    a loopback address, and ``extra`` (``--allowed-host``)."""
+    names = {host_name(bound), *map(host_name, extra)}
+    return frozenset(names | LOOPBACK_NAMES if is_loopback(bound) else names)
+
+
+def listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` for uvicorn to serve on; one that cannot be bound is a
+    UsageError naming ``--host`` or ``--port`` and the fix."""
+    address = host.strip("[]")  # an IPv6 address may come bracketed, as in a URL
+    try:
+        family, kind, proto, _, where = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise UsageError(f"--host {host}: cannot be resolved ({exc.strerror}); give an address of this machine, e.g. 127.0.0.1") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart can rebind at once
+    try:
+        sock.bind(where)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise UsageError(f"--port {port}: already in use on {host}; stop what serves there or choose another --port") from None
+        if exc.errno == errno.EADDRNOTAVAIL:
+            raise UsageError(f"--host {host}: not an address of this machine; give one of its own (127.0.0.1: this machine only)") from None
+        if exc.errno == errno.EACCES:
+            raise UsageError(f"--port {port}: permission denied (ports below 1024 need privileges); choose --port 1024 or above") from None
+        raise UsageError(f"--host {host} --port {port}: cannot bind ({exc.strerror}); choose another --host or --port") from None
+    return sock
+
+
+class RequestGuard:
+    """ASGI middleware that answers, before the app reads a byte of the request:
+
+    - 400/403 to a request without exactly one Host header naming one of ``allowed_hosts``: a page that
+      rebinds its own domain to this machine's address can send requests here, but with its domain as Host;
+    - 411 to a body without a Content-Length (chunked bodies have no length up front), 400 to a bad one,
+      413 to one over ``MAX_REQUEST_BYTES``, so no body is buffered or parsed past the bound.
+    """
+
+    def __init__(self, app: Any, allowed_hosts: Iterable[str]) -> None:
+        self.app = app
+        self.allowed_hosts = frozenset(map(host_name, allowed_hosts))
+
+    async def __call__(self, scope, receive, send) -> None:
+        refusal = self.refusal(scope) if scope["type"] == "http" else None
+        if refusal is None:
+            return await self.app(scope, receive, send)
+        from starlette.responses import JSONResponse
+
+        status, detail = refusal
+        # The body of a refused request is never read, so the connection cannot carry another one.
+        await JSONResponse({"detail": detail}, status, headers={"Connection": "close"})(scope, receive, send)
+
+    def refusal(self, scope) -> Optional[tuple[int, str]]:
+        """(status, message) for a request to refuse, else None."""
+        headers: dict[bytes, list[bytes]] = {}
+        for name, value in scope["headers"]:
+            headers.setdefault(name, []).append(value)
+        hosts = headers.get(b"host", [])
+        host = _HOST.fullmatch(hosts[0].decode("latin-1").lower()) if len(hosts) == 1 else None
+        if host is None:
+            return 400, "Host: send exactly one Host header naming this server (HTTP/1.1 requires it)"
+        if host["name"] not in self.allowed_hosts:
+            return 403, f"Host {host['name']}: not a name this server answers to; if it is one, restart dalle serve with --allowed-host {host['name']}"
+        if b"transfer-encoding" in headers:
+            return 411, "Transfer-Encoding: not accepted; send the body with a Content-Length"
+        lengths = headers.get(b"content-length")
+        if lengths is None:
+            return None if scope["method"] in ("GET", "HEAD", "OPTIONS") else (411, "Content-Length: required; send the body with its length")
+        if len(lengths) != 1 or not lengths[0].isdigit():
+            return 400, "Content-Length: give one whole number of bytes"
+        # Digits counted first: int() refuses numbers of over 4300 digits.
+        if len(lengths[0]) > len(str(MAX_REQUEST_BYTES)) or int(lengths[0]) > MAX_REQUEST_BYTES:
+            return 413, f"Content-Length: over this server's bound of {MAX_REQUEST_BYTES} bytes; a request is a caption and a few options"
         return None
 
 
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(pipeline: Any, limits: Optional[Limits] = None):
-    """The FastAPI app over a loaded :class:`~dalle_framework.pipeline.Pipeline` (codec and prior trained)."""
+def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts: Iterable[str] = LOOPBACK_NAMES):
+    """The FastAPI app over a loaded :class:`~dalle_framework.pipeline.Pipeline` (codec and prior trained),
+    answering requests whose Host header is one of ``allowed_hosts`` (see :func:`host_names`)."""
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, HTTPException, Request
@@ -345,6 +475,7 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None):
         redoc_url=None,
     )
     app.state.jobs = jobs
+    app.add_middleware(RequestGuard, allowed_hosts=allowed_hosts)
     errors = {422: {"model": ErrorOut}, 404: {"model": ErrorOut}}
 
     @app.exception_handler(RequestValidationError)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 
@@ -81,3 +83,24 @@ def pytest_runtest_setup(item):
             if os.environ.get("DALLE_REQUIRE_DATA") == "1":
                 pytest.fail(message)
             pytest.skip(message)
+
+
+def returns_within(seconds: float, call: Callable[[], Any]) -> Any:
+    """``call()``'s result (or its exception, raised here); fails the test instead of hanging it when
+    ``call`` blocks (on a FIFO, an endless file, a request the server never answers) for ``seconds``."""
+    outcome: list[tuple[bool, Any]] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, call()))
+        except BaseException as exc:  # handed to the test's thread
+            outcome.append((False, exc))
+
+    thread = threading.Thread(target=run, daemon=True)  # daemon: a call that never returns cannot hold up the exit
+    thread.start()
+    thread.join(seconds)
+    assert outcome, f"still running after {seconds} s"
+    returned, value = outcome[0]
+    if not returned:
+        raise value
+    return value

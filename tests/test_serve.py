@@ -1,12 +1,14 @@
-"""`dalle serve`: the JSON API through FastAPI's TestClient, and the page in a real headless Chromium.
+"""`dalle serve`: the JSON API through FastAPI's TestClient, hostile requests over raw sockets to a
+real `dalle serve` process, and the page in a real headless Chromium.
 
-Both run on a tiny shapes-demo run trained by `dalle run` inside the test module
+All run on a tiny shapes-demo run trained by `dalle run` inside the test module
 in seconds. The browser test also runs on another run when DALLE_SERVE_RUN names
 one (how the README's screenshot is taken; DALLE_SERVE_SCREENSHOT copies it out).
 """
 
 from __future__ import annotations
 
+import http.client
 import io
 import json
 import os
@@ -16,13 +18,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, returns_within, run_cli
 
 CAPTION = "a green square in the top left"
 # shapes-demo made tiny: 2 samples per caption, small models, a few steps each.
@@ -83,7 +87,7 @@ def client_for(pipeline, **limits):
 
     from dalle_framework.serve import Limits, create_app
 
-    return TestClient(create_app(pipeline, Limits(**limits)))
+    return TestClient(create_app(pipeline, Limits(**limits)), base_url="http://localhost")  # a Host the app answers to
 
 
 def wait(client, job_id: str, timeout: float = 120.0) -> dict:
@@ -189,6 +193,14 @@ def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
         ({"caption": "a red circle", "candidates": 0}, "candidates: Input should be greater than or equal to 1"),
         ({"caption": "a red circle", "top_p": 1.5}, "top_p: Input should be less than or equal to 1"),
         ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than or equal to 0.0001"),
+        ({"caption": "a red circle", "temperature": 1e-300}, "temperature: Input should be greater than or equal to 0.0001"),
+        ({"caption": "a red circle", "temperature": 1e300}, "temperature: Input should be less than or equal to 10000"),
+        ({"caption": "a red circle", "guidance": 1e300}, "guidance: Input should be less than or equal to 1000"),
+        ({"caption": "a red circle", "top_p": 1e300}, "top_p: Input should be less than or equal to 1"),
+        ({"caption": "a red circle", "seed": 1e300}, "seed: "),
+        ({"caption": "a red circle", "candidates": 1e300}, "candidates: "),
+        ({"caption": ["a red circle"]}, "caption: Input should be a valid string"),
+        ([CAPTION], "body: Input should be a valid dictionary"),
         ({"caption": "a red circle", "candidates": 2, "keep": 3}, "keep: 3 is more than candidates (2)"),
         ({"caption": "a red circle", "colour": "red"}, "colour: Extra inputs are not permitted"),
     ],
@@ -199,10 +211,19 @@ def test_bad_input_gets_422_with_a_message(pipe, body, message):
         assert response.status_code == 422 and message in response.json()["detail"], response.text
 
 
-def test_a_body_that_is_not_json_gets_422(pipe):
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b"{not json", 422, "JSON"),
+        (b'{"caption": "a red circle", "temperature": NaN}', 422, "temperature: Input should be a finite number"),
+        (b'{"caption": "a red circle", "guidance": -Infinity}', 422, "guidance: Input should be a finite number"),
+        (b"[" * 50_000, 400, "error parsing the body"),  # nested past the parser's recursion limit
+    ],
+)
+def test_a_body_that_is_not_json_or_has_no_numbers_json_knows_gets_4xx(pipe, body, status, message):
     with client_for(pipe) as client:
-        response = client.post("/generate", content=b"{not json", headers={"content-type": "application/json"})
-        assert response.status_code == 422 and "JSON" in response.json()["detail"]
+        response = client.post("/generate", content=body, headers={"content-type": "application/json"})
+        assert response.status_code == status and message in response.json()["detail"], response.text
 
 
 class Gated:
@@ -316,6 +337,41 @@ def test_run_page_and_openapi(pipe, tiny_run):
         assert "429" in schema["paths"]["/generate"]["post"]["responses"]
 
 
+def test_run_files_that_block_never_end_or_cannot_be_shown_are_unavailable_on_the_page(tiny_run, tmp_path):
+    """The page reads eval/report.json and each stage's meta.json, whatever lies there: none of these may hang
+    it, fill its memory or break GET /run; each is shown as unavailable (null)."""
+    from dalle_framework.pipeline import Pipeline
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tb"))
+    pipeline = Pipeline.load(run)
+
+    def page_run() -> dict:
+        with client_for(pipeline) as client:
+            response = client.get("/run")
+            assert response.status_code == 200, response.text
+            return response.json()
+
+    report = run / "eval" / "report.json"
+    deep = '{"x": ' * 900 + "1" + "}" * 900  # parses, but is past what /run's encoder takes
+    for what, plant in {
+        "a FIFO (an open that waits for a writer)": os.mkfifo,
+        "a link to /dev/zero (a read that never ends)": lambda path: path.symlink_to("/dev/zero"),
+        "nested past the parser": lambda path: path.write_text("[" * 100_000),
+        "nested past the page": lambda path: path.write_text(deep),
+        "not an object": lambda path: path.write_text("[1, 2]"),
+    }.items():
+        report.unlink()
+        plant(report)
+        assert returns_within(30, page_run)["evaluation"] is None, what
+    report.unlink()
+    report.write_text('{"generation": {"fid": NaN, "clip_score": 0.25}}')  # a metric that could not be computed
+    assert returns_within(30, page_run)["evaluation"] == {"generation": {"fid": None, "clip_score": 0.25}}
+    (run / "data").mkdir()
+    os.mkfifo(run / "data" / "meta.json")
+    assert "step" not in returns_within(30, page_run)["components"]["data"]
+
+
 def test_progress_is_reported_per_token(pipe):
     from dalle_framework.interfaces import Sampling
 
@@ -337,6 +393,26 @@ def test_serve_cli_refuses_bad_runs_and_bounds(tmp_path, tiny_run):
     assert missing.returncode == 2 and "not a run directory" in missing.stderr and "Traceback" not in missing.stderr
     bad = run_cli("serve", str(tiny_run), "--max-queue", "0")
     assert bad.returncode == 2 and "--max-queue" in bad.stderr
+
+
+def test_serve_cli_refuses_ports_and_hosts_it_cannot_bind(tiny_run, capsys):
+    from dalle_framework.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        for args, expected in (
+            (["--port", "99999"], "--port: 99999 is out of range; give 1 to 65535"),
+            (["--port", "-1"], "--port: -1 is out of range; give 1 to 65535"),
+            (["--port", str(busy)], f"--port {busy}: already in use on 127.0.0.1; stop what serves there or choose another --port"),
+            (["--host", "192.0.2.1"], "--host 192.0.2.1: not an address of this machine"),  # TEST-NET-1: nobody's own address
+            (["--host", "bad host"], "--host: 'bad host' is not a host name"),
+            (["--allowed-host", "pictures.example:80"], "--allowed-host: 'pictures.example:80' is not a host name"),
+        ):
+            assert main(["serve", str(tiny_run), "--device", "cpu", *args]) == 2, args
+            err = capsys.readouterr().err
+            assert expected in err and "Traceback" not in err, (args, err)
 
 
 def grid_size(rows: int, columns: int) -> tuple[int, int]:
@@ -364,23 +440,7 @@ def test_run_grids_carry_captions_and_scores(tiny_run, tmp_path):
         assert image.size == (4 + 180 + 4 + 68, 4 + 4 * 68)
 
 
-# ----------------------------------------------------------------------------- a real browser
-
-
-def _browser_paths() -> tuple[str, str]:
-    chromium = shutil.which("chromium") or "/usr/bin/chromium"
-    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-    missing = [p for p in (chromium, driver) if not Path(p).exists()]
-    try:
-        import selenium  # noqa: F401
-    except ImportError:
-        missing.append("the selenium package (pip install -e '.[test]')")
-    if missing:
-        message = f"no headless browser ({', '.join(missing)} missing); apt-get install chromium chromium-driver"
-        if os.environ.get("DALLE_REQUIRE_DATA") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    return chromium, driver
+# ----------------------------------------------------------------------------- a real `dalle serve`
 
 
 def _free_port() -> int:
@@ -389,14 +449,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def served(request, tmp_path):
-    """A real `dalle serve` process on a free port; yields its URL."""
+ALLOWED_HOST = "pictures.example"
+
+
+@pytest.fixture(scope="module")
+def served(request, tmp_path_factory):
+    """A real `dalle serve` process on a free port, also answering to ALLOWED_HOST; yields its URL."""
     run = os.environ.get("DALLE_SERVE_RUN") or str(request.getfixturevalue("tiny_run"))
     port = _free_port()
+    tmp_path = tmp_path_factory.mktemp("served")
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "dalle_framework", "serve", run, "--port", str(port), "--device", "cpu"],
+        [sys.executable, "-m", "dalle_framework", "serve", run, "--port", str(port), "--device", "cpu", "--allowed-host", ALLOWED_HOST],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -417,6 +481,110 @@ def served(request, tmp_path):
         server.terminate()
         server.wait(30)
         log.close()
+
+
+def request(url: str, method: str, path: str, headers: list[tuple[str, str]], body: bytes = b"") -> tuple[int, bytes, Optional[str]]:
+    """One raw HTTP/1.1 request with exactly ``headers`` (nothing added, duplicates kept) on a fresh connection;
+    (status, body, Connection header). A server that does not answer within 10 s fails the test."""
+    head = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    where = urllib.parse.urlsplit(url)
+    with socket.create_connection((where.hostname, where.port), timeout=10) as connection:
+        connection.sendall(f"{method} {path} HTTP/1.1\r\n{head}\r\n".encode("latin-1") + body)
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        return response.status, response.read(), response.getheader("connection")
+
+
+def test_only_the_bound_host_names_are_answered(served):
+    """A DNS-rebinding page reaches this server under its own domain: the Host header names it, and is refused."""
+    port = urllib.parse.urlsplit(served).port
+    for host in (f"127.0.0.1:{port}", "127.0.0.1", "localhost", f"LocalHost:{port}", f"[::1]:{port}", ALLOWED_HOST, f"{ALLOWED_HOST}:{port}"):
+        status, body, _ = request(served, "GET", "/run", [("Host", host)])
+        assert status == 200 and json.loads(body)["limits"], host
+    for host in ("rebound.example", f"rebound.example:{port}", "127.0.0.1.rebound.example", f"{ALLOWED_HOST}.rebound.example", "localhost."):
+        for method, path in (("GET", "/run"), ("GET", "/"), ("POST", "/generate")):
+            status, body, _ = request(served, method, path, [("Host", host), ("Content-Length", "0")])
+            assert status == 403 and "--allowed-host" in json.loads(body)["detail"], (host, path, body)
+    malformed = ([("Host", "rebound.example@127.0.0.1")], [("Host", "")], [("Host", "localhost"), ("Host", "rebound.example")], [])
+    for headers in malformed:  # h11 itself refuses a missing or repeated Host; the app refuses the rest
+        status, _, _ = request(served, "GET", "/run", headers)
+        assert status == 400, headers
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:  # HTTP/1.0 may leave Host out
+        connection.sendall(b"GET /run HTTP/1.0\r\n\r\n")
+        response = http.client.HTTPResponse(connection)
+        response.begin()
+        assert response.status == 400 and "Host" in json.loads(response.read())["detail"]
+
+
+def test_request_bodies_are_bounded_before_they_are_read(served):
+    from dalle_framework.serve import MAX_REQUEST_BYTES
+
+    host = ("Host", "localhost")
+    json_body = ("Content-Type", "application/json")
+    # 20 MB announced, 4 KB sent: the answer comes at once, without waiting for (or reading) the rest.
+    started = time.monotonic()
+    status, body, connection = request(served, "POST", "/generate", [host, json_body, ("Content-Length", str(20 * 2**20))], b'{"caption": "' + b"x" * 4000)
+    assert status == 413 and f"{MAX_REQUEST_BYTES} bytes" in json.loads(body)["detail"] and connection == "close"
+    assert time.monotonic() - started < 5
+    assert request(served, "POST", "/generate", [host, json_body, ("Content-Length", str(MAX_REQUEST_BYTES + 1))])[0] == 413
+    status, body, _ = request(served, "POST", "/generate", [host, json_body])
+    assert status == 411 and "Content-Length: required" in json.loads(body)["detail"]
+    status, body, _ = request(served, "POST", "/generate", [host, json_body, ("Transfer-Encoding", "chunked")], b"5\r\nhello\r\n0\r\n\r\n")
+    assert status == 411 and "Content-Length" in json.loads(body)["detail"]
+    for length in ("-1", "twelve", "1e3", "9" * 5000):  # h11 refuses these before the app sees them
+        assert request(served, "POST", "/generate", [host, json_body, ("Content-Length", length)])[0] == 400, length
+    within = json.dumps({"caption": "x" * 1000}).encode()  # read and parsed: over max_caption_chars, not over the body bound
+    status, body, _ = request(served, "POST", "/generate", [host, json_body, ("Content-Length", str(len(within)))], within)
+    assert status == 422 and "max_caption_chars" in json.loads(body)["detail"]
+
+
+def test_host_names_are_the_bound_address_and_loopback_aliases_only_on_loopback():
+    from dalle_framework.serve import LOOPBACK_NAMES, host_names
+
+    assert host_names("127.0.0.1") == LOOPBACK_NAMES and host_names("::1") == LOOPBACK_NAMES
+    assert host_names("localhost", ["Pictures.Example"]) == LOOPBACK_NAMES | {"pictures.example"}
+    assert host_names("0.0.0.0") == {"0.0.0.0"}  # every interface: clients' names must be given (--allowed-host)
+    assert host_names("192.168.1.5", [ALLOWED_HOST]) == {"192.168.1.5", ALLOWED_HOST}
+    assert host_names("2001:db8::1") == {"[2001:db8::1]"}
+
+
+@pytest.mark.parametrize(
+    "headers, status",
+    [
+        ({"host": "localhost", "content-length": "-1"}, 400),
+        ({"host": "localhost", "content-length": "0x10"}, 400),
+        ({"host": "localhost", "content-length": "１２"}, 400),  # fullwidth digits: isdigit() on str would take them
+        ({"host": "localhost"}, 411),
+        ({"host": "localhost", "content-length": "65537"}, 413),
+        ({"host": "localhost", "content-length": "65536"}, None),
+    ],
+)
+def test_the_guard_checks_lengths_itself(headers, status):
+    """What h11 already refuses in front of the app, the guard refuses too, for a server that lets it through."""
+    from dalle_framework.serve import LOOPBACK_NAMES, RequestGuard
+
+    scope = {"type": "http", "method": "POST", "headers": [(k.encode(), v.encode()) for k, v in headers.items()]}
+    refusal = RequestGuard(None, LOOPBACK_NAMES).refusal(scope)
+    assert (refusal and refusal[0]) == status, refusal
+
+
+# ----------------------------------------------------------------------------- a real browser
+
+
+def _browser_paths() -> tuple[str, str]:
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    driver = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+    missing = [p for p in (chromium, driver) if not Path(p).exists()]
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        missing.append("the selenium package (pip install -e '.[test]')")
+    if missing:
+        message = f"no headless browser ({', '.join(missing)} missing); apt-get install chromium chromium-driver"
+        if os.environ.get("DALLE_REQUIRE_DATA") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    return chromium, driver
 
 
 @pytest.mark.slow

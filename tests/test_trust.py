@@ -9,6 +9,7 @@ kind (exit code 2, a message, no traceback).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pickle
@@ -24,7 +25,7 @@ import torch
 import yaml
 from pydantic import Field
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, returns_within, run_cli
 from dalle_framework import DalleError, ImageCodec, Params, UsageError, hookimpl, rundir
 from dalle_framework.cli import main
 from dalle_framework.pipeline import Pipeline
@@ -502,6 +503,24 @@ def test_damaged_run_files_are_clear_errors(trained_run, tmp_path, capsys):
         damage(run / relative)
         code, err = cli("generate", run, "a red circle in the top left", "-n", "1", "--quiet", "--out", tmp_path / "g.png", capsys=capsys)
         assert code == 2 and Path(relative).name in err and "Traceback" not in err, (relative, err)
+
+
+def test_json_files_that_block_never_end_or_overflow_the_parser_are_clear_errors(tmp_path):
+    """A FIFO blocks a plain open, /dev/zero never ends: read_json refuses both without reading a byte."""
+    os.mkfifo(tmp_path / "fifo.json")
+    (tmp_path / "zero.json").symlink_to("/dev/zero")
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with open(tmp_path / "big.json", "wb") as big:
+        big.truncate(rundir.MAX_JSON_BYTES + 1)  # sparse: nothing is written
+    (tmp_path / "dir.json").mkdir()
+    expected = {
+        "fifo.json": "not a regular file", "zero.json": "not a regular file", "deep.json": "damaged, not valid JSON",
+        "big.json": "far too large", "dir.json": "is a directory",
+    }
+    for name, message in expected.items():
+        with pytest.raises(UsageError) as refusal:
+            returns_within(10, functools.partial(rundir.read_json, tmp_path / name))
+        assert message in str(refusal.value) and name in str(refusal.value), refusal.value
 
 
 @pytest.mark.parametrize(
