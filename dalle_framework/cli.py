@@ -727,6 +727,12 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _out_of_memory(exc: RuntimeError) -> bool:
+    """torch's allocators fail with RuntimeErrors: OutOfMemoryError on a GPU, a bare one naming the
+    allocator on the CPU (checked by name and text, so that torch is not imported here)."""
+    return type(exc).__name__ == "OutOfMemoryError" or "can't allocate memory" in str(exc)
+
+
 @contextlib.contextmanager
 def _bars_off():
     """--quiet: every progress bar off, in this process and the ones it starts (see progress.py)."""
@@ -769,7 +775,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: {OUT_OF_MEMORY}", file=sys.stderr)
         return 1
     except RuntimeError as exc:
-        if type(exc).__name__ != "OutOfMemoryError":  # torch's allocator error (a RuntimeError), named so torch is not imported here
+        if not _out_of_memory(exc):
             raise
         print(f"error: {OUT_OF_MEMORY} ({str(exc).splitlines()[0][:200]})", file=sys.stderr)
         return 1

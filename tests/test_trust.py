@@ -634,6 +634,21 @@ def test_a_failed_write_is_exit_1_naming_the_file_and_damages_nothing(trained_ru
     assert set(before) <= set(after), f"lost: {sorted(set(before) - set(after))}"
 
 
+def test_running_out_of_memory_is_exit_1_with_what_to_lower(trained_run, tmp_path):
+    """A real allocation failure (an address-space limit), not a simulated one: torch's CPU allocator
+    raises a bare RuntimeError, which the CLI reports like MemoryError."""
+    import resource
+
+    limit = 4 * 2**30
+    done = subprocess.run(
+        [sys.executable, "-m", "dalle_framework", "generate", str(trained_run), "a red circle", "-n", "100000", "--batch-size", "100000",
+         "--keep", "1", "-q", "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert done.returncode == 1 and "out of memory" in done.stderr and "--batch-size" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+
+
 def _special_outputs(tmp_path: Path) -> dict[str, Path]:
     import socket
 
