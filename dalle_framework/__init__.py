@@ -13,7 +13,8 @@ checks every built-in plugin against this list):
 - ``dalle_framework.data``: image conversions, splits, shards, token shards, batches;
 - ``dalle_framework.rundir``: atomic files and directories, weights, weights-only torch files;
 - ``dalle_framework.distributed``: ranks, barriers and agreement between processes;
-- ``dalle_framework.convert``: reading released weights (restricted unpicklers) for ``dalle convert``.
+- ``dalle_framework.convert``: reading released weights (restricted unpicklers) for ``dalle convert``;
+- ``dalle_framework.progress``: progress bars that ``dalle -q`` silences.
 """
 
 from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, UsageError
@@ -59,6 +60,7 @@ PLUGIN_API = (
     "dalle_framework.rundir",
     "dalle_framework.distributed",
     "dalle_framework.convert",
+    "dalle_framework.progress",
 )
 
 __all__ = [

@@ -11,13 +11,18 @@ registered is rolled back and the others keep working.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
 import os
+import signal
+import sys
+import threading
 import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Optional
+from types import MappingProxyType
+from typing import Any, Iterator, Optional
 
 import pluggy
 
@@ -69,7 +74,7 @@ class PluginManager:
     def __init__(self, *, load_entry_points: bool = True, disabled: Optional[set[str]] = None) -> None:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
-        self.registries: dict[str, Registry] = {kind: Registry(kind, base) for kind, (_, base) in KINDS.items()}
+        self.registries: MappingProxyType[str, Registry] = MappingProxyType({kind: Registry(kind, base) for kind, (_, base) in KINDS.items()})
         self.recipe_dirs: list[Path] = []
         self.plugins: dict[str, PluginInfo] = {}
         if disabled is None:
@@ -77,6 +82,8 @@ class PluginManager:
         self.disabled = disabled
         if load_entry_points:
             self.load_entry_points()
+        for registry in self.registries.values():
+            registry.close()
 
     # ------------------------------------------------------------------ loading
 
@@ -103,9 +110,10 @@ class PluginManager:
                 info.disabled = True
                 continue
             try:
-                module = ep.load()
-            except KeyboardInterrupt:
-                raise
+                with _plugin_code():
+                    module = ep.load()
+            except _Interrupted:
+                raise KeyboardInterrupt from None
             except BaseException as exc:  # a broken plugin (even one calling sys.exit) must not take the CLI down
                 info.error = _describe(exc)
                 continue
@@ -138,8 +146,9 @@ class PluginManager:
 
     def _unregister_components(self, info: PluginInfo) -> None:
         for kind, names in info.components.items():
-            for component in names:
-                self.registries[kind].unregister(component)
+            with self.registries[kind].admitting(info.name) as registry:
+                for component in names:
+                    registry.unregister(component)
         info.components = {}
 
     def _call(self, module: Any, hook_name: str, **kwargs: Any) -> None:
@@ -159,30 +168,30 @@ class PluginManager:
                 continue
             registry = self.registries[kind]
             before = set(registry.names())
-            registry.current_plugin = info.name
             try:
-                self._call(module, hook_name, registry=registry)
-            except KeyboardInterrupt:
-                raise
+                with registry.admitting(info.name), _plugin_code():
+                    self._call(module, hook_name, registry=registry)
+            except _Interrupted:
+                raise KeyboardInterrupt from None
             except BaseException as exc:
                 info.error = _describe(exc)
                 # Undo what this plugin registered so no half-registered plugin stays.
-                for added in set(registry.names()) - before:
-                    registry.unregister(added)
+                with registry.admitting(info.name):
+                    for added in set(registry.names()) - before:
+                        registry.unregister(added)
                 self._unregister_components(info)
                 self.pm.unregister(module)
                 return
-            finally:
-                registry.current_plugin = "<inline>"
             added = sorted(set(registry.names()) - before)
             if added:
                 info.components[kind] = added
         if RECIPE_DIRS_HOOK in info.hooks:
             dirs: list[Path] = []
             try:
-                self._call(module, RECIPE_DIRS_HOOK, register=lambda path: dirs.append(Path(path)))
-            except KeyboardInterrupt:
-                raise
+                with _plugin_code():
+                    self._call(module, RECIPE_DIRS_HOOK, register=lambda path: dirs.append(Path(path)))
+            except _Interrupted:
+                raise KeyboardInterrupt from None
             except BaseException as exc:
                 info.error = _describe(exc)
                 return
@@ -201,6 +210,38 @@ class PluginManager:
     @property
     def errors(self) -> dict[str, str]:
         return {n: i.error for n, i in self.plugins.items() if i.error}
+
+
+class _Interrupted(BaseException):
+    """A real Ctrl-C while plugin code ran: it stops the command, unlike a KeyboardInterrupt the plugin raised."""
+
+
+@contextlib.contextmanager
+def _plugin_code() -> Iterator[None]:
+    """Around plugin code: its output goes to stderr (Python's and its subprocesses'), and SIGINT is
+    told apart from a KeyboardInterrupt the plugin raises itself (that one is the plugin's failure)."""
+    sys.stdout.flush()
+    saved = None
+    try:
+        saved = os.dup(1)
+        os.dup2(2, 1)
+    except OSError:  # no fd 1 / 2 (a closed stdout): nothing to keep apart
+        saved = None
+    def interrupted(signum: int, frame: Any) -> None:
+        raise _Interrupted()
+
+    main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    previous = signal.signal(signal.SIGINT, interrupted) if main_thread else None
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+        sys.stderr.flush()
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
 
 
 def _describe(exc: BaseException) -> str:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
-from typing import Any, Generic, Iterable, Optional, TypeVar
+from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -18,6 +19,11 @@ class Registry(Generic[T]):
 
     ``register`` checks the base class and that ``cls.Params`` is a pydantic model
     that forbids unknown keys, and records which plugin registered the class.
+
+    A plugin manager closes its registries once plugins have loaded (:meth:`close`):
+    after that only :meth:`admitting` opens one, for one plugin at a time, and a plugin
+    can unregister only what it registered itself, so no code holding a registry can
+    swap a component in later.
     """
 
     def __init__(self, kind: str, base: type[T]) -> None:
@@ -26,9 +32,31 @@ class Registry(Generic[T]):
         self._classes: dict[str, type[T]] = {}
         self._aliases: dict[str, str] = {}
         self.current_plugin: str = "<inline>"  # set by the plugin manager while a plugin registers
+        self._closed = False
+
+    def close(self) -> None:
+        self._closed = True
+
+    @contextlib.contextmanager
+    def admitting(self, plugin: str) -> Iterator["Registry[T]"]:
+        """Open the registry to one plugin's registrations (the plugin manager's door)."""
+        closed, previous = self._closed, self.current_plugin
+        self._closed, self.current_plugin = False, plugin
+        try:
+            yield self
+        finally:
+            self._closed, self.current_plugin = closed, previous
+
+    def _check_open(self, action: str, name: str) -> None:
+        if self._closed:
+            raise RegistryError(
+                f"cannot {action} {self.kind} {name!r}: the {self.kind} registry is closed once plugins have loaded; "
+                f"register components from a plugin's registration hook (or PluginManager.add_plugin)"
+            )
 
     def register(self, cls: type[T], name: Optional[str] = None, aliases: Iterable[str] = ()) -> type[T]:
         name = name or getattr(cls, "name", "") or cls.__name__
+        self._check_open("register", name)
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise RegistryError(f"{self.kind} {name!r}: {cls!r} is not a subclass of {self.base.__name__}")
         params = getattr(cls, "Params", None)
@@ -55,6 +83,11 @@ class Registry(Generic[T]):
         return cls
 
     def unregister(self, name: str) -> None:
+        """Remove a component; a plugin may remove only its own (built-ins keep their names)."""
+        self._check_open("unregister", name)
+        owner = getattr(self._classes.get(name), "plugin", self.current_plugin)
+        if owner != self.current_plugin and self.current_plugin != "<inline>":
+            raise RegistryError(f"plugin {self.current_plugin!r} cannot unregister {self.kind} {name!r}: it belongs to plugin {owner!r}")
         self._classes.pop(name, None)
         for alias in [a for a, target in self._aliases.items() if target == name]:
             del self._aliases[alias]

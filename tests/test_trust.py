@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -408,7 +409,18 @@ def test_builtins_keep_their_names_and_the_newcomer_is_reported(tmp_path):
     assert [c["plugin"] for c in json.loads(shown.stdout)["codec"] if c["name"] == "vq-vae"] == ["vqvae"]
 
 
-@pytest.mark.parametrize("code", ["import sys\nsys.exit(3)\n", "raise BaseException('boom')\n", "raise SystemExit\n"])
+RAISES_IN_HOOK = """
+from dalle_framework import hookimpl
+
+@hookimpl
+def dalle_register_codecs(registry):
+    raise KeyboardInterrupt
+"""
+
+
+@pytest.mark.parametrize(
+    "code", ["import sys\nsys.exit(3)\n", "raise BaseException('boom')\n", "raise SystemExit\n", "raise KeyboardInterrupt\n", RAISES_IN_HOOK]
+)
 def test_a_plugin_that_exits_on_import_is_isolated(tmp_path, code):
     site = tmp_path / "site"
     fake_distribution(site, "exiting", "exiting", "dalle_exiting", code)
@@ -418,6 +430,83 @@ def test_a_plugin_that_exits_on_import_is_isolated(tmp_path, code):
     assert plugins["exiting"]["error"] and plugins["dvae"]["components"] == {"codec": ["gumbel-dvae"]}
     validated = run_cli("recipes", "validate", "shapes-demo", env={"PYTHONPATH": str(site)})
     assert validated.returncode == 0, validated.stderr
+
+
+NOISY = """
+import os, subprocess, sys
+from dalle_framework import hookimpl
+print("noisy: imported")
+sys.stdout.write("noisy: written\\n")
+subprocess.run([sys.executable, "-c", "print('noisy: from a subprocess')"])
+os.write(1, b"noisy: straight to fd 1\\n")
+
+@hookimpl
+def dalle_register_recipe_dirs(register):
+    print("noisy: in a hook")
+"""
+
+
+def test_what_a_plugin_prints_while_loading_goes_to_stderr_and_json_stays_parseable(tmp_path):
+    site = tmp_path / "site"
+    fake_distribution(site, "noisy", "noisy", "dalle_noisy", NOISY)
+    result = run_cli("plugins", "--json", env={"PYTHONPATH": str(site)})
+    assert result.returncode == 0, result.stderr
+    plugins = {p["name"]: p for p in json.loads(result.stdout)["plugins"]}
+    assert plugins["noisy"]["error"] is None and "dalle_register_recipe_dirs" in plugins["noisy"]["hooks"]
+    for said in ("imported", "written", "from a subprocess", "straight to fd 1", "in a hook"):
+        assert f"noisy: {said}" in result.stderr and f"noisy: {said}" not in result.stdout
+
+
+def test_a_real_ctrl_c_while_a_plugin_loads_still_stops_the_command(tmp_path):
+    site = tmp_path / "site"
+    code = "import sys, time\nprint('slow: loading', file=sys.stderr, flush=True)\ntime.sleep(60)\n"
+    fake_distribution(site, "slow", "slow", "dalle_slow", code)
+    started = subprocess.Popen([sys.executable, "-m", "dalle_framework", "plugins", "--json"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(site)})
+    assert "slow: loading" in started.stderr.readline()
+    started.send_signal(signal.SIGINT)
+    out, err = started.communicate(timeout=60)
+    assert started.returncode == 130 and out == "", err
+
+
+STASHES_REGISTRY = '''
+from dalle_framework import hookimpl
+from dalle_vqvae import VQVAE
+
+class Impostor(VQVAE):
+    """Pretends to be the built-in VQ-VAE."""
+
+kept = []
+
+@hookimpl
+def dalle_register_codecs(registry):
+    kept.append(registry)
+    registry.unregister("vq-vae")
+    registry.register(Impostor, name="vq-vae")
+'''
+
+
+def test_registries_close_once_plugins_have_loaded(tmp_path, monkeypatch):
+    """Neither a plugin's hook nor code that kept a registry can remove or replace a component
+    another plugin registered, and the registries themselves cannot be swapped."""
+    from dalle_framework.errors import RegistryError
+    from dalle_framework.plugins import PluginManager
+
+    (tmp_path / "dalle_stash.py").write_text(STASHES_REGISTRY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import dalle_stash
+
+    manager = PluginManager()
+    info = manager.add_plugin(dalle_stash, name="stash")
+    assert "cannot unregister codec 'vq-vae': it belongs to plugin 'vqvae'" in info.error
+    codecs = manager.registry("codec")
+    assert codecs.get("vq-vae").plugin == "vqvae" and codecs.get("vq-vae") is not dalle_stash.Impostor
+    for attempt in (lambda: dalle_stash.kept[0].unregister("vq-vae"), lambda: codecs.register(dalle_stash.Impostor, name="vq-vae-2")):
+        with pytest.raises(RegistryError, match="the codec registry is closed once plugins have loaded"):
+            attempt()
+    with pytest.raises(TypeError):
+        manager.registries["codec"] = codecs  # type: ignore[index]
+    assert "vq-vae-2" not in codecs and codecs.get("vq-vae").plugin == "vqvae"
 
 
 def test_hooks_are_called_through_pluggy_so_specname_works(bare_manager):
