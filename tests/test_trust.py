@@ -723,6 +723,37 @@ def test_a_failed_write_is_exit_1_naming_the_file_and_damages_nothing(trained_ru
     assert set(before) <= set(after), f"lost: {sorted(set(before) - set(after))}"
 
 
+def test_a_tensorboard_write_that_fails_in_its_thread_is_exit_1_naming_the_directory(tmp_path):
+    """SummaryWriter writes from a thread and re-raises a full disk later as a bare OSError; the loop's
+    writer names its directory (a real EFBIG from a file-size limit, in a child process)."""
+    code = (
+        "import sys\nfrom pathlib import Path\nfrom dalle_framework.errors import DalleError\n"
+        "from dalle_framework.train.loop import _writer\n"
+        "w = _writer(Path(sys.argv[1]))\n"
+        "try:\n"
+        "    for step in range(50):\n"
+        "        w.add_text('big', 'x' * 5000, step)\n"
+        "        w.flush()\n"
+        "except DalleError as exc:\n"
+        "    print(exc)\n"
+        "    sys.exit(7)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tb")], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=_file_size_limit(2_000), timeout=120)
+    assert done.returncode == 7, done.stderr[-2000:]
+    assert f"{tmp_path / 'tb'} (TensorBoard events)" in done.stdout and "intact" in done.stdout, done.stdout
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+
+
+def test_a_shard_write_that_fails_is_exit_1_naming_the_shard(tmp_path):
+    out = tmp_path / "shards"
+    done = subprocess.run([sys.executable, "-m", "dalle_framework", "data", "shards", "shapes", str(out), "-q",
+                           "--param", "image_size=32"], cwd=ROOT, capture_output=True, text=True,
+                          preexec_fn=_file_size_limit(20_000), timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert str(out / "train-000000.tar") in done.stderr and "intact" in done.stderr, done.stderr[-2000:]
+
+
 def test_running_out_of_memory_is_exit_1_with_what_to_lower(trained_run, tmp_path):
     """A real allocation failure (an address-space limit), not a simulated one: torch's CPU allocator
     raises a bare RuntimeError, which the CLI reports like MemoryError."""

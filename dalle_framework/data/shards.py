@@ -17,7 +17,8 @@ from typing import Any, Optional, Sequence, Union
 
 from PIL import Image
 
-from ..errors import UsageError
+from ..errors import UsageError, write_failed
+from ..rundir import WRITE_ERRORS, write_json
 from .images import _as_uint8_hwc
 
 log = logging.getLogger(__name__)
@@ -66,30 +67,30 @@ def write_shards(
             for sample in source.samples(split):
                 if limit is not None and count >= limit:
                     break
-                if count % max_per_shard == 0:  # start the next shard
-                    if writer is not None:
-                        writer.close()
-                        stream.close()
-                    shard += 1
-                    stream = open(out / f"{split}-{shard:06d}.tar", "wb")
-                    writer = wds.TarWriter(stream, encoder=False)
-                key = f"{count:06d}"
                 meta = _json_safe({"key": sample.key, **(sample.meta or {})})
-                writer.write(
-                    {
-                        "__key__": key,
-                        "png": _png(sample.image),
-                        "txt": sample.caption.encode("utf-8"),
-                        "json": json.dumps(meta).encode("utf-8"),
-                    }
-                )
+                record = {"__key__": f"{count:06d}", "png": _png(sample.image), "txt": sample.caption.encode("utf-8"),
+                          "json": json.dumps(meta).encode("utf-8")}
+                try:  # a full disk mid-shard is a bare OSError: named here
+                    if count % max_per_shard == 0:  # start the next shard
+                        if writer is not None:
+                            writer.close()
+                            stream.close()
+                        shard += 1
+                        stream = open(out / f"{split}-{shard:06d}.tar", "wb")
+                        writer = wds.TarWriter(stream, encoder=False)
+                    writer.write(record)
+                except WRITE_ERRORS as exc:
+                    raise write_failed(out / f"{split}-{shard:06d}.tar", exc) from None
                 count += 1
                 bar.update(1)
         finally:
             bar.close()
             if writer is not None:
-                writer.close()
-                stream.close()
+                try:
+                    writer.close()
+                    stream.close()
+                except WRITE_ERRORS as exc:
+                    raise write_failed(out / f"{split}-{shard:06d}.tar", exc) from None
         n_shards = shard + 1
         pattern = (
             str(out / f"{split}-{{000000..{max(n_shards - 1, 0):06d}}}.tar")
@@ -99,5 +100,5 @@ def write_shards(
         result[split] = {"count": count, "shards": n_shards, "pattern": pattern if n_shards else None}
         log.info("wrote %d %s samples in %d shards to %s", count, split, n_shards, out)
     result["skipped"] = int(getattr(source, "skipped", 0))
-    (out / "stats.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(out / "stats.json", result)
     return result

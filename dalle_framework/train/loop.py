@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import logging
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -21,7 +22,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from .. import distributed, finetune, rundir
-from ..errors import DalleError, NonFiniteError, UsageError
+from ..errors import DalleError, NonFiniteError, UsageError, write_failed
 from ..pipeline import Pipeline
 from ..recipe import as_data, component_differences, dump, read_yaml
 from ..stage import Stage
@@ -494,10 +495,46 @@ def _ema(run, decay: float) -> EMA:
         raise UsageError(f"train.ema: {exc}; drop `ema` or use ZeRO stage 0-2") from None
 
 
-def _writer(path: Path):
-    from torch.utils.tensorboard import SummaryWriter
+class _TensorBoard:
+    """A SummaryWriter whose failures name its directory: it writes from a thread and raises a full
+    disk on a later call as a bare OSError (no file name), which here becomes exit 1 naming it."""
 
-    return SummaryWriter(log_dir=str(rundir.make_dirs(path)))
+    def __init__(self, path: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        if not getattr(threading.excepthook, "quiets_tensorboard", False):
+            threading.excepthook = _quiet_writer_threads(threading.excepthook)
+        self.path = rundir.make_dirs(path)
+        self._writer = self._named(SummaryWriter)(log_dir=str(self.path))
+
+    def _named(self, write):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return write(*args, **kwargs)
+            except rundir.WRITE_ERRORS as exc:
+                raise write_failed(f"{self.path} (TensorBoard events)", exc) from None
+
+        return call
+
+    def __getattr__(self, name: str) -> Any:
+        return self._named(getattr(self._writer, name))
+
+
+def _quiet_writer_threads(previous):
+    """A failed write in TensorBoard's writer thread is raised again on the next call, named there:
+    the thread's own traceback is left out (any other thread's error still prints)."""
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if type(args.thread).__name__ == "_AsyncWriterThread" and isinstance(args.exc_value, rundir.WRITE_ERRORS):
+            return
+        previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    return hook
+
+
+def _writer(path: Path) -> _TensorBoard:
+    return _TensorBoard(path)
 
 
 def _log_preview(writer, stage: Stage, module, device, step: int) -> None:
