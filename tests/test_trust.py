@@ -754,6 +754,29 @@ def test_a_shard_write_that_fails_is_exit_1_naming_the_shard(tmp_path):
     assert str(out / "train-000000.tar") in done.stderr and "intact" in done.stderr, done.stderr[-2000:]
 
 
+def _without_root_file_access() -> None:
+    """Drop the capabilities that let root read any file (from the bounding set, so the command this
+    child execs has them in no set): mode-000 files are then unreadable, as for any other user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
+
+
+def test_an_unreadable_weights_file_is_named_as_unreadable_not_missing(trained_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    weights = run / "prior" / rundir.WEIGHTS_FILE
+    weights.chmod(0)
+    done = subprocess.run([sys.executable, "-m", "dalle_framework", "generate", str(run), "a red circle", "-n", "1", "-q",
+                           "--out", str(tmp_path / "g.png")], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          preexec_fn=_without_root_file_access if os.geteuid() == 0 else None)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{weights}: not readable (permission denied)" in done.stderr and "chmod u+r" in done.stderr, done.stderr[-2000:]
+
+
 def test_running_out_of_memory_is_exit_1_with_what_to_lower(trained_run, tmp_path):
     """A real allocation failure (an address-space limit), not a simulated one: torch's CPU allocator
     raises a bare RuntimeError, which the CLI reports like MemoryError."""
