@@ -19,33 +19,36 @@ checks every built-in plugin against this list):
 
 from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, UsageError
 from .hookspecs import hookimpl
-from .interfaces import (
-    PAD_ID,
-    CaptionReading,
-    CodecFacts,
-    Component,
-    DataSource,
-    Engine,
-    EngineRun,
-    EngineSpec,
-    FeatureNetwork,
-    Figure,
-    ImageCodec,
-    Measurement,
-    Metric,
-    ModuleComponent,
-    Params,
-    Prior,
-    Reranker,
-    Sample,
-    Sampling,
-    StepCallback,
-    Tokenizer,
-    TrainConfig,
-)
-from .recipe import deep_merge
-from .registry import Registry
-from .stage import Preview, Stage
+
+# The contracts import torch: loaded on first use (PEP 562), so that `dalle --help` and other
+# commands that build no model start without it.
+_LAZY = {
+    **dict.fromkeys(
+        ("PAD_ID", "CaptionReading", "CodecFacts", "Component", "DataSource", "Engine", "EngineRun", "EngineSpec",
+         "FeatureNetwork", "Figure", "ImageCodec", "Measurement", "Metric", "ModuleComponent", "Params", "Prior",
+         "Reranker", "Sample", "Sampling", "StepCallback", "Tokenizer", "TrainConfig"),
+        "interfaces",
+    ),
+    "deep_merge": "recipe",
+    "Registry": "registry",
+    "Preview": "stage",
+    "Stage": "stage",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dalle_framework' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.2.0"
 

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from . import distributed
 from .errors import DalleError, RecipeError, UsageError, os_error
 
 MAX_SEED = 2**63 - 1
@@ -111,6 +110,8 @@ def cmd_plugins(args) -> int:
             print(f"    {kind:<10} {', '.join(names)}")
         if info["error"]:
             print(f"    error: {info['error']}")
+        for warning in info["warnings"]:
+            print(f"    warning: {warning}")
     return 0
 
 
@@ -122,6 +123,8 @@ def cmd_components(args) -> int:
     for kind in kinds:
         if kind not in KINDS:
             raise UsageError(f"unknown kind {kind!r}; choose one of {', '.join(KINDS)}")
+    if args.name:
+        return _show_component(manager.registry(args.kind), args.name, as_json=args.json)
     table = {
         kind: [
             {"name": name, "plugin": cls.plugin, "doc": (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""}
@@ -136,6 +139,34 @@ def cmd_components(args) -> int:
         print(f"{kind}:")
         for row in rows:
             print(f"  {row['name']:<20} [{row['plugin']}] {row['doc']}")
+    return 0
+
+
+def _show_component(registry, name: str, *, as_json: bool) -> int:
+    """``dalle components KIND NAME``: the component's parameters, as a recipe's ``params:`` takes them."""
+    import yaml
+
+    from .errors import RegistryError
+    from .registry import params_table
+
+    try:
+        cls = registry.get(name)
+    except RegistryError as exc:
+        raise UsageError(str(exc)) from None
+    rows = params_table(cls.Params)
+    if as_json:
+        _print_json({"kind": registry.kind, "name": cls.name, "plugin": cls.plugin, "doc": (cls.__doc__ or "").strip(), "params": rows})
+        return 0
+    print(f"{registry.kind} {cls.name} [{cls.plugin}]")
+    if cls.__doc__:
+        print("  " + "\n  ".join(line.strip() for line in cls.__doc__.strip().splitlines()))
+    print("params:" if rows else "params: none")
+    for row in rows:
+        default = "required" if row["required"] else "default " + yaml.safe_dump(row["default"], default_flow_style=True, width=10**6).strip().removesuffix("...").strip()
+        bounds = f", {', '.join(row['bounds'])}" if row["bounds"] else ""
+        print(f"  {row['name']}: {row['type']} ({default}{bounds})")
+        if row["description"]:
+            print(f"      {row['description']}")
     return 0
 
 
@@ -206,6 +237,7 @@ def _stages(pipe, wanted: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .rundir import command_line, locked
     from .train.loop import train_all
 
@@ -352,6 +384,7 @@ def _metric_names(text: Optional[str]) -> Optional[list[str]]:
 
 
 def cmd_evaluate(args) -> int:
+    from . import distributed
     from .evaluation import evaluate_run, sections
     from .rundir import command_line, locked, write_text
 
@@ -405,6 +438,7 @@ def cmd_compare(args) -> int:
 
 def cmd_run(args) -> int:
     """The main job: train every stage (reusing what is trained), generate, evaluate."""
+    from . import distributed
     from .data.images import save_captioned_grid
     from .evaluation import evaluate_run
     from .rundir import command_line, locked, write_text
@@ -512,6 +546,8 @@ def _source_from_args(name: str, params: list[str]):
 
 
 def cmd_data(args) -> int:
+    from . import distributed
+
     if args.action == "shards":
         from .data.shards import write_shards
 
@@ -585,8 +621,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_plugins)
 
-    p = sub.add_parser("components", help="list registered components")
+    p = sub.add_parser("components", help="list registered components; with KIND NAME, one component's parameters")
     p.add_argument("kind", nargs="?", help="tokenizer, codec, prior, reranker, data, engine or stage (default: all)")
+    p.add_argument("name", nargs="?", help="a component of that kind: show its parameters (type, default, bounds, description)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_components)
 
@@ -727,6 +764,18 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _stdout_closed() -> bool:
+    """Whether the reader of our stdout has gone: a pipe's write end polls as an error then."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def _out_of_memory(exc: RuntimeError) -> bool:
     """torch's allocators fail with RuntimeErrors: OutOfMemoryError on a GPU, a bare one naming the
     allocator on the CPU (checked by name and text, so that torch is not imported here)."""
@@ -767,6 +816,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DalleError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise
+        # The reader went away (`dalle ... | head`): stop quietly, as other tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        return 141
     except OSError as exc:
         error = os_error(exc)
         print(f"error: {error}", file=sys.stderr)

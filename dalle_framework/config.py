@@ -11,7 +11,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import Field, field_validator, model_validator
 
-from .interfaces import Sampling, Strict
+from .schema import Sampling, Strict
 
 
 class ComponentBlock(Strict):

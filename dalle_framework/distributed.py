@@ -11,10 +11,12 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from typing import Optional
+import sys
+from typing import TYPE_CHECKING, Optional
 
-import torch
-import torch.distributed as dist
+if TYPE_CHECKING:  # imported where used: a single process that builds no model never loads torch
+    import torch
+
 
 # Single-process defaults: DeepSpeed reads these (LOCAL_RANK above all) even for one
 # process, and without them it falls back to discovering an MPI launcher.
@@ -33,18 +35,27 @@ def _env_int(name: str, default: int) -> int:
     return int(value) if value.strip().lstrip("-").isdigit() else default
 
 
+def _group():
+    """torch.distributed when a process group exists, else None. A process that never imported it has
+    none, so commands that build no model ask without loading torch."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return _group() is not None
 
 
 def rank() -> int:
     """Global rank: from the process group when there is one, else ``RANK`` (0)."""
-    return dist.get_rank() if is_initialized() else _env_int("RANK", 0)
+    dist = _group()
+    return dist.get_rank() if dist is not None else _env_int("RANK", 0)
 
 
 def world_size() -> int:
     """Number of processes: from the process group when there is one, else ``WORLD_SIZE`` (1)."""
-    return dist.get_world_size() if is_initialized() else _env_int("WORLD_SIZE", 1)
+    dist = _group()
+    return dist.get_world_size() if dist is not None else _env_int("WORLD_SIZE", 1)
 
 
 def local_rank() -> int:
@@ -57,11 +68,15 @@ def is_main() -> bool:
 
 
 def default_backend() -> str:
+    import torch
+
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def default_device() -> torch.device:
     """``cuda:LOCAL_RANK`` when CUDA is available, else the CPU."""
+    import torch
+
     if torch.cuda.is_available():
         return torch.device("cuda", local_rank() % max(1, torch.cuda.device_count()))
     return torch.device("cpu")
@@ -101,6 +116,9 @@ def init_distributed(
     ``127.0.0.1`` at a free port (``MASTER_ADDR``/``MASTER_PORT`` when set).
     Calling it again once initialised is a no-op.
     """
+    import torch
+    import torch.distributed as dist
+
     if not is_initialized():
         set_single_process_env()
         multi = _env_int("WORLD_SIZE", 1) > 1
@@ -120,9 +138,16 @@ def init_distributed(
     return rank(), world_size(), local_rank()
 
 
+def _multi_rank_group():
+    """torch.distributed when this process is one of several in a group, else None."""
+    dist = _group()
+    return dist if dist is not None and dist.get_world_size() > 1 else None
+
+
 def barrier() -> None:
     """Wait for every rank (no-op for a single process)."""
-    if is_initialized() and dist.get_world_size() > 1:
+    dist = _multi_rank_group()
+    if dist is not None:
         dist.barrier()
 
 
@@ -132,8 +157,11 @@ def any_rank(flag: bool) -> bool:
     Ranks must agree before acting on a local fact (out of time, a NaN loss),
     or the ones that act would wait forever in the next collective.
     """
-    if not (is_initialized() and dist.get_world_size() > 1):
+    dist = _multi_rank_group()
+    if dist is None:
         return bool(flag)
+    import torch
+
     device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     value = torch.tensor([float(flag)], device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
@@ -142,7 +170,8 @@ def any_rank(flag: bool) -> bool:
 
 def all_gather_object(obj) -> list:
     """``obj`` of every rank, in rank order (``[obj]`` for a single process)."""
-    if not (is_initialized() and dist.get_world_size() > 1):
+    dist = _multi_rank_group()
+    if dist is None:
         return [obj]
     out: list = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
@@ -151,8 +180,11 @@ def all_gather_object(obj) -> list:
 
 def sum_over_ranks(values: list[float]) -> list[float]:
     """Element-wise sum of ``values`` over ranks (float64; the same list on every rank)."""
-    if not (is_initialized() and dist.get_world_size() > 1) or not values:
+    dist = _multi_rank_group()
+    if dist is None or not values:
         return [float(v) for v in values]
+    import torch
+
     device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
@@ -168,7 +200,8 @@ def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
 
 def broadcast_object(obj, src: int = 0):
     """``obj`` from rank ``src`` on every rank (identity for a single process)."""
-    if not (is_initialized() and dist.get_world_size() > 1):
+    dist = _multi_rank_group()
+    if dist is None:
         return obj
     box = [obj]
     dist.broadcast_object_list(box, src=src)
@@ -181,8 +214,11 @@ def gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     Ranks may hold different numbers of rows; the trailing shape and dtype must agree. Tensors
     travel as tensors (padded to the longest), never pickled. Bools travel as uint8.
     """
-    if not (is_initialized() and dist.get_world_size() > 1):
+    dist = _multi_rank_group()
+    if dist is None:
         return tensor
+    import torch
+
     device = default_device() if dist.get_backend() == "nccl" else torch.device("cpu")
     local = tensor.to(torch.uint8) if tensor.dtype == torch.bool else tensor
     local = local.to(device).contiguous()

@@ -58,6 +58,7 @@ class PluginInfo:
     components: dict[str, list[str]] = field(default_factory=dict)
     error: Optional[str] = None
     disabled: bool = False
+    warnings: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -163,6 +164,7 @@ class PluginManager:
             info.error = _describe(exc)
             return
         info.hooks = sorted(h.name for h in self.pm.get_hookcallers(module) or [])
+        info.warnings = _misspelled_hooks(module)
         for kind, (hook_name, _) in KINDS.items():
             if hook_name not in info.hooks:
                 continue
@@ -210,6 +212,28 @@ class PluginManager:
     @property
     def errors(self) -> dict[str, str]:
         return {n: i.error for n, i in self.plugins.items() if i.error}
+
+
+def _misspelled_hooks(module: Any) -> list[str]:
+    """Functions of a plugin meant as hooks that match none (pluggy would never call them): a ``dalle_*``
+    function or a ``@hookimpl`` one, each with the hook it was probably meant to be."""
+    import difflib
+    import inspect
+
+    known = sorted(name for name in dir(hookspecs) if name.startswith("dalle_"))
+    warnings = []
+    for name in sorted(dir(module)):
+        value = getattr(module, name, None)
+        if not (inspect.isfunction(value) or inspect.ismethod(value)):
+            continue
+        marked = getattr(value, f"{hookspecs.PROJECT}_impl", None)
+        target = (marked or {}).get("specname") or name
+        if (marked is None and not name.startswith("dalle_")) or target in known:
+            continue
+        close = difflib.get_close_matches(target, known, n=1, cutoff=0.6)
+        hint = f"did you mean `{close[0]}`?" if close else f"the hooks are {', '.join(known)}"
+        warnings.append(f"`{target}` matches no hook and is never called; {hint}")
+    return warnings
 
 
 class _Interrupted(BaseException):

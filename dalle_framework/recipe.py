@@ -30,7 +30,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock, TokenizerBlock
 from .errors import RecipeError, UsageError
-from .interfaces import EngineSpec, Strict, TrainConfig
+from .schema import EngineSpec, Strict, TrainConfig
 
 RECIPE_PATH_ENV = "DALLE_RECIPE_PATH"
 MAX_RECIPE_BYTES = 1 * 2**20  # the largest shipped recipe is 3 KB

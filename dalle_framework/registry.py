@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import types
+import typing
 from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -106,7 +108,8 @@ class Registry(Generic[T]):
         close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
         listing = ", ".join(sorted(self._classes)) or "none registered"
-        return f"unknown {self.kind} {name!r}{hint} (known: {listing})"
+        return (f"unknown {self.kind} {name!r}{hint} (known: {listing}); if a plugin provides it, install that plugin "
+                "(`dalle plugins` lists what loaded, and why one failed)")
 
     def names(self, pattern: str = "*") -> list[str]:
         return sorted(n for n in self._classes if fnmatch.fnmatchcase(n, pattern))
@@ -132,4 +135,38 @@ class Registry(Generic[T]):
         return cls(params, **runtime)
 
 
-__all__ = ["Registry", "ValidationError"]
+_BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<=", "min_length": "min length", "max_length": "max length", "multiple_of": "multiple of"}
+
+
+def _type_name(annotation: Any) -> str:
+    """``int``, ``list[int]``, ``Optional[str]``: the annotation as a recipe writer reads it."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _type_name(args[0])
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        named = [_type_name(a) for a in args if a is not type(None)]
+        joined = " | ".join(named)
+        return f"Optional[{joined}]" if type(None) in args else joined
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(_type_name(a) for a in args)}]"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def params_table(model: type[BaseModel]) -> list[dict[str, Any]]:
+    """One row per field of a component's ``Params``: name, type, default, bounds, description."""
+    rows = []
+    for name, field in model.model_fields.items():
+        required = field.is_required()
+        default = None if required else field.get_default(call_default_factory=True)
+        if isinstance(default, BaseModel):
+            default = default.model_dump(mode="json")
+        bounds = [f"{_BOUNDS[key]} {getattr(m, key)}" for m in field.metadata for key in _BOUNDS if getattr(m, key, None) is not None]
+        rows.append({"name": name, "type": _type_name(field.annotation), "required": required,
+                     "default": default if isinstance(default, (str, int, float, bool, list, dict, type(None))) else repr(default),
+                     "bounds": bounds, "description": field.description or ""})
+    return rows
+
+
+__all__ = ["Registry", "ValidationError", "params_table"]

@@ -35,12 +35,13 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional
 
 from . import distributed
 from .errors import DalleError, UsageError, write_failed
+
+if TYPE_CHECKING:  # torch is imported where it is used: commands that build no model never load it
+    import torch
 
 RECIPE_FILE = "recipe.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -270,6 +271,8 @@ def load_torch(path: str | Path, *, allowed: Iterable[type] = (), map_location: 
     store; anything else, and every code object, is refused with a clear error
     instead of being run.
     """
+    import torch
+
     path = Path(path)
     try:
         with torch.serialization.safe_globals(list(allowed)):
@@ -371,6 +374,8 @@ def atomic_directory(directory: str | Path, *, collective: bool) -> Iterator[Pat
 
 
 def rng_state() -> dict[str, torch.Tensor]:
+    import torch
+
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
@@ -378,6 +383,8 @@ def rng_state() -> dict[str, torch.Tensor]:
 
 
 def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    import torch
+
     torch.set_rng_state(state["torch"].cpu())
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"].cpu())

@@ -37,14 +37,16 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Literal, Optional
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from . import rundir
 from .errors import UsageError
-from .interfaces import GuidanceScale, ImageCodec, Prior, Sampling, Temperature, TopK, TopP
+from .schema import GuidanceScale, Sampling, Temperature, TopK, TopP
+
+if TYPE_CHECKING:  # the model side is imported where it is used: `dalle serve --help` loads no torch
+    import torch
 
 PAGE_FILES = {"/": ("serve.html", "text/html"), "/app.js": ("serve.js", "text/javascript"), "/app.css": ("serve.css", "text/css")}
 MAX_REQUEST_BYTES = 64 * 1024  # a generate request is a caption and a few numbers, well under 1 KiB
@@ -199,6 +201,8 @@ class JobQueue:
 
     def describe(self, job_id: str) -> Optional[JobOut]:
         """A consistent snapshot of a job for the API, or None for an unknown (or evicted) id."""
+        from .interfaces import ImageCodec
+
         per_image = int(self.pipeline.part(ImageCodec).tokens_per_image)
         with self._lock:
             job = self._jobs.get(job_id)
@@ -283,6 +287,8 @@ class JobQueue:
 
 def run_info(pipeline: Any, limits: Limits) -> dict[str, Any]:
     """What ``GET /run`` answers: the recipe's components, each stage's held-out metrics, defaults, limits."""
+    from .interfaces import ImageCodec
+
     recipe = pipeline.recipe
     run_dir = Path(pipeline.run_dir)
     codec = pipeline.part(ImageCodec)
@@ -454,6 +460,8 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts:
     from fastapi import FastAPI, HTTPException, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
+
+    from .interfaces import Prior
 
     limits = limits or Limits()
     jobs = JobQueue(pipeline, limits)

@@ -198,6 +198,78 @@ def test_components_lists_a_kind():
     assert names == ["dense-transformer", "min-dalle", "rudalle", "sparse-transformer"]
 
 
+def test_components_kind_name_shows_the_parameters_a_recipe_takes():
+    shown = run_cli("components", "data", "folder", "--json")
+    assert shown.returncode == 0, shown.stderr
+    about = json.loads(shown.stdout)
+    assert about["kind"] == "data" and about["name"] == "folder" and about["plugin"] == "data"
+    rows = {row["name"]: row for row in about["params"]}
+    assert rows["root"]["required"] and rows["root"]["type"] == "str"
+    assert rows["image_size"] == {"name": "image_size", "type": "int", "required": False, "default": 64, "bounds": [">= 8", "<= 1024"],
+                                  "description": rows["image_size"]["description"]} and rows["image_size"]["description"]
+    text = run_cli("components", "codec", "gumbel-dvae")
+    assert text.returncode == 0, text.stderr
+    assert "  channel_mults: list[int] (default [1, 2, 4, 8], min length 1, max length 8)" in text.stdout
+    assert "  vocab_size: int (default 8192, >= 2, <= 1048576)" in text.stdout
+    wrong = run_cli("components", "codec", "gumbel-dvea")
+    assert wrong.returncode == 2 and "did you mean 'gumbel-dvae'" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_an_unknown_component_says_its_plugin_may_be_missing(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("extends: shapes-demo\ncodec: {name: taming-vqgan-f16}\n")
+    done = run_cli("recipes", "validate", str(recipe))
+    assert done.returncode == 2 and "unknown codec 'taming-vqgan-f16'" in done.stderr
+    assert "install that plugin (`dalle plugins` lists what loaded" in done.stderr, done.stderr
+
+
+def test_output_into_a_closed_pipe_stops_quietly():
+    """`dalle components codec gumbel-dvae | true`: the reader is gone before the first write; no error
+    message, no traceback (exit 141, as for SIGPIPE)."""
+    done = subprocess.run(f"{sys.executable} -m dalle_framework components codec gumbel-dvae | true; exit ${{PIPESTATUS[0]}}",
+                          shell=True, executable="/bin/bash", cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 141 and done.stderr == "", done.stderr
+
+
+MISSPELLED = """
+from dalle_framework import hookimpl
+
+@hookimpl
+def dalle_register_codec(registry):
+    pass
+
+def dalle_registr_datasources(registry):
+    pass
+
+@hookimpl(specname="dalle_register_tokenisers")
+def register_text(registry):
+    pass
+
+@hookimpl(specname="dalle_register_priors")
+def register_priors(registry):
+    pass
+"""
+
+
+def test_a_hook_that_matches_none_is_reported_with_the_hook_it_meant(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "dalle_typo").mkdir(parents=True)
+    (pkg / "dalle_typo" / "__init__.py").write_text(MISSPELLED)
+    dist = pkg / "dalle_typo-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dalle-typo\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dalle_framework]\ntypo = dalle_typo\n")
+    warnings = plugins_json(PYTHONPATH=str(pkg))["typo"]["warnings"]
+    assert warnings == [
+        "`dalle_register_codec` matches no hook and is never called; did you mean `dalle_register_codecs`?",
+        "`dalle_registr_datasources` matches no hook and is never called; did you mean `dalle_register_datasources`?",
+        "`dalle_register_tokenisers` matches no hook and is never called; did you mean `dalle_register_tokenizers`?",
+    ]
+    text = run_cli("plugins", env={"PYTHONPATH": str(pkg)})
+    assert "warning: `dalle_register_codec` matches no hook" in text.stdout
+    assert all(not p["warnings"] for name, p in plugins_json().items()), "a built-in plugin has a misspelled hook"
+
+
 def test_quiet_silences_every_progress_bar(tmp_path):
     """The data sources', token encoding's and training's bars all go with -q; without it they show."""
     import yaml
