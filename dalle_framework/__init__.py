@@ -25,7 +25,7 @@ from .hookspecs import hookimpl
 _LAZY = {
     **dict.fromkeys(
         ("PAD_ID", "CaptionReading", "CodecFacts", "Component", "DataSource", "Engine", "EngineRun", "EngineSpec",
-         "FeatureNetwork", "Figure", "ImageCodec", "Measurement", "Metric", "ModuleComponent", "Params", "Prior",
+         "FeatureNetwork", "Figure", "ImageCodec", "LogitFilter", "Measurement", "Metric", "ModuleComponent", "Params", "Prior",
          "Reranker", "Sample", "Sampling", "StepCallback", "Tokenizer", "TrainConfig"),
         "interfaces",
     ),
@@ -80,6 +80,7 @@ __all__ = [
     "FeatureNetwork",
     "Figure",
     "ImageCodec",
+    "LogitFilter",
     "Measurement",
     "Metric",
     "ModuleComponent",

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from .errors import DalleError, RecipeError, UsageError, os_error
+from .errors import DalleError, RecipeError, UsageError, os_error, validation_problems
 
 MAX_SEED = 2**63 - 1
 OUT_OF_MEMORY = "out of memory; use smaller batches (train.batch_size, --batch-size) or a smaller model"
@@ -99,6 +99,10 @@ def cmd_plugins(args) -> int:
     from .plugins import get_plugin_manager
 
     manager = get_plugin_manager()
+    builtin = set(build_parser().commands.choices)
+    for info in manager.plugins.values():
+        taken = [f"command {name!r} is a built-in command, which keeps its name: rename the plugin's" for name in info.commands if name in builtin]
+        info.warnings += [warning for warning in taken if warning not in info.warnings]
     infos = [info.as_dict() for info in manager.plugins.values()]
     if args.json:
         _print_json({"plugins": infos})
@@ -106,7 +110,7 @@ def cmd_plugins(args) -> int:
     for info in infos:
         state = "disabled" if info["disabled"] else ("ERROR" if info["error"] else "ok")
         print(f"{info['name']:<14} {info['version']:<8} {state:<8} {info['module']}")
-        for kind, names in info["components"].items():
+        for kind, names in {**info["components"], **({"commands": info["commands"]} if info["commands"] else {})}.items():
             print(f"    {kind:<10} {', '.join(names)}")
         if info["error"]:
             print(f"    error: {info['error']}")
@@ -293,7 +297,7 @@ def _sampling(args, defaults):
     try:
         return type(defaults).model_validate({**defaults.model_dump(), **overrides})
     except ValidationError as exc:
-        lines = "; ".join(f"{flags.get(str(e['loc'][0]), e['loc'][0])}: {e['msg']}" for e in exc.errors())
+        lines = validation_problems(exc, name=lambda loc: flags.get(str(loc[0]), ".".join(map(str, loc))))
         raise UsageError(f"sampling options: {lines}") from None
 
 
@@ -479,7 +483,7 @@ def cmd_serve(args) -> int:
     try:
         limits = Limits(**{name: getattr(args, name) for name in Limits.model_fields})
     except ValidationError as exc:
-        lines = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        lines = validation_problems(exc, name=lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))
         raise UsageError(f"serve options: {lines}") from None
     from .interfaces import ImageCodec, Prior
 
@@ -541,8 +545,7 @@ def _source_from_args(name: str, params: list[str]):
     try:
         return registry.build({"name": name, "params": values})
     except ValidationError as exc:
-        lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"data source {name!r} params: {lines}") from None
+        raise UsageError(f"data source {name!r} params: {validation_problems(exc)}") from None
 
 
 def cmd_data(args) -> int:
@@ -609,9 +612,11 @@ def _converter(name: str) -> type:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="dalle", description="DALL-E style text-to-image models from plugins and recipes.")
+    parser = _Parser(prog="dalle", description="DALL-E style text-to-image models from plugins and recipes.",
+                     epilog="Plugins may add commands: `dalle plugins` lists them.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more (INFO messages)")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True, metavar="COMMAND")
+    parser.commands = sub  # type: ignore[attr-defined]  # where plugins' commands are added (_add_plugin_commands)
 
     p = sub.add_parser("plugins", help="list loaded plugins, their components and load errors; 'plugins new' writes a new one")
     p.add_argument("action", nargs="?", choices=["new"], help="new: write a plugin package to start from (tests, recipe, entry point)")
@@ -764,6 +769,19 @@ def _strip_launcher_args(argv: list[str]) -> list[str]:
     return out
 
 
+def _add_plugin_commands(sub) -> None:
+    """The commands plugins add (``dalle_register_commands``); built-in commands keep their names."""
+    from .plugins import get_plugin_manager
+
+    for name, command in get_plugin_manager().commands.items():
+        if name in sub.choices:
+            continue  # `dalle plugins` reports it
+        p = sub.add_parser(name, help=f"{command.help} (plugin {command.plugin})".strip())
+        if command.add_arguments is not None:
+            command.add_arguments(p)
+        p.set_defaults(func=command.run)
+
+
 def _stdout_closed() -> bool:
     """Whether the reader of our stdout has gone: a pipe's write end polls as an error then."""
     import select
@@ -801,7 +819,11 @@ def _bars_off():
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         parser = build_parser()
-        args, extra = parser.parse_known_args(_strip_launcher_args(list(sys.argv[1:] if argv is None else argv)))
+        argv = _strip_launcher_args(list(sys.argv[1:] if argv is None else argv))
+        word = next((a for a in argv if not a.startswith("-")), None)  # the command (-v is the only option before it)
+        if word is not None and word not in parser.commands.choices:
+            _add_plugin_commands(parser.commands)  # plugins load only for a word no built-in command has
+        args, extra = parser.parse_known_args(argv)
         # Overrides may also follow options: `dalle train R --stage prior prior.train.steps=10`.
         # Likewise recipe names after a flag: `dalle recipes show --resolved NAME`.
         if extra and hasattr(args, "recipe_and_overrides") and all("=" in e and not e.startswith("-") for e in extra):

@@ -38,7 +38,7 @@ import torch
 import yaml
 
 from .rundir import WEIGHTS_FILE, save_weights, write_bytes, write_json, write_text
-from .errors import UsageError
+from .errors import UsageError, validation_problems
 
 CONVERSION_FILE = "conversion.json"
 TRUST_FLAG = "--trust-pickle"
@@ -248,8 +248,7 @@ def _validated_params(cls: type, params: Mapping[str, Any]) -> Any:
     try:
         return cls.Params.model_validate(dict(params))
     except ValidationError as exc:
-        lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise UsageError(f"{cls.name or cls.__name__}: the released files describe params it does not accept: {lines}") from None
+        raise UsageError(f"{cls.name or cls.__name__}: the released files describe params it does not accept: {validation_problems(exc)}") from None
 
 
 def _check_fits(what: str, expected: Mapping[str, torch.Tensor], state: Mapping[str, torch.Tensor]) -> None:

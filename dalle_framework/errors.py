@@ -1,6 +1,7 @@
 """Errors that the CLI turns into a clear message and an exit code."""
 
 import errno
+from typing import Any, Callable, Optional
 
 # Disk and device failures are the machine's, not the user's input: exit 1.
 RUNTIME_ERRNOS = {errno.ENOSPC, errno.EIO, errno.EDQUOT, errno.ENOMEM, errno.EFBIG}
@@ -63,3 +64,13 @@ def write_failed(path: object, exc: BaseException) -> DalleError:
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
     return DalleError(f"{path}: could not be written ({first}); free space and check the disk, then rerun: "
                       "what was there before is untouched")
+
+
+def validation_problems(exc: Any, prefix: str = "", name: Optional[Callable[[tuple], str]] = None) -> str:
+    """A pydantic ``ValidationError`` as one line: ``path: message; path: message`` (each path after
+    ``prefix``; ``name`` turns a location into what the user typed, a CLI flag say)."""
+    lines = []
+    for error in exc.errors():
+        path = name(error["loc"]) if name else ".".join(map(str, error["loc"]))
+        lines.append(f"{prefix}{'.' if prefix and path else ''}{path}: {error['msg']}")
+    return "; ".join(lines)

@@ -100,7 +100,7 @@ class _Collector:
     def __call__(self, caption: torch.Tensor, number: torch.Tensor, images: torch.Tensor, scores: torch.Tensor) -> None:
         self.rows.append(torch.stack([caption.cpu(), number.cpu()], 1))  # (unit within the chunk, candidate)
         verdict = self.pipe.data.judge(images.detach().cpu(), [self.captions[c] for c in caption.tolist()])
-        for key, values in (verdict or {}).items():
+        for key, values in _checked_verdict(self.pipe.data, verdict, len(images)).items():
             self.verdicts.setdefault(key, []).append(torch.tensor(values, dtype=torch.bool))
         for name, network in self.networks.items():
             self.features[name].append(network.features(images).float().cpu())
@@ -112,6 +112,22 @@ class _Collector:
         verdicts = {k: torch.cat(v)[order].view(units, candidates) for k, v in self.verdicts.items()}
         features = {k: torch.cat(v)[order].view(units, candidates, -1) for k, v in self.features.items()}
         return verdicts, features
+
+
+def _checked_verdict(source, verdict: Any, images: int) -> dict[str, list[bool]]:
+    """A judge's verdicts as the contract says (one bool per image per attribute), with ``all``, the
+    caption met in every attribute, added where the judge leaves it out."""
+    if verdict is None:
+        return {}
+    where = f"data source {getattr(source, 'name', type(source).__name__)!r}: judge()"
+    if not isinstance(verdict, dict) or not verdict:
+        raise UsageError(f"{where} must return {{attribute: [bool per image]}} or None, got {type(verdict).__name__}")
+    for key, values in verdict.items():
+        if not isinstance(key, str) or len(values) != images:
+            raise UsageError(f"{where}: {key!r} must hold one verdict per image ({images}), got {len(values)}")
+    if "all" not in verdict:
+        verdict = {**verdict, "all": [all(row) for row in zip(*verdict.values())]}
+    return {key: [bool(v) for v in values] for key, values in verdict.items()}
 
 
 def _draw_chunk(pipe, captions, *, candidates, keep, sampling, seed, networks) -> dict[str, Any]:

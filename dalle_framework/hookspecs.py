@@ -59,3 +59,15 @@ def dalle_register_metrics(registry) -> None:
 @hookspec
 def dalle_register_feature_networks(registry) -> None:
     """Register FeatureNetwork classes (images -> feature vectors for distribution metrics)."""
+
+
+@hookspec
+def dalle_register_logit_filters(registry) -> None:
+    """Register LogitFilter classes (token filters for ``generate.sampling.filters``)."""
+
+
+@hookspec
+def dalle_register_commands(register: Callable[..., None]) -> None:
+    """Add ``dalle`` subcommands: ``register(name, run, help="...", add_arguments=None)``, where
+    ``add_arguments(parser)`` adds the command's options to its argparse parser and ``run(args)``
+    returns the exit code. Built-in commands keep their names."""

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import UsageError
-from .schema import EngineSpec, GuidanceScale, Params, Sampling, Strict, Temperature, TopK, TopP, TrainConfig  # noqa: F401 (re-exported)
+from .schema import EngineSpec, FilterBlock, GuidanceScale, Params, Sampling, Strict, Temperature, TopK, TopP, TrainConfig  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .data.stream import ShardedSplit
@@ -222,6 +222,23 @@ class ImageCodec(ModuleComponent):
 # --------------------------------------------------------------------------- stage 2
 
 
+class LogitFilter(Component, abc.ABC):
+    """A rule that drops unlikely tokens before each draw (min-p, typical sampling...), named in
+    ``generate.sampling.filters``. Built as ``cls(params)``.
+
+    - ``apply(logits[B, V]) -> logits[B, V]``: the temperature-scaled logits after top-k / top-p, a
+      dropped token's logit set to ``-inf``. Tensor operations on the logits' device only (no host
+      sync), so a filtered decode step can still be captured; each row's most likely token is kept
+      whatever it returns.
+    """
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+
+    @abc.abstractmethod
+    def apply(self, logits: torch.Tensor) -> torch.Tensor: ...
+
+
 StepCallback = Callable[[int, int], None]  # (image positions drawn, positions in all) per batch
 
 
@@ -371,7 +388,8 @@ class DataSource(Component, abc.ABC):
         return list(seen)
 
     def judge(self, images: torch.Tensor, captions: list[str]) -> Optional[dict[str, list[bool]]]:
-        """Oracle verdicts per attribute (e.g. ``colour``, ``shape``, ``position``) or None."""
+        """Oracle verdicts per attribute (e.g. ``colour``, ``shape``, ``position``): one bool per image
+        each, or None. ``all`` (the caption met as a whole) is the AND of the attributes unless given."""
         return None
 
     def prepare_judge(self, cache_dir: Optional[Path]) -> Optional[dict]:

@@ -22,12 +22,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import ModuleType
 from types import MappingProxyType
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import pluggy
 
 from . import hookspecs
-from .interfaces import DataSource, Engine, FeatureNetwork, ImageCodec, Metric, Prior, Reranker, Tokenizer
+from .interfaces import DataSource, Engine, FeatureNetwork, ImageCodec, LogitFilter, Metric, Prior, Reranker, Tokenizer
 from .registry import Registry
 from .stage import Stage, stage_order
 
@@ -42,10 +42,23 @@ KINDS: dict[str, tuple[str, type]] = {
     "stage": ("dalle_register_stages", Stage),
     "metric": ("dalle_register_metrics", Metric),
     "features": ("dalle_register_feature_networks", FeatureNetwork),
+    "filter": ("dalle_register_logit_filters", LogitFilter),
 }
 RECIPE_DIRS_HOOK = "dalle_register_recipe_dirs"
+COMMANDS_HOOK = "dalle_register_commands"
 DISABLE_ENV = "DALLE_DISABLE_PLUGINS"
 BUILTIN_DISTRIBUTION = "dalle-framework"
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``dalle`` subcommand a plugin adds (see ``hookspecs.dalle_register_commands``)."""
+
+    name: str
+    run: Callable[[Any], Optional[int]]
+    help: str = ""
+    add_arguments: Optional[Callable[[Any], None]] = None
+    plugin: str = ""
 
 
 @dataclass
@@ -59,6 +72,7 @@ class PluginInfo:
     error: Optional[str] = None
     disabled: bool = False
     warnings: list[str] = field(default_factory=list)
+    commands: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -77,6 +91,7 @@ class PluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.registries: MappingProxyType[str, Registry] = MappingProxyType({kind: Registry(kind, base) for kind, (_, base) in KINDS.items()})
         self.recipe_dirs: list[Path] = []
+        self.commands: dict[str, Command] = {}
         self.plugins: dict[str, PluginInfo] = {}
         if disabled is None:
             disabled = {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
@@ -141,6 +156,8 @@ class PluginManager:
         if info is None:
             return
         self._unregister_components(info)
+        for command in info.commands:
+            self.commands.pop(command, None)
         plugin = self.pm.get_plugin(name)
         if plugin is not None:
             self.pm.unregister(plugin)
@@ -189,15 +206,37 @@ class PluginManager:
                 info.components[kind] = added
         if RECIPE_DIRS_HOOK in info.hooks:
             dirs: list[Path] = []
-            try:
-                with _plugin_code():
-                    self._call(module, RECIPE_DIRS_HOOK, register=lambda path: dirs.append(Path(path)))
-            except _Interrupted:
-                raise KeyboardInterrupt from None
-            except BaseException as exc:
-                info.error = _describe(exc)
+            if not self._collect(info, module, RECIPE_DIRS_HOOK, lambda path: dirs.append(Path(path))):
                 return
             self.recipe_dirs.extend(dirs)
+        if COMMANDS_HOOK in info.hooks:
+            commands: list[Command] = []
+
+            def register(name: str, run: Callable[[Any], Optional[int]], help: str = "", add_arguments=None) -> None:
+                if not (isinstance(name, str) and name.replace("-", "").isalnum() and callable(run)):
+                    raise TypeError(f"register(name, run): a command name of letters, digits and '-', and a callable run; got {name!r}")
+                commands.append(Command(name, run, help, add_arguments, info.name))
+
+            if not self._collect(info, module, COMMANDS_HOOK, register):
+                return
+            for command in commands:
+                if command.name in self.commands:
+                    info.error = f"command {command.name!r} is already added by plugin {self.commands[command.name].plugin!r}"
+                    continue
+                self.commands[command.name] = command
+                info.commands.append(command.name)
+
+    def _collect(self, info: PluginInfo, module: Any, hook_name: str, register: Callable[..., None]) -> bool:
+        """Call a hook that hands the plugin a ``register`` function; False (and the error recorded) if it failed."""
+        try:
+            with _plugin_code():
+                self._call(module, hook_name, register=register)
+        except _Interrupted:
+            raise KeyboardInterrupt from None
+        except BaseException as exc:
+            info.error = _describe(exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ access
 

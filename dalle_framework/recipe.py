@@ -322,7 +322,7 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
             problems += _check_params(manager.registry(kind), raw, block, recipe)
 
     if recipe is not None:
-        problems += _check_evaluate(manager, recipe.evaluate)
+        problems += _check_listed(manager, recipe)
 
     stages: dict[str, StageBlock] = {}
     for name, cls in stage_classes.items():
@@ -365,10 +365,13 @@ def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list
     return []
 
 
-def _check_evaluate(manager, evaluate: EvaluateConfig) -> list[str]:
-    """Each metric's and feature network's params against the class it names (stored as its Params object)."""
+def _check_listed(manager, recipe: "Recipe") -> list[str]:
+    """Each metric's, feature network's and logit filter's params against the class it names (stored as
+    its Params object)."""
+    evaluate = recipe.evaluate
     blocks = [(f"evaluate.metrics.{i}", "metric", block) for i, block in enumerate(evaluate.metrics or [])]
     blocks += [(f"evaluate.features.{key}", "features", block) for key, block in evaluate.features.items()]
+    blocks += [(f"generate.sampling.filters.{i}", "filter", block) for i, block in enumerate(recipe.generate.sampling.filters)]
     problems: list[str] = []
     for path, kind, block in blocks:
         registry = manager.registry(kind)

@@ -17,19 +17,21 @@ Two ways to draw (``Sampling.draws``):
 
 from __future__ import annotations
 
-from typing import Literal, Optional, Union
+from typing import Literal, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
 
-from .interfaces import Sampling
+from .errors import UsageError, validation_problems
+from .interfaces import LogitFilter, Sampling
 
 MASK32 = 0xFFFFFFFF
 _MIX = 0x45D9F3B  # < 2**31: products of 32-bit values stay inside int64, so no overflow anywhere
 
 
-def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
-    """Set to ``-inf`` every logit outside the top ``k`` and outside the nucleus of mass ``p``.
+def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[float] = None, filters: Sequence[LogitFilter] = ()) -> Tensor:
+    """Set to ``-inf`` every logit outside the top ``k``, outside the nucleus of mass ``p``, and every
+    one a registered filter drops (in order, after top-k / top-p).
 
     ``logits[..., V]`` -> same shape. The most likely token always survives.
     """
@@ -45,17 +47,48 @@ def filter_logits(logits: Tensor, top_k: Optional[int] = None, top_p: Optional[f
         drop_sorted[..., 0] = False  # the cumsum's rounding can put the top token's mass_before above a tiny top_p
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         out = out.masked_fill(drop, float("-inf"))
+    if filters:
+        top = logits.argmax(dim=-1, keepdim=True)
+        for rule in filters:
+            filtered = rule.apply(out)
+            if not isinstance(filtered, Tensor) or filtered.shape != out.shape:
+                got = tuple(filtered.shape) if isinstance(filtered, Tensor) else type(filtered).__name__
+                raise UsageError(f"logit filter {rule.name!r}: apply() returned {got} for logits of shape {tuple(out.shape)}")
+            out = filtered
+        out = out.scatter(-1, top, logits.gather(-1, top))  # whatever a filter did, a row keeps its most likely token
     return out
 
 
-def sample_tokens(logits: Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None) -> Tensor:
+def build_filters(sampling: Sampling) -> tuple[LogitFilter, ...]:
+    """``sampling.filters`` built from the filter registry (once per ``generate`` call); an unknown name
+    or wrong params is a UsageError naming the entry."""
+    if not sampling.filters:
+        return ()
+    from pydantic import ValidationError
+
+    from .plugins import get_plugin_manager
+
+    registry = get_plugin_manager().registry("filter")
+    built = []
+    for index, block in enumerate(sampling.filters):
+        where = f"sampling.filters.{index}"
+        if block.name not in registry:
+            raise UsageError(f"{where}.name: {registry.unknown_message(block.name)}")
+        try:
+            built.append(registry.build(block))
+        except ValidationError as exc:
+            raise UsageError(validation_problems(exc, f"{where}.params")) from None
+    return tuple(built)
+
+
+def sample_tokens(logits: Tensor, sampling: Sampling, generator: Optional[torch.Generator] = None, filters: Sequence[LogitFilter] = ()) -> Tensor:
     """Draw one token per row. ``logits[B, V]`` -> ``LongTensor[B]``.
 
-    Applies temperature, then top-k / top-p. The draw consumes ``generator`` the same
+    Applies temperature, then top-k / top-p and ``filters``. The draw consumes ``generator`` the same
     way for the same shapes, so a seeded generator gives reproducible samples.
     """
     assert logits.dim() == 2, f"expected logits [B, V], got {tuple(logits.shape)}"
-    scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p, filters)
     probs = scaled.softmax(dim=-1)
     if generator is not None and generator.device != probs.device:
         # draw on the generator's device so results do not depend on where the model runs
@@ -84,7 +117,9 @@ def counter_uniform(seed: Union[int, Tensor], step: Union[int, Tensor], rows: in
     return ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
 
 
-def gumbel_tokens(logits: Tensor, sampling: Sampling, *, seed: Union[int, Tensor], step: Union[int, Tensor]) -> Tensor:
+def gumbel_tokens(
+    logits: Tensor, sampling: Sampling, *, seed: Union[int, Tensor], step: Union[int, Tensor], filters: Sequence[LogitFilter] = ()
+) -> Tensor:
     """Draw one token per row on the logits' device. ``logits[B, V]`` -> ``LongTensor[B]``.
 
     Gumbel-max over the temperature-scaled, top-k/top-p filtered logits: the same
@@ -92,7 +127,7 @@ def gumbel_tokens(logits: Tensor, sampling: Sampling, *, seed: Union[int, Tensor
     for ``(seed, step)`` so recomputing a step redraws the same token.
     """
     assert logits.dim() == 2, f"expected logits [B, V], got {tuple(logits.shape)}"
-    scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p)
+    scaled = filter_logits(logits.float() / sampling.temperature, sampling.top_k, sampling.top_p, filters)
     u = counter_uniform(seed, step, logits.shape[0], logits.shape[1], logits.device)
     return (scaled - torch.log(-torch.log(u))).argmax(dim=-1)
 
@@ -118,6 +153,7 @@ class TokenDrawer:
 
     def __init__(self, sampling: Sampling, device: torch.device, generator: Optional[torch.Generator] = None) -> None:
         self.sampling, self.generator = sampling, generator
+        self.filters = build_filters(sampling)
         self.mode: Draws = resolve_draws(sampling, device)
         self.seed: Optional[Tensor] = None
         if self.mode == "device":
@@ -132,8 +168,8 @@ class TokenDrawer:
 
     def draw(self, logits: Tensor, step: Union[int, Tensor]) -> Tensor:
         if self.mode == "device":
-            return gumbel_tokens(logits, self.sampling, seed=self.seed, step=step)
-        return sample_tokens(logits, self.sampling, self.generator)
+            return gumbel_tokens(logits, self.sampling, seed=self.seed, step=step, filters=self.filters)
+        return sample_tokens(logits, self.sampling, self.generator, self.filters)
 
 
 def guided_logits(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:
@@ -152,6 +188,7 @@ __all__ = [
     "Draws",
     "TokenDrawer",
     "counter_uniform",
+    "build_filters",
     "filter_logits",
     "guided_logits",
     "gumbel_tokens",

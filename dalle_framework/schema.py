@@ -25,6 +25,18 @@ TopP = Annotated[float, Field(gt=0, le=1)]
 GuidanceScale = Annotated[float, Field(ge=0, le=1000)]
 
 
+class FilterBlock(BaseModel):
+    """One logit filter a plugin registered (``dalle components filter``), with its params."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    name: str = Field(..., description="a registered logit filter, e.g. min-p")
+    params: Any = Field(default_factory=dict, description="validated against the filter's own Params")
+
+
+MAX_FILTERS = 16
+
+
 class Sampling(BaseModel):
     """How image tokens are drawn. Shared by priors, the pipeline and the CLI."""
 
@@ -34,6 +46,10 @@ class Sampling(BaseModel):
     top_k: Optional[TopK] = Field(None, description="keep the k most likely tokens")
     top_p: Optional[TopP] = Field(None, description="nucleus mass to keep (the most likely token always stays)")
     guidance_scale: GuidanceScale = Field(1.0, description="classifier-free guidance; 1 = off")
+    filters: list[FilterBlock] = Field(
+        default_factory=list, max_length=MAX_FILTERS,
+        description="registered logit filters applied in order after top-k / top-p (the most likely token always stays)",
+    )
     use_cache: bool = Field(True, description="key/value cache for incremental decoding")
     draws: Literal["auto", "device", "host"] = Field(
         "auto",

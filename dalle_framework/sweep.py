@@ -19,7 +19,7 @@ from typing import Any, Optional
 import yaml
 from pydantic import ValidationError
 
-from .errors import UsageError
+from .errors import UsageError, validation_problems
 from .evaluation import GENERATION, evaluate_run
 from .interfaces import Prior, Sampling
 from .pipeline import Pipeline
@@ -63,8 +63,7 @@ def settings(axes: dict[str, list[Any]], base: Sampling) -> list[Sampling]:
         try:
             out.append(Sampling.model_validate({**base.model_dump(), **changed}))
         except ValidationError as exc:
-            lines = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise UsageError(f"--sweep {changed}: {lines}") from None
+            raise UsageError(f"--sweep {changed}: {validation_problems(exc)}") from None
     return out
 
 

@@ -285,3 +285,47 @@ def test_quiet_silences_every_progress_bar(tmp_path):
     quiet = run_cli("train", str(path), "--force", "-q")
     assert quiet.returncode == 0, quiet.stderr[-2000:]
     assert "%|" not in quiet.stderr and "it/s" not in quiet.stderr and "img/s" not in quiet.stderr, quiet.stderr[-2000:]
+
+
+COMMANDS_PLUGIN = """
+from dalle_framework import UsageError, hookimpl
+
+def add_arguments(parser):
+    parser.add_argument("--name", default="world", help="who to greet")
+
+def hello(args):
+    if args.name == "nobody":
+        raise UsageError("--name: nobody is not a name")
+    print(f"hello, {args.name}")
+    return 0
+
+@hookimpl
+def dalle_register_commands(register):
+    register("hello", hello, help="greet someone", add_arguments=add_arguments)
+    register("train", hello, help="tries to take a built-in's name")
+"""
+
+
+def test_a_plugin_adds_a_command_and_built_ins_keep_theirs(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "dalle_hello").mkdir(parents=True)
+    (pkg / "dalle_hello" / "__init__.py").write_text(COMMANDS_PLUGIN)
+    dist = pkg / "dalle_hello-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: dalle-hello\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[dalle_framework]\nhello = dalle_hello\n")
+    env = {"PYTHONPATH": str(pkg)}
+    done = run_cli("hello", "--name", "plugins", env=env)
+    assert done.returncode == 0 and done.stdout == "hello, plugins\n", done.stderr
+    refused = run_cli("hello", "--name", "nobody", env=env)
+    assert refused.returncode == 2 and "error: --name: nobody is not a name" in refused.stderr
+    helped = run_cli("hello", "--help", env=env)
+    assert helped.returncode == 0 and "who to greet" in helped.stdout
+    info = plugins_json(**env)["hello"]
+    assert info["commands"] == ["hello", "train"] and info["error"] is None
+    assert "command 'train' is a built-in command, which keeps its name" in info["warnings"][0]
+    train = run_cli("train", "--help", env=env)
+    assert "RECIPE" in train.stdout and "built-in" not in train.stdout  # still the built-in
+    unknown = run_cli("helo", env=env)
+    assert unknown.returncode == 2 and "invalid choice: 'helo'" in unknown.stderr and "'hello'" in unknown.stderr
+    assert run_cli("hello").returncode == 2, "without the plugin there is no such command"

@@ -187,3 +187,22 @@ def test_two_ranks_under_torchrun_draw_what_one_process_draws(trained_run, tmp_p
     assert double["figures"] == single["figures"]
     assert double["per_caption"] == single["per_caption"] and double["fd"] == single["fd"]
     assert Path(double["grid"]).is_file()
+
+
+def test_a_judge_may_leave_out_all_and_a_malformed_one_is_named(manager, trained_run):  # noqa: F811
+    """The judge contract: one bool per image per attribute; `all` is their AND when a third-party judge
+    leaves it out (the same figure the shapes judge gives itself), and a malformed verdict names its source."""
+    from dalle_framework import UsageError
+    from dalle_framework.evaluation import evaluate_run
+    from dalle_framework.pipeline import Pipeline
+
+    pipe = Pipeline.load(trained_run)
+    expected = evaluate_run(pipe, metrics=["faithfulness"], progress=False)["generation"]
+    own = pipe.data.judge
+    pipe.data.judge = lambda images, captions: {k: v for k, v in own(images, captions).items() if k != "all"}
+    without = evaluate_run(pipe, metrics=["faithfulness"], progress=False)["generation"]
+    for when in ("faithfulness_before_rerank", "faithfulness_after_rerank"):
+        assert without[when] == expected[when] and "all" in without[when]
+    pipe.data.judge = lambda images, captions: {"colour": [True]}
+    with pytest.raises(UsageError, match=r"data source 'shapes': judge\(\): 'colour' must hold one verdict per image"):
+        evaluate_run(pipe, metrics=["faithfulness"], progress=False)

@@ -223,3 +223,69 @@ def test_inspect_paper_recipe_without_allocating():
     assert 12.0e9 < prior["params"]["total"] < 12.8e9
     assert prior["flops_per_token"]["n_layers"] == 64 and prior["flops_per_token"]["seq_len"] == 1280
     assert report["codec"]["grid"] == [32, 32] and report["codec"]["vocab_size"] == 8192
+
+
+MIN_P = '''
+import torch
+from pydantic import Field
+
+from dalle_framework import LogitFilter, Params, hookimpl
+
+
+class MinP(LogitFilter):
+    """Keeps tokens at least ``min_p`` times as likely as the most likely one."""
+
+    class Params(Params):
+        min_p: float = Field(0.1, ge=0, le=1, description="share of the top probability a token needs")
+
+    def apply(self, logits):
+        probs = logits.softmax(dim=-1)
+        keep = probs >= self.params.min_p * probs.amax(dim=-1, keepdim=True)
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+class DropAll(LogitFilter):
+    """Drops every token (a careless filter)."""
+
+    def apply(self, logits):
+        return torch.full_like(logits, float("-inf"))
+
+
+@hookimpl
+def dalle_register_logit_filters(registry):
+    registry.register(MinP, name="min-p")
+    registry.register(DropAll, name="drop-all")
+'''
+
+
+def test_a_plugin_adds_a_sampling_filter_that_recipes_name(trained_run, manager, tmp_path, monkeypatch):
+    """min-p in one class: recipes name it under generate.sampling.filters, validated with the recipe;
+    min_p 1 leaves only the top token (= top-k 1, on host and device draws), and a filter that drops
+    everything still leaves each row its most likely token."""
+    from dalle_framework.interfaces import Sampling
+    from dalle_framework.pipeline import Pipeline
+    from dalle_framework.recipe import RecipeError, load_recipe
+    from dalle_framework.sampling import filter_logits
+
+    (tmp_path / "dalle_min_p.py").write_text(MIN_P)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import dalle_min_p
+
+    assert manager.add_plugin(dalle_min_p, name="min-p-plugin").components == {"filter": ["drop-all", "min-p"]}
+    logits = torch.tensor([[2.0, 1.0, 0.0, -3.0]]).log_softmax(-1)
+    kept = filter_logits(logits, filters=[dalle_min_p.MinP(dalle_min_p.MinP.Params(min_p=0.3))]).isfinite()
+    assert kept.tolist() == [[True, True, False, False]]  # p = .71, .26, .10, .004 of which >= .3 * .71
+    pipe = Pipeline.load(trained_run)
+    for draws in ("host", "device"):
+        greedy = pipe.generate(CAPTIONS, candidates=3, seed=2, sampling=Sampling(top_k=1, draws=draws))
+        for rule in ({"name": "min-p", "params": {"min_p": 1.0}}, {"name": "drop-all"}):
+            filtered = pipe.generate(CAPTIONS, candidates=3, seed=2, sampling=Sampling(filters=[rule], draws=draws))
+            assert torch.equal(filtered.tokens, greedy.tokens), (draws, rule)
+    recipe = load_recipe(trained_run / "recipe.yaml", ["generate.sampling.filters=[{name: min-p, params: {min_p: 0.05}}]"])
+    assert recipe.generate.sampling.filters[0].params.min_p == 0.05
+    with pytest.raises(RecipeError, match=r"generate.sampling.filters.0.name: unknown filter 'min_p'; did you mean 'min-p'"):
+        load_recipe(trained_run / "recipe.yaml", ["generate.sampling.filters=[{name: min_p}]"])
+    with pytest.raises(RecipeError, match=r"generate.sampling.filters.0.params.min_p: Input should be less than or equal to 1"):
+        load_recipe(trained_run / "recipe.yaml", ["generate.sampling.filters=[{name: min-p, params: {min_p: 2}}]"])
+    with pytest.raises(UsageError, match=r"sampling.filters.0.params.min_p"):
+        pipe.generate(CAPTIONS, candidates=1, seed=0, sampling=Sampling(filters=[{"name": "min-p", "params": {"min_p": -1}}]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli
+from conftest import ROOT, run_cli
 
 COLOURS = {"lime": (50, 205, 50), "beige": (245, 245, 220), "navy": (0, 0, 128), "coral": (255, 127, 80)}
 
@@ -80,3 +80,38 @@ def test_a_fitted_bpe_reports_what_it_learned_and_what_to_set(tmp_path, own_fold
     assert any("set tokenizer.params.vocab_size to" in line for line in report["advice"])
     assert any("set tokenizer.params.text_len to" in line for line in report["advice"])
     assert "ids learned of 16384 asked for" in done.stderr
+
+
+def _readme_blocks(section: str, language: str) -> list[str]:
+    """The ``language`` code blocks of one README section, in order."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    start = readme.index(f"## {section}\n")
+    body = readme[start : readme.index("\n## ", start + 3)]
+    return re.findall(rf"```{language}\n(.*?)```", body, flags=re.S)
+
+
+@pytest.mark.slow
+def test_the_readme_own_images_section_works_as_written(tmp_path, own_folder):
+    """The README's own-data recipe and commands, on a folder of 40 captioned images (schedules cut short)."""
+    recipe_text, shards_yaml = _readme_blocks("Train on your own images", "yaml")
+    recipe = yaml.safe_load(recipe_text)
+    assert recipe["data"]["params"]["root"] == "photos" and recipe["tokenizer"]["name"] == "bpe"
+    (tmp_path / "photos").symlink_to(own_folder)  # the recipe names `photos`, relative to where dalle runs
+    (tmp_path / "mine.yaml").write_text(recipe_text)
+    short = ["codec.train.steps=2", "prior.train.steps=2", "reranker.train.steps=2", "evaluate.rounds=1", "evaluate.candidates=2"]
+    for command in (["recipes", "validate", "mine.yaml"], ["tokenizer", "train", "mine.yaml"], ["run", "mine.yaml", *short, "-q"]):
+        done = run_cli(*command, cwd=tmp_path)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (command, done.stderr[-2000:])
+    assert json.loads((tmp_path / "runs" / "mine" / "eval" / "report.json").read_text())["recipe"] == "mine"
+    done = run_cli("generate", "runs/mine", "a lime square on a navy background", "-n", "2", "--keep", "1", "--out-dir", "out", "-q", cwd=tmp_path)
+    assert done.returncode == 0 and len(list((tmp_path / "out").glob("*.png"))) == 1, done.stderr[-2000:]
+    done = run_cli("data", "shards", "folder", "shards", "--param", "root=photos", "--param", "image_size=32", "-q", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    stats = json.loads(done.stdout)
+    shards = yaml.safe_load(shards_yaml)
+    shards["data"]["params"] = {"train_urls": stats["train"]["pattern"], "heldout_urls": stats["heldout"]["pattern"]}
+    (tmp_path / "streamed.yaml").write_text(yaml.safe_dump({**recipe, "name": "streamed", **shards}))
+    done = run_cli("recipes", "validate", "streamed.yaml", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
