@@ -125,7 +125,7 @@ def serve_one(pipe, caption: str) -> dict:
 
     from dalle_framework.serve import Limits, create_app
 
-    with TestClient(create_app(pipe, Limits())) as client:
+    with TestClient(create_app(pipe, Limits()), base_url="http://localhost") as client:  # a Host the app answers to
         response = client.post("/generate", json={"caption": caption, "candidates": 2, "keep": 1, "seed": 1})
         assert response.status_code == 202, response.text
         deadline = time.monotonic() + 300
