@@ -6,7 +6,9 @@
 ``POST /generate`` queues a job and answers its id at once; one worker thread
 runs the jobs one at a time on the model's device, reporting how many image
 tokens are drawn; ``GET /jobs/{id}`` shows progress and, when done, the ranked
-images as PNG URLs with their reranker scores. Every bound (queue length,
+images as PNG URLs with their reranker scores. ``GET /jobs`` lists the jobs held
+(the page's history), newest first; ``POST /jobs/{id}/cancel`` drops a queued job
+or stops a running one at its next drawn token. Every bound (queue length,
 candidates, keep, caption length, run time) is a :class:`Limits` field, and a
 request over one is answered 4xx with a message naming the field and the bound.
 
@@ -80,10 +82,19 @@ class GenerateRequest(BaseModel):
     caption: str = Field(..., min_length=1, description="the text to draw; at most limits.max_caption_chars characters")
     candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
     keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
-    temperature: Optional[Temperature] = Field(None, description="softmax temperature of each token draw")
-    top_k: Optional[TopK] = Field(None, description="draw only among the k most likely tokens")
-    top_p: Optional[TopP] = Field(None, description="draw only within this nucleus probability mass")
-    guidance: Optional[GuidanceScale] = Field(None, description="classifier-free guidance scale; 1 = off")
+    # The page shows these four descriptions beside its boxes: each says what raising or lowering the value does.
+    temperature: Optional[Temperature] = Field(
+        None, description="softmax temperature of each token draw: higher gives more varied, stranger images; lower, safer and more alike ones"
+    )
+    top_k: Optional[TopK] = Field(
+        None, description="draw only among the k most likely tokens: higher (or none) gives more varied images; lower, safer and more alike ones"
+    )
+    top_p: Optional[TopP] = Field(
+        None, description="draw only within this nucleus probability mass: higher (up to 1, or none) gives more varied images; lower, safer and more alike ones"
+    )
+    guidance: Optional[GuidanceScale] = Field(
+        None, description="classifier-free guidance scale: higher follows the caption more closely but varies less; lower, toward 1 (off), varies more"
+    )
     seed: Optional[int] = Field(
         None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"
     )
@@ -102,7 +113,7 @@ class ImageOut(BaseModel):
 
 class JobOut(BaseModel):
     id: str = Field(description="random job id")
-    status: Literal["queued", "running", "done", "failed"]
+    status: Literal["queued", "running", "done", "failed", "cancelled"]
     caption: str
     seen_as: str = Field(description="the caption as the tokenizer reads it (unknown words, truncation)")
     candidates: int
@@ -112,8 +123,9 @@ class JobOut(BaseModel):
     queue_position: Optional[int] = Field(description="1 = next to run; null once running")
     progress: Progress
     elapsed: Optional[float] = Field(description="seconds since the job started running")
-    error: Optional[str] = Field(description="why a failed job failed")
-    images: list[ImageOut] = Field(description="best first; empty until done")
+    error: Optional[str] = Field(description="why a failed job failed; null otherwise")
+    cancel_requested: bool = Field(description="a cancel was asked for; a running job stops at its next drawn token")
+    images: list[ImageOut] = Field(description="best first; empty until done (and for a failed or cancelled job)")
     grid_url: Optional[str] = Field(description="all kept images in one PNG with the caption and scores; null until done")
 
 
@@ -125,11 +137,19 @@ class ErrorOut(BaseModel):
 
 
 class _Stop(Exception):
-    """Raised from the progress callback to end a job that ran past ``max_seconds``."""
+    """Raised from the progress callback to end a job that ran past ``max_seconds`` or was cancelled."""
 
 
 class QueueFull(Exception):
     """``max_queue`` jobs are already waiting or running."""
+
+
+class NotCancellable(Exception):
+    """The job has already ended (done, failed or cancelled)."""
+
+
+ACTIVE = ("queued", "running")
+FINISHED = ("done", "failed", "cancelled")
 
 
 @dataclass
@@ -147,6 +167,7 @@ class _Job:
     started: Optional[float] = None
     finished: Optional[float] = None
     error: Optional[str] = None
+    cancel_requested: bool = False  # read by the worker's progress callback, set under the queue's lock
     images: list[tuple[str, Optional[float]]] = field(default_factory=list)  # (image id, score), best first
     grid: Optional[str] = None
 
@@ -178,7 +199,7 @@ class JobQueue:
 
     def submit(self, job: _Job) -> None:
         with self._lock:
-            waiting = sum(j.status in ("queued", "running") for j in self._jobs.values())
+            waiting = sum(j.status in ACTIVE for j in self._jobs.values())
             if waiting >= self.limits.max_queue:
                 raise QueueFull(
                     f"queue: {waiting} jobs are waiting or running, this server's bound (max_queue={self.limits.max_queue}); "
@@ -201,34 +222,65 @@ class JobQueue:
 
     def describe(self, job_id: str) -> Optional[JobOut]:
         """A consistent snapshot of a job for the API, or None for an unknown (or evicted) id."""
-        from .interfaces import ImageCodec
+        per_image = self._tokens_per_image()
+        with self._lock:
+            job = self._jobs.get(job_id)
+            return None if job is None else self._out(job, per_image)
 
-        per_image = int(self.pipeline.part(ImageCodec).tokens_per_image)
+    def history(self) -> list[JobOut]:
+        """Every job held (waiting, running, and the last ``max_results`` finished), newest first, in one snapshot."""
+        per_image = self._tokens_per_image()
+        with self._lock:
+            return [self._out(job, per_image) for job in reversed(self._jobs.values())]
+
+    def cancel(self, job_id: str) -> Optional[JobOut]:
+        """Drop a queued job, or ask a running one to stop at its next progress callback; None for an unknown id.
+        Raises NotCancellable for a job that has already ended."""
+        per_image = self._tokens_per_image()
         with self._lock:
             job = self._jobs.get(job_id)
             if job is None:
                 return None
-            queued = [j.id for j in self._jobs.values() if j.status == "queued"]
-            return JobOut(
-                id=job.id,
-                status=job.status,  # type: ignore[arg-type]
-                caption=job.caption,
-                seen_as=job.seen_as,
-                candidates=job.candidates,
-                keep=job.keep,
-                sampling=job.sampling.model_dump(),
-                seed=job.seed,
-                queue_position=queued.index(job.id) + 1 if job.id in queued else None,
-                progress=Progress(done=job.done, total=job.total or job.candidates * per_image),
-                elapsed=None if job.started is None else round((job.finished or time.time()) - job.started, 3),
-                error=job.error,
-                images=[ImageOut(rank=i + 1, url=f"/images/{image_id}.png", score=score) for i, (image_id, score) in enumerate(job.images)],
-                grid_url=None if job.grid is None else f"/images/{job.grid}.png",
-            )
+            if job.status in FINISHED:
+                raise NotCancellable(f"job {job_id!r} is already {job.status}; only a queued or running job can be cancelled")
+            job.cancel_requested = True
+            if job.status == "queued":  # the worker skips it when it comes up
+                job.status, job.finished = "cancelled", time.time()
+                self._evict()
+            return self._out(job, per_image)
+
+    def _tokens_per_image(self) -> int:
+        from .interfaces import ImageCodec
+
+        # Outside the lock: the first call may load the codec.
+        return int(self.pipeline.part(ImageCodec).tokens_per_image)
+
+    def _out(self, job: _Job, per_image: int) -> JobOut:
+        """``job`` for the API; the caller holds the lock."""
+        queued = [j.id for j in self._jobs.values() if j.status == "queued"]
+        return JobOut(
+            id=job.id,
+            status=job.status,  # type: ignore[arg-type]
+            caption=job.caption,
+            seen_as=job.seen_as,
+            candidates=job.candidates,
+            keep=job.keep,
+            sampling=job.sampling.model_dump(),
+            seed=job.seed,
+            queue_position=queued.index(job.id) + 1 if job.id in queued else None,
+            progress=Progress(done=job.done, total=job.total or job.candidates * per_image),
+            elapsed=None if job.started is None else round((job.finished or time.time()) - job.started, 3),
+            error=job.error,
+            cancel_requested=job.cancel_requested,
+            images=[ImageOut(rank=i + 1, url=f"/images/{image_id}.png", score=score) for i, (image_id, score) in enumerate(job.images)],
+            grid_url=None if job.grid is None else f"/images/{job.grid}.png",
+        )
 
     def _work(self) -> None:
         while (job := self._pending.get()) is not None:
             with self._lock:
+                if job.status != "queued":  # cancelled while it waited
+                    continue
                 job.status, job.started = "running", time.time()
             try:
                 pngs, scores, grid = self._generate(job)
@@ -246,6 +298,8 @@ class JobQueue:
 
         def on_progress(done: int, total: int) -> None:
             job.done, job.total = done, total
+            if job.cancel_requested:
+                raise _Stop("cancelled")
             if time.monotonic() > deadline:
                 raise _Stop(
                     f"stopped after {self.limits.max_seconds:g} s, this server's bound on run time (max_seconds); "
@@ -264,6 +318,10 @@ class JobQueue:
 
     def _finish(self, job: _Job, *, pngs=(), scores=(), grid: Optional[bytes] = None, error: Optional[str] = None) -> None:
         with self._lock:
+            if job.cancel_requested:  # also when the cancel came after the last token: its images are not wanted
+                job.status, job.finished = "cancelled", time.time()
+                self._evict()
+                return
             for png, score in zip(pngs, scores):
                 image_id = secrets.token_urlsafe(16)
                 self._images[image_id] = png
@@ -274,12 +332,16 @@ class JobQueue:
             job.status, job.error, job.finished = ("failed" if error else "done"), error, time.time()
             if not error:
                 job.done = job.total
-            finished = [j for j in self._jobs.values() if j.status in ("done", "failed")]
-            for old in finished[: max(0, len(finished) - self.limits.max_results)]:
-                for image_id, _ in old.images:
-                    self._images.pop(image_id, None)
-                self._images.pop(old.grid or "", None)
-                del self._jobs[old.id]
+            self._evict()
+
+    def _evict(self) -> None:
+        """Drop the oldest finished jobs, with their PNGs, past ``max_results``; the caller holds the lock."""
+        finished = [j for j in self._jobs.values() if j.status in FINISHED]
+        for old in finished[: max(0, len(finished) - self.limits.max_results)]:
+            for image_id, _ in old.images:
+                self._images.pop(image_id, None)
+            self._images.pop(old.grid or "", None)
+            del self._jobs[old.id]
 
 
 # ----------------------------------------------------------------------------- run facts
@@ -518,12 +580,34 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts:
             raise HTTPException(429, str(exc), headers={"Retry-After": "5"}) from None
         return jobs.describe(job.id)
 
+    def unknown(job_id: str) -> HTTPException:
+        return HTTPException(404, f"no job {job_id!r} here (finished jobs are kept until {limits.max_results} newer ones finish)")
+
+    @app.get("/jobs", response_model=list[JobOut], summary="the jobs held, newest first: waiting, running and the last finished ones")
+    def list_jobs() -> list[JobOut]:
+        return jobs.history()
+
     @app.get("/jobs/{job_id}", response_model=JobOut, responses=errors, summary="a job's status, progress and, when done, its images")
     def get_job(job_id: str) -> JobOut:
         out = jobs.describe(job_id)
         if out is None:
-            raise HTTPException(404, f"no job {job_id!r} here (finished jobs are kept until {limits.max_results} newer ones finish)")
+            raise unknown(job_id)
         return out
+
+    @app.post(
+        "/jobs/{job_id}/cancel",
+        response_model=JobOut,
+        responses={202: {"model": JobOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+        summary="cancel a job: a queued one is dropped (200, cancelled); a running one stops at its next drawn token (202, poll it)",
+    )
+    def cancel_job(job_id: str):
+        try:
+            out = jobs.cancel(job_id)
+        except NotCancellable as exc:
+            raise HTTPException(409, str(exc)) from None
+        if out is None:
+            raise unknown(job_id)
+        return JSONResponse(out.model_dump(mode="json"), status_code=200 if out.status == "cancelled" else 202)
 
     @app.get(
         "/images/{image_id}.png",

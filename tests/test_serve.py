@@ -29,6 +29,8 @@ import torch
 from conftest import ROOT, returns_within, run_cli
 
 CAPTION = "a green square in the top left"
+# Candidates of a job that runs for seconds on the tiny run (about 0.1 s per 64), long enough to cancel midway.
+LONG = 10_000
 # shapes-demo made tiny: 2 samples per caption, small models, a few steps each.
 TINY = [
     "device=cpu",
@@ -91,11 +93,11 @@ def client_for(pipeline, **limits):
 
 
 def wait(client, job_id: str, timeout: float = 120.0) -> dict:
-    """Poll GET /jobs/{id} until the job is done or failed."""
+    """Poll GET /jobs/{id} until the job has ended: done, failed or cancelled."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         job = client.get(f"/jobs/{job_id}").json()
-        if job["status"] in ("done", "failed"):
+        if job["status"] in ("done", "failed", "cancelled"):
             return job
         time.sleep(0.05)
     raise AssertionError(f"job {job_id} still {job['status']} after {timeout} s")
@@ -306,6 +308,85 @@ def test_unknown_ids_404_and_no_path_reaches_the_run_directory(pipe, tiny_run):
         assert client.get(first["images"][0]["url"]).status_code == 404
 
 
+def test_history_lists_the_jobs_held_newest_first(pipe):
+    with client_for(pipe, max_results=2) as client:
+        assert client.get("/jobs").json() == []
+        captions = [CAPTION, "a red circle in the center", "a blue triangle in the bottom right"]
+        ended = [generate(client, caption=caption, candidates=2, keep=1, seed=seed) for seed, caption in enumerate(captions)]
+        listed = client.get("/jobs").json()
+        # Newest first; the oldest left with its images once max_results newer ones finished.
+        assert [job["id"] for job in listed] == [ended[2]["id"], ended[1]["id"]]
+        assert listed == [ended[2], ended[1]]  # each as GET /jobs/{id} shows it
+        assert [job["caption"] for job in listed] == captions[:0:-1] and [job["seed"] for job in listed] == [2, 1]
+        for job in listed:
+            assert png(client, job["images"][0]["url"]).startswith(b"\x89PNG") and png(client, job["grid_url"])
+
+
+def test_cancel_drops_a_queued_job_and_stops_a_running_one(pipe):
+    with client_for(pipe, max_candidates=LONG) as client:
+        post = lambda seed, candidates: client.post("/generate", json={"caption": CAPTION, "candidates": candidates, "keep": 1, "seed": seed}).json()  # noqa: E731
+        long, waiting, after = post(0, LONG), post(1, 2), post(2, 2)
+        deadline = time.monotonic() + 60
+        while client.get(f"/jobs/{long['id']}").json()["progress"]["done"] == 0:
+            assert time.monotonic() < deadline, "the long job drew no token within 60 s"
+            time.sleep(0.01)
+
+        dropped = client.post(f"/jobs/{waiting['id']}/cancel")
+        assert dropped.status_code == 200, dropped.text
+        assert dropped.json()["status"] == "cancelled" and dropped.json()["queue_position"] is None
+        assert client.get(f"/jobs/{after['id']}").json()["queue_position"] == 1  # moved up
+        assert [(job["id"], job["status"]) for job in client.get("/jobs").json()] == [
+            (after["id"], "queued"), (waiting["id"], "cancelled"), (long["id"], "running")
+        ]
+        again = client.post(f"/jobs/{waiting['id']}/cancel")
+        assert again.status_code == 409 and "already cancelled" in again.json()["detail"]
+
+        stopping = client.post(f"/jobs/{long['id']}/cancel")
+        assert stopping.status_code == 202, stopping.text  # stops at its next drawn token
+        assert stopping.json()["status"] == "running" and stopping.json()["cancel_requested"] is True
+        stopped = wait(client, long["id"])
+        assert stopped["status"] == "cancelled" and stopped["images"] == [] and stopped["grid_url"] is None and stopped["error"] is None
+        assert 0 < stopped["progress"]["done"] < stopped["progress"]["total"] == LONG * 64  # stopped midway
+
+        next_job = wait(client, after["id"])
+        assert next_job["status"] == "done" and len(next_job["images"]) == 1 and png(client, next_job["images"][0]["url"])
+        never_ran = client.get(f"/jobs/{waiting['id']}").json()
+        assert never_ran["status"] == "cancelled" and never_ran["elapsed"] is None and never_ran["progress"]["done"] == 0
+
+
+def test_cancel_of_an_ended_or_unknown_job_is_refused_with_a_message(pipe):
+    with client_for(pipe) as client:
+        unknown = client.post("/jobs/nope/cancel")
+        assert unknown.status_code == 404 and "no job 'nope'" in unknown.json()["detail"]
+        done = generate(client, candidates=2, keep=1, seed=0)
+        refused = client.post(f"/jobs/{done['id']}/cancel")
+        assert refused.status_code == 409, refused.text
+        assert refused.json()["detail"] == f"job {done['id']!r} is already done; only a queued or running job can be cancelled"
+        assert client.get(f"/jobs/{done['id']}").json() == done and png(client, done["images"][0]["url"])  # untouched
+    with client_for(pipe, max_seconds=1e-6) as client:
+        failed = generate(client, candidates=2, keep=1, seed=0)
+        refused = client.post(f"/jobs/{failed['id']}/cancel")
+        assert failed["status"] == "failed" and refused.status_code == 409 and "already failed" in refused.json()["detail"]
+
+
+@pytest.mark.parametrize("own", [None, "The shapes demo, as a child recipe words it."])
+def test_a_derived_recipe_shows_its_own_description_else_its_parents(tiny_run, tmp_path, own):
+    """`extends:` merges child over parent: a child's description wins on the page; one without keeps the parent's."""
+    from dalle_framework.pipeline import Pipeline
+    from dalle_framework.recipe import dump, load_recipe
+
+    child = tmp_path / "shapes-child.yaml"
+    child.write_text("extends: shapes-demo\nname: shapes-child\n" + (f"description: {own}\n" if own else ""))
+    parent = load_recipe("shapes-demo").description
+    assert parent and parent != own
+    run = tmp_path / "run"  # the tiny run as if trained from the child: its stored recipe is the resolved child
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("tb"))
+    (run / "recipe.yaml").write_text(dump(load_recipe(child, TINY)))
+    with client_for(Pipeline.load(run)) as client:
+        shown = client.get("/run").json()
+    assert shown["recipe"] == "shapes-child" and shown["description"] == (own or parent)
+
+
 def test_run_page_and_openapi(pipe, tiny_run):
     with client_for(pipe, max_candidates=9) as client:
         run = client.get("/run").json()
@@ -330,11 +411,14 @@ def test_run_page_and_openapi(pipe, tiny_run):
         assert "http://" not in client.get("/app.js").text and "https://" not in client.get("/app.js").text
 
         schema = client.get("/openapi.json").json()
-        assert {"/generate", "/jobs/{job_id}", "/run", "/images/{image_id}.png"} <= set(schema["paths"])
+        assert {"/generate", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/run", "/images/{image_id}.png"} <= set(schema["paths"])
         request = schema["components"]["schemas"]["GenerateRequest"]["properties"]
         assert {"caption", "candidates", "keep", "top_k", "top_p", "temperature", "guidance", "seed"} == set(request)
         assert all(field.get("description") for field in request.values())
+        for setting in ("top_k", "top_p", "temperature", "guidance"):  # the page shows these beside its boxes
+            assert "higher" in request[setting]["description"] and "lower" in request[setting]["description"], setting
         assert "429" in schema["paths"]["/generate"]["post"]["responses"]
+        assert {"200", "202", "404", "409"} <= set(schema["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"])
 
 
 def test_run_files_that_block_never_end_or_cannot_be_shown_are_unavailable_on_the_page(tiny_run, tmp_path):
@@ -454,13 +538,14 @@ ALLOWED_HOST = "pictures.example"
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
-    """A real `dalle serve` process on a free port, also answering to ALLOWED_HOST; yields its URL."""
+    """A real `dalle serve` process on a free port, also answering to ALLOWED_HOST and taking LONG candidates; yields its URL."""
     run = os.environ.get("DALLE_SERVE_RUN") or str(request.getfixturevalue("tiny_run"))
     port = _free_port()
     tmp_path = tmp_path_factory.mktemp("served")
     log = open(tmp_path / "serve.log", "w")
     server = subprocess.Popen(
-        [sys.executable, "-m", "dalle_framework", "serve", run, "--port", str(port), "--device", "cpu", "--allowed-host", ALLOWED_HOST],
+        [sys.executable, "-m", "dalle_framework", "serve", run, "--port", str(port), "--device", "cpu", "--allowed-host", ALLOWED_HOST,
+         "--max-candidates", str(LONG)],
         cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
@@ -587,6 +672,21 @@ def _browser_paths() -> tuple[str, str]:
     return chromium, driver
 
 
+def api(url: str, path: str, body: Optional[dict] = None) -> dict:
+    """GET ``path``, or POST ``body`` to it (an empty body, with its length, when None and the path cancels)."""
+    import urllib.request
+
+    data = json.dumps(body).encode() if body is not None else (b"" if path.endswith("/cancel") else None)
+    call = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(call, timeout=30) as response:
+        return json.load(response)
+
+
+def download_name(caption: str, seed: int, what: str) -> str:
+    """The file name the page gives a download: caption slug, seed, then rank1, rank2, ... or grid."""
+    return f"{'-'.join(caption.lower().split())}-seed{seed}-{what}.png"
+
+
 @pytest.mark.slow
 def test_page_in_headless_chromium(served, tmp_path):
     chromium, driver_path = _browser_paths()
@@ -602,31 +702,105 @@ def test_page_in_headless_chromium(served, tmp_path):
                  f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1400,1000"):
         options.add_argument(flag)
     browser = webdriver.Chrome(service=Service(driver_path), options=options)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.execute_cdp_cmd("Browser.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(downloads)})
+    status = lambda: browser.find_element(By.ID, "status").text  # noqa: E731
+
+    def fill(**boxes) -> None:
+        for name, value in boxes.items():
+            box = browser.find_element(By.ID, name)
+            box.clear()
+            box.send_keys(str(value))
+
+    def generate_on_page(**boxes) -> str:
+        """Fill the form, generate, wait for the kept images to load; the job's id."""
+        fill(**boxes)
+        browser.find_element(By.ID, "generate").click()
+        loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+        WebDriverWait(browser, 300).until(
+            lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results figure")) == int(boxes["keep"]) and b.execute_script(loaded)
+            and not b.find_element(By.ID, "generate").get_attribute("disabled")
+        )
+        return browser.find_element(By.ID, "results").get_attribute("data-job")
+
     try:
         browser.get(served + "/")
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "components").text.strip())
         assert "dense-transformer" in browser.find_element(By.ID, "components").text
-        caption = browser.find_element(By.ID, "caption")
-        caption.clear()
-        caption.send_keys(CAPTION)
-        for name, value in (("candidates", "16"), ("keep", "4"), ("seed", "3")):
-            box = browser.find_element(By.ID, name)
-            box.clear()
-            box.send_keys(value)
-        browser.find_element(By.ID, "generate").click()
-        loaded = "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
-        WebDriverWait(browser, 300).until(
-            lambda b: len(b.find_elements(By.CSS_SELECTOR, "#results figure")) == 4 and b.execute_script(loaded)
-        )
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "guidance-explain").text)
+        for setting in ("top_k", "top_p", "temperature", "guidance"):  # one line each on raising or lowering it
+            explanation = browser.find_element(By.ID, f"{setting}-explain").text
+            assert "higher" in explanation and "lower" in explanation, setting
+        assert not browser.find_element(By.ID, "cancel").is_displayed()
+
+        first = generate_on_page(caption=CAPTION, candidates=16, keep=4, seed=3)
         figures = browser.find_elements(By.CSS_SELECTOR, "#results figure")
         scores = [float(f.get_attribute("data-score")) for f in figures]
         assert scores == sorted(scores, reverse=True), scores
         assert [f.get_attribute("data-rank") for f in figures] == ["1", "2", "3", "4"]
-        assert "score" in figures[0].text and "seed 3" in browser.find_element(By.ID, "status").text
+        assert "score" in figures[0].text and "seed 3" in status()
         assert browser.find_element(By.ID, "metrics").text.strip() != "none recorded"
+
+        # A download link per image and one for the grid, named by caption, seed and rank; each fetches the PNG served.
+        links = browser.find_elements(By.CSS_SELECTOR, "#results a.download") + [browser.find_element(By.ID, "grid-download")]
+        names = [link.get_attribute("download") for link in links]
+        assert names == [download_name(CAPTION, 3, f"rank{rank}") for rank in range(1, 5)] + [download_name(CAPTION, 3, "grid")]
+        job = api(served, f"/jobs/{first}")
+        assert [link.get_attribute("href") for link in links] == [served + i["url"] for i in job["images"]] + [served + job["grid_url"]]
+        fetched = browser.execute_async_script(
+            "const done = arguments[arguments.length - 1];"
+            "Promise.all(arguments[0].map((a) => fetch(a.href).then((r) => r.arrayBuffer())"
+            "  .then((b) => Array.from(new Uint8Array(b).slice(0, 8)))))"
+            ".then(done, (e) => done(String(e)));",
+            links,
+        )
+        assert fetched == [list(b"\x89PNG\r\n\x1a\n")] * 5, fetched
+        links[-1].click()  # the browser saves the grid under its download name
+        saved = downloads / names[-1]
+        WebDriverWait(browser, 30).until(lambda b: saved.is_file() and not list(downloads.glob("*.crdownload")))
+        import urllib.request
+
+        assert saved.read_bytes() == urllib.request.urlopen(served + job["grid_url"], timeout=30).read()
+
+        # A second result; the history lists both, newest first, and clicking the earlier one shows it again.
+        second = generate_on_page(caption="a red circle in the center", candidates=2, keep=1, seed=4)
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#history li")) == 2)
+        entries = browser.find_elements(By.CSS_SELECTOR, "#history li")
+        assert [e.get_attribute("data-job") for e in entries] == [second, first]
+        assert "a red circle in the center" in entries[0].text and CAPTION in entries[1].text and "seed 3" in entries[1].text
+        entries[1].find_element(By.TAG_NAME, "button").click()
+        shown = [img.get_attribute("src") for img in browser.find_elements(By.CSS_SELECTOR, "#results img")]
+        assert shown == [served + image["url"] for image in job["images"]] and "seed 3" in status()
+        assert browser.find_element(By.ID, "grid-download").get_attribute("download") == names[-1]
         shot = tmp_path / "serve.png"
         assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
         if os.environ.get("DALLE_SERVE_SCREENSHOT"):
             shutil.copyfile(shot, os.environ["DALLE_SERVE_SCREENSHOT"])
+
+        # Behind a long job the page's job waits, showing its place in line; Cancel drops it before it runs.
+        blocker = api(served, "/generate", {"caption": CAPTION, "candidates": LONG, "keep": 1, "seed": 0})
+        fill(caption=CAPTION, candidates=2, keep=1, seed=5)
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 30).until(lambda b: "position 1" in status())
+        cancel = browser.find_element(By.ID, "cancel")
+        assert cancel.is_displayed()
+        cancel.click()
+        WebDriverWait(browser, 30).until(lambda b: status() == "cancelled before it ran")
+        assert not cancel.is_displayed() and not browser.find_elements(By.CSS_SELECTOR, "#results figure")
+        dropped = next(j for j in api(served, "/jobs") if j["seed"] == 5)
+        assert dropped["status"] == "cancelled" and dropped["elapsed"] is None
+        api(served, f"/jobs/{blocker['id']}/cancel")
+
+        # A running job: Cancel stops it midway.
+        fill(caption=CAPTION, candidates=LONG, keep=1, seed=6)
+        browser.find_element(By.ID, "generate").click()
+        WebDriverWait(browser, 60).until(lambda b: "drawing image tokens" in status())
+        cancel.click()
+        WebDriverWait(browser, 60).until(lambda b: status().startswith("cancelled after"))
+        stopped = next(j for j in api(served, "/jobs") if j["seed"] == 6)
+        assert stopped["status"] == "cancelled" and 0 < stopped["progress"]["done"] < stopped["progress"]["total"]
+        assert api(served, f"/jobs/{blocker['id']}")["status"] == "cancelled"
+        WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#history li[data-status=cancelled]")) == 3)
     finally:
         browser.quit()

@@ -1,10 +1,13 @@
 // The page of `dalle serve`: fills the form's defaults and the run panel from GET /run,
-// posts the form to POST /generate, polls GET /jobs/{id} for progress, then shows the
-// ranked images. Text from the server is set with textContent only.
+// posts the form to POST /generate, polls GET /jobs/{id} for progress (POST
+// /jobs/{id}/cancel stops it), then shows the ranked images with download links; the
+// history below lists GET /jobs. Text from the server is set with textContent only.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
+const EXPLAINED = ["top_k", "top_p", "temperature", "guidance"];
+const history = new Map(); // job id -> the job as GET /jobs last listed it
 
 function el(tag, text, cls) {
   const node = document.createElement(tag);
@@ -99,6 +102,24 @@ function request() {
   return body;
 }
 
+// "A Red Circle, top-left!" -> "a-red-circle-top-left": a file name part that any file system takes.
+function slug(caption) {
+  const ascii = caption.normalize("NFKD").replace(/[\u0300-\u036f]/g, "").toLowerCase();
+  return ascii.replace(/[^a-z0-9]+/g, "-").slice(0, 60).replace(/^-+|-+$/g, "") || "image";
+}
+
+// what: "rank1", "rank2", ... or "grid"; the seed makes the name say how to draw the image again.
+function fileName(job, what) {
+  return `${slug(job.caption)}-seed${job.seed}-${what}.png`;
+}
+
+function download(url, name, text) {
+  const link = el("a", text, "download");
+  link.href = url;
+  link.download = name;
+  return link;
+}
+
 function showResult(job) {
   const figures = job.images.map((image) => {
     const fig = el("figure");
@@ -107,12 +128,56 @@ function showResult(job) {
     const img = el("img");
     img.src = image.url;
     img.alt = `${job.caption}, rank ${image.rank}`;
-    fig.append(img, el("figcaption", image.score === null ? `#${image.rank}` : `#${image.rank} · score ${image.score.toFixed(3)}`));
+    const label = image.score === null ? `#${image.rank}` : `#${image.rank} · score ${image.score.toFixed(3)}`;
+    const caption = el("figcaption", label);
+    caption.append(download(image.url, fileName(job, `rank${image.rank}`), "download"));
+    fig.append(img, caption);
     return fig;
   });
   $("results").replaceChildren(...figures);
+  const grid = $("grid-download");
+  grid.href = job.grid_url;
+  grid.download = fileName(job, "grid");
+  $("downloads").hidden = false;
+  $("results").dataset.job = job.id;
   const scored = job.images.length && job.images[0].score !== null ? "ranked by reranker score" : "no reranker: in drawing order";
   setStatus(`best ${job.keep} of ${job.candidates} for “${job.seen_as}”, ${scored}; seed ${job.seed}, ${job.elapsed.toFixed(1)} s`);
+}
+
+function clearResult() {
+  $("results").replaceChildren();
+  delete $("results").dataset.job;
+  $("downloads").hidden = true;
+}
+
+function historyEntry(job) {
+  const item = el("li");
+  item.dataset.job = job.id;
+  item.dataset.status = job.status;
+  const what = `${job.caption} · seed ${job.seed} · best ${job.keep} of ${job.candidates}`;
+  if (job.status !== "done") {
+    item.append(el("span", `${what} · ${job.status}`, "hint"));
+    return item;
+  }
+  const button = el("button", undefined, "history-item");
+  button.type = "button";
+  const thumb = el("img");
+  thumb.src = job.images[0].url;
+  thumb.alt = `${job.caption}, rank 1`;
+  button.append(thumb, el("span", what));
+  button.addEventListener("click", () => showResult(history.get(job.id)));
+  item.append(button);
+  return item;
+}
+
+// Finished jobs only: one still queued or running joins the list when it ends.
+async function refreshHistory() {
+  const response = await fetch("/jobs");
+  if (!response.ok) return;
+  const ended = (await response.json()).filter((job) => !["queued", "running"].includes(job.status));
+  history.clear();
+  ended.forEach((job) => history.set(job.id, job));
+  $("history").replaceChildren(...ended.map(historyEntry));
 }
 
 async function poll(id) {
@@ -120,22 +185,29 @@ async function poll(id) {
     const response = await fetch(`/jobs/${encodeURIComponent(id)}`);
     const job = await response.json();
     if (!response.ok) throw new Error(job.detail || response.statusText);
-    if (job.status === "done") return job;
+    if (job.status === "done" || job.status === "cancelled") return job;
     if (job.status === "failed") throw new Error(job.error);
     const bar = $("progress");
     bar.hidden = false;
     bar.max = job.progress.total;
     bar.value = job.progress.done;
-    setStatus(job.status === "queued"
-      ? `queued (position ${job.queue_position})`
-      : `drawing image tokens: ${job.progress.done} of ${job.progress.total}`);
+    if (job.cancel_requested) setStatus("cancelling: stops at the next drawn token");
+    else if (job.status === "queued") setStatus(`queued: position ${job.queue_position} in line (1 = next to run)`);
+    else setStatus(`drawing image tokens: ${job.progress.done} of ${job.progress.total}`);
     await new Promise((resolve) => setTimeout(resolve, POLL_MS));
   }
+}
+
+async function cancel(id) {
+  // A body of length 0: the server takes no body without a Content-Length.
+  const response = await fetch(`/jobs/${encodeURIComponent(id)}/cancel`, { method: "POST", body: "" });
+  if (!response.ok) setStatus((await response.json()).detail || response.statusText, true);
 }
 
 async function generate(event) {
   event.preventDefault();
   const button = $("generate");
+  const stop = $("cancel");
   button.disabled = true;
   $("seen-as").textContent = "";
   try {
@@ -147,12 +219,38 @@ async function generate(event) {
     const job = await response.json();
     if (!response.ok) throw new Error(job.detail || response.statusText);
     if (job.seen_as !== job.caption.toLowerCase()) $("seen-as").textContent = `the model reads: ${job.seen_as}`;
-    showResult(await poll(job.id));
+    stop.onclick = () => { stop.disabled = true; cancel(job.id); };
+    stop.disabled = false;
+    stop.hidden = false;
+    const ended = await poll(job.id);
+    if (ended.status === "done") showResult(ended);
+    else {
+      clearResult();
+      setStatus(ended.elapsed === null
+        ? "cancelled before it ran"
+        : `cancelled after ${ended.progress.done} of ${ended.progress.total} image tokens`);
+    }
   } catch (error) {
     setStatus(error.message, true);
   } finally {
+    stop.hidden = true;
+    stop.onclick = null;
     $("progress").hidden = true;
     button.disabled = false;
+    refreshHistory();
+  }
+}
+
+// The line beside each sampling box is the request schema's description of it: what the
+// setting is, then (after the colon, shown) what raising or lowering it does.
+async function showExplanations() {
+  const response = await fetch("/openapi.json");
+  const fields = (await response.json()).components.schemas.GenerateRequest.properties;
+  for (const name of EXPLAINED) {
+    const description = fields[name].description;
+    const hint = $(`${name}-explain`);
+    hint.textContent = description.slice(description.indexOf(":") + 1).trim();
+    hint.title = description;
   }
 }
 
@@ -164,6 +262,8 @@ async function main() {
   } catch (error) {
     setStatus(`cannot read /run: ${error.message}`, true);
   }
+  showExplanations().catch(() => {}); // the form works without them
+  refreshHistory();
 }
 
 main();
