@@ -4,7 +4,7 @@ The plugin API is what this module exports plus the modules named in
 ``PLUGIN_API``; a plugin imports nothing else of the framework (the test suite
 checks every built-in plugin against this list):
 
-- ``dalle_framework``: the contracts, ``Params``, ``Stage``, ``Registry``, errors, ``hookimpl``, ``deep_merge``;
+- ``dalle_framework``: the contracts, ``Params``, ``Stage`` and ``StageSpec``, ``Registry``, errors, ``hookimpl``, ``deep_merge``;
 - ``dalle_framework.attention``: ``[text | image]`` layouts, sparse patterns and their kernels;
 - ``dalle_framework.sampling``: temperature, top-k/top-p and guidance over logits, token draws;
 - ``dalle_framework.decoding``: fixed-shape decode steps run eagerly, compiled or as CUDA graphs;
@@ -21,16 +21,20 @@ from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, Usag
 from .hookspecs import hookimpl
 
 # The contracts import torch: loaded on first use (PEP 562), so that `dalle --help` and other
-# commands that build no model start without it.
+# commands that build no model start without it. The settings models (`schema`) need no torch:
+# a plugin's params module imports them without loading the contracts.
 _LAZY = {
     **dict.fromkeys(
-        ("PAD_ID", "CaptionReading", "CodecFacts", "Component", "DataSource", "Engine", "EngineRun", "EngineSpec",
-         "FeatureNetwork", "Figure", "ImageCodec", "LogitFilter", "Measurement", "Metric", "ModuleComponent", "Params", "Prior",
-         "Reranker", "Sample", "Sampling", "StepCallback", "Tokenizer", "TrainConfig"),
+        ("CaptionReading", "CodecFacts", "Component", "DataSource", "Engine", "EngineRun",
+         "FeatureNetwork", "Figure", "ImageCodec", "LogitFilter", "Measurement", "Metric", "ModuleComponent", "Prior",
+         "Reranker", "Sample", "StepCallback", "Tokenizer"),
         "interfaces",
     ),
+    **dict.fromkeys(("PAD_ID", "AttentionBackend", "EngineSpec", "Params", "Sampling", "StageSpec", "TrainConfig",
+                     "attention_patterns"), "schema"),
     "deep_merge": "recipe",
     "Registry": "registry",
+    "lazy_attributes": "registry",
     "Preview": "stage",
     "Stage": "stage",
 }
@@ -68,6 +72,7 @@ PLUGIN_API = (
 
 __all__ = [
     "PAD_ID",
+    "AttentionBackend",
     "PLUGIN_API",
     "CaptionReading",
     "CodecFacts",
@@ -95,10 +100,13 @@ __all__ = [
     "Sample",
     "Sampling",
     "Stage",
+    "StageSpec",
     "StepCallback",
     "Tokenizer",
     "TrainConfig",
     "UsageError",
+    "attention_patterns",
     "deep_merge",
     "hookimpl",
+    "lazy_attributes",
 ]

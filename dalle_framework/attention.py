@@ -55,8 +55,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .errors import UsageError
+from .schema import BUILTIN_PATTERNS
+from .schema import AttentionBackend as Backend
 
-Backend = Literal["auto", "flex", "sdpa"]
 Kernel = Literal["flex", "sdpa-mask", "sdpa-gather", "sdpa-causal"]
 Position = Union[int, Tensor]  # a Python int, or a 0-d LongTensor on the device (static decode steps)
 
@@ -162,6 +163,10 @@ def bigbird_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
     keep_per_mille = min(1000, 2000 // max(1, layout.grid[0]))
     random_blocks = ((qb * 7919 + kb * 104729 + qb * kb * 31) % 1000) < keep_per_mille
     return window | global_keys | random_blocks
+
+
+if sorted(PATTERNS) != sorted(BUILTIN_PATTERNS):  # recipes are checked against schema's list, without this module
+    raise ImportError(f"dalle_framework.schema.BUILTIN_PATTERNS {sorted(BUILTIN_PATTERNS)} must name the built-in patterns {sorted(PATTERNS)}")
 
 
 # ----------------------------------------------------------------------------- full masks

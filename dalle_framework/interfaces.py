@@ -27,12 +27,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from .errors import UsageError
-from .schema import EngineSpec, FilterBlock, GuidanceScale, Params, Sampling, Strict, Temperature, TopK, TopP, TrainConfig  # noqa: F401 (re-exported)
+from .schema import PAD_ID, EngineSpec, FilterBlock, GuidanceScale, Params, Sampling, Strict, Temperature, TopK, TopP, TrainConfig  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from .data.stream import ShardedSplit
 
-PAD_ID = 0  # every tokenizer reserves id 0 for padding; priors give each padded position its own learned token
 
 
 class Component:

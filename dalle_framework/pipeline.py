@@ -29,7 +29,7 @@ from .data.images import fit_images, load_split
 from .data.stream import ShardedSplit, count_records
 from .errors import UsageError
 from .interfaces import DataSource, ImageCodec, Prior, Reranker, Sampling, Tokenizer
-from .plugins import KINDS, PluginManager, get_plugin_manager
+from .plugins import PluginManager, get_plugin_manager
 from .recipe import Recipe, apply_overrides, load_recipe, read_yaml, validate
 from .stage import Stage
 
@@ -254,7 +254,7 @@ class Pipeline:
     def role(self, contract: type) -> Optional[str]:
         """The first stage (in training order) whose component implements ``contract``, or None."""
         for name, spec in self.stages.items():
-            if issubclass(KINDS[spec.kind][1], contract):
+            if issubclass(self.manager.registry(spec.kind).base, contract):
                 return name
         return None
 
@@ -307,6 +307,30 @@ class Pipeline:
         """
         if not captions:
             raise UsageError("give at least one caption")
+        n, keep, batch_size = self._generation_counts(candidates, keep, batch_size)
+        codec: ImageCodec = self.part(ImageCodec)
+        prior: Prior = self.part(Prior)
+        # a CPU generator: host draws are then the same on every device; device draws take one seed from it
+        generator = torch.Generator().manual_seed(self.recipe.seed if seed is None else seed)
+        prime = self._prime_tokens(codec, len(captions), prime_images, prime_rows)
+        draw = _Drawing(self, prior, codec, list(captions), n, keep, sampling or self.recipe.generate.sampling, generator,
+                        prime, keep_candidates=keep_candidates, on_batch=on_batch)
+        from .progress import progress_bar
+
+        bar = progress_bar(total=draw.total_tokens, desc="generate", unit="tok", enabled=progress, leave=False)
+
+        def counted(tokens_done: int) -> None:
+            bar.update(tokens_done - bar.n)
+            if on_progress is not None:
+                on_progress(tokens_done, draw.total_tokens)
+
+        for start in range(0, draw.total_rows, batch_size):
+            draw.batch(start, min(start + batch_size, draw.total_rows), counted, tracked=progress or on_progress is not None)
+        bar.close()
+        return draw.result()
+
+    def _generation_counts(self, candidates: Optional[int], keep: Optional[int], batch_size: Optional[int]) -> tuple[int, int, int]:
+        """Candidates per caption, images kept, candidates per forward pass: the arguments, else the recipe's."""
         cfg = self.recipe.generate
         n = cfg.candidates if candidates is None else candidates
         if keep is not None and keep > n:  # asked for: an error; the recipe's default keep shrinks to fit
@@ -314,78 +338,25 @@ class Pipeline:
         keep = min(cfg.keep if keep is None else keep, n)
         if n < 1 or keep < 1:
             raise UsageError(f"candidates ({n}) and keep ({keep}) must be at least 1")
-        sampling = sampling or cfg.sampling
         batch_size = cfg.batch_size if batch_size is None else batch_size
         if batch_size < 1:
             raise UsageError(f"batch size (--batch-size, generate.batch_size) must be at least 1, got {batch_size}")
-        codec: ImageCodec = self.part(ImageCodec)
-        prior: Prior = self.part(Prior)
-        tokenizer = self.tokenizer
-        # a CPU generator: host draws are then the same on every device; device draws take one seed from it
-        generator = torch.Generator().manual_seed(self.recipe.seed if seed is None else seed)
+        return n, keep, batch_size
 
-        prime = None
-        if prime_rows:
-            if prime_images is None:
-                raise UsageError("prime_rows needs prime_images")
-            h, w = codec.grid
-            if not 0 < prime_rows < h:
-                raise UsageError(f"prime rows must be between 1 and {h - 1} (the token grid has {h} rows)")
-            codes = codec.encode(fit_images(prime_images.to(self.device), codec.image_size))
-            codes = codes.expand(len(captions), -1) if len(codes) == 1 else codes
-            if len(codes) != len(captions):
-                raise UsageError(f"{len(codes)} prime images for {len(captions)} captions; give one or one per caption")
-            prime = codes[:, : prime_rows * w]
-
-        text = tokenizer.encode(captions).to(self.device)
-        image_len = codec.grid[0] * codec.grid[1]
-        total_rows, total_tokens = len(captions) * n, len(captions) * n * image_len
-        best = RunningBest(len(captions), keep, n)
-        tokens = torch.zeros(len(captions), n, image_len, dtype=torch.long)
-        all_images: list[torch.Tensor] = []
-        from .progress import progress_bar
-
-        bar = progress_bar(total=total_tokens, desc="generate", unit="tok", enabled=progress, leave=False)
-        stepwise = "on_step" in inspect.signature(prior.generate).parameters
-        for start in range(0, total_rows, batch_size):
-            flat = torch.arange(start, min(start + batch_size, total_rows))
-            caption_of, number = flat // n, flat % n  # which caption, which of its candidates
-            rows_here = caption_of.to(self.device)
-
-            def step(done: int, total: int, rows: int = len(flat), before: int = start * image_len) -> None:
-                tokens_done = before + rows * done
-                bar.update(tokens_done - bar.n)
-                if on_progress is not None:
-                    on_progress(tokens_done, total_tokens)
-
-            track = {"on_step": step} if stepwise and (progress or on_progress is not None) else {}
-            part_prime = None if prime is None else prime[rows_here]
-            part = prior.generate(text[rows_here], sampling, prime=part_prime, generator=generator, **track)
-            if not stepwise:  # a prior written before the on_step contract: progress per batch
-                step(image_len, image_len)
-            decoded = codec.decode(part).clamp(0, 1)
-            scores = self.score(decoded, [captions[c] for c in caption_of.tolist()])
-            tokens[caption_of, number] = part.cpu()
-            if on_batch is not None:
-                on_batch(caption_of, number, decoded, scores)
-            if keep_candidates:
-                all_images.append(decoded.cpu())
-            for c in caption_of.unique().tolist():
-                mine = (caption_of == c).nonzero().squeeze(1)
-                best.add(c, number[mine], decoded[mine.to(decoded.device)], scores[mine.to(scores.device)])
-        bar.close()
-        candidates_t = None
-        if keep_candidates:
-            candidates_t = torch.cat(all_images).view(len(captions), n, *all_images[0].shape[1:])
-        return Generation(
-            captions=list(captions),
-            images=best.images().cpu(),
-            scores=best.best_scores().cpu(),
-            candidates=candidates_t,
-            candidate_scores=best.scores,
-            tokens=tokens,
-            best=best.index().cpu(),
-        )
+    def _prime_tokens(self, codec: ImageCodec, count: int, images: Optional[torch.Tensor], rows: int) -> Optional[torch.Tensor]:
+        """The top ``rows`` token rows of each prime image, one row of tokens per caption (None: no priming)."""
+        if not rows:
+            return None
+        if images is None:
+            raise UsageError("prime_rows needs prime_images")
+        h, w = codec.grid
+        if not 0 < rows < h:
+            raise UsageError(f"prime rows must be between 1 and {h - 1} (the token grid has {h} rows)")
+        codes = codec.encode(fit_images(images.to(self.device), codec.image_size))
+        codes = codes.expand(count, -1) if len(codes) == 1 else codes
+        if len(codes) != count:
+            raise UsageError(f"{len(codes)} prime images for {count} captions; give one or one per caption")
+        return codes[:, : rows * w]
 
     @torch.no_grad()
     def score(self, images: torch.Tensor, captions: list[str]) -> torch.Tensor:
@@ -394,3 +365,61 @@ class Pipeline:
         if reranker is None:
             return torch.full((len(images),), math.nan, device=images.device)
         return reranker.score(images, captions).float()
+
+
+class _Drawing:
+    """The candidates of one ``Pipeline.generate`` call, drawn a batch at a time: every candidate's tokens,
+    the running best images per caption, and every decoded image when the caller keeps them."""
+
+    def __init__(self, pipe: Pipeline, prior: Prior, codec: ImageCodec, captions: list[str], n: int, keep: int,
+                 sampling: Sampling, generator: torch.Generator, prime: Optional[torch.Tensor], *, keep_candidates: bool,
+                 on_batch: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]]) -> None:
+        self.pipe, self.prior, self.codec, self.captions, self.n = pipe, prior, codec, captions, n
+        self.sampling, self.generator, self.prime, self.on_batch = sampling, generator, prime, on_batch
+        self.text = pipe.tokenizer.encode(captions).to(pipe.device)
+        self.image_len = codec.grid[0] * codec.grid[1]
+        self.total_rows = len(captions) * n
+        self.total_tokens = self.total_rows * self.image_len
+        self.best = RunningBest(len(captions), keep, n)
+        self.tokens = torch.zeros(len(captions), n, self.image_len, dtype=torch.long)
+        self.kept: Optional[list[torch.Tensor]] = [] if keep_candidates else None
+        self.stepwise = "on_step" in inspect.signature(prior.generate).parameters
+
+    def batch(self, start: int, stop: int, counted: Callable[[int], None], *, tracked: bool) -> None:
+        """Draw, decode and score candidates ``start:stop`` (over all captions' candidates, caption-major)."""
+        flat = torch.arange(start, stop)
+        caption_of, number = flat // self.n, flat % self.n  # which caption, which of its candidates
+        rows = caption_of.to(self.pipe.device)
+
+        def step(done: int, total: int) -> None:
+            counted(start * self.image_len + len(flat) * done)
+
+        track = {"on_step": step} if self.stepwise and tracked else {}
+        prime = None if self.prime is None else self.prime[rows]
+        part = self.prior.generate(self.text[rows], self.sampling, prime=prime, generator=self.generator, **track)
+        if not self.stepwise:  # a prior written before the on_step contract: progress per batch
+            step(self.image_len, self.image_len)
+        decoded = self.codec.decode(part).clamp(0, 1)
+        scores = self.pipe.score(decoded, [self.captions[c] for c in caption_of.tolist()])
+        self.tokens[caption_of, number] = part.cpu()
+        if self.on_batch is not None:
+            self.on_batch(caption_of, number, decoded, scores)
+        if self.kept is not None:
+            self.kept.append(decoded.cpu())
+        for c in caption_of.unique().tolist():
+            mine = (caption_of == c).nonzero().squeeze(1)
+            self.best.add(c, number[mine], decoded[mine.to(decoded.device)], scores[mine.to(scores.device)])
+
+    def result(self) -> Generation:
+        candidates = None
+        if self.kept is not None:
+            candidates = torch.cat(self.kept).view(len(self.captions), self.n, *self.kept[0].shape[1:])
+        return Generation(
+            captions=self.captions,
+            images=self.best.images().cpu(),
+            scores=self.best.best_scores().cpu(),
+            candidates=candidates,
+            candidate_scores=self.best.scores,
+            tokens=self.tokens,
+            best=self.best.index().cpu(),
+        )

@@ -27,22 +27,22 @@ from typing import Any, Callable, Iterator, Optional
 import pluggy
 
 from . import hookspecs
-from .interfaces import DataSource, Engine, FeatureNetwork, ImageCodec, LogitFilter, Metric, Prior, Reranker, Tokenizer
 from .registry import Registry
-from .stage import Stage, stage_order
+from .schema import StageSpec, stage_order
 
-# kind -> (hook name, base class). Adding a kind is one line here and one hookspec.
-KINDS: dict[str, tuple[str, type]] = {
-    "tokenizer": ("dalle_register_tokenizers", Tokenizer),
-    "codec": ("dalle_register_codecs", ImageCodec),
-    "prior": ("dalle_register_priors", Prior),
-    "reranker": ("dalle_register_rerankers", Reranker),
-    "data": ("dalle_register_datasources", DataSource),
-    "engine": ("dalle_register_engines", Engine),
-    "stage": ("dalle_register_stages", Stage),
-    "metric": ("dalle_register_metrics", Metric),
-    "features": ("dalle_register_feature_networks", FeatureNetwork),
-    "filter": ("dalle_register_logit_filters", LogitFilter),
+# kind -> (hook name, base class). Adding a kind is one line here and one hookspec. The bases (the
+# contracts, which import torch) are imported when a class is first checked against them.
+KINDS: dict[str, tuple[str, str]] = {
+    "tokenizer": ("dalle_register_tokenizers", "dalle_framework.interfaces:Tokenizer"),
+    "codec": ("dalle_register_codecs", "dalle_framework.interfaces:ImageCodec"),
+    "prior": ("dalle_register_priors", "dalle_framework.interfaces:Prior"),
+    "reranker": ("dalle_register_rerankers", "dalle_framework.interfaces:Reranker"),
+    "data": ("dalle_register_datasources", "dalle_framework.interfaces:DataSource"),
+    "engine": ("dalle_register_engines", "dalle_framework.interfaces:Engine"),
+    "stage": ("dalle_register_stages", "dalle_framework.stage:Stage"),
+    "metric": ("dalle_register_metrics", "dalle_framework.interfaces:Metric"),
+    "features": ("dalle_register_feature_networks", "dalle_framework.interfaces:FeatureNetwork"),
+    "filter": ("dalle_register_logit_filters", "dalle_framework.interfaces:LogitFilter"),
 }
 RECIPE_DIRS_HOOK = "dalle_register_recipe_dirs"
 COMMANDS_HOOK = "dalle_register_commands"
@@ -243,10 +243,17 @@ class PluginManager:
     def registry(self, kind: str) -> Registry:
         return self.registries[kind]
 
-    def stages(self) -> dict[str, type[Stage]]:
+    def stages(self) -> dict[str, Any]:
         """Registered stage classes in training order (every stage after those it depends on)."""
         registered = dict(self.registries["stage"].in_order())
         return {name: registered[name] for name in stage_order(registered)}
+
+    def stage_specs(self) -> dict[str, type[StageSpec]]:
+        """What each registered stage declares of itself, in training order, without importing a
+        stage registered by where it lives (the recipe check needs no more)."""
+        registry = self.registries["stage"]
+        declared = {name: registry.declared(name) for name in registry.in_registration_order()}
+        return {name: declared[name] for name in stage_order(declared)}
 
     @property
     def errors(self) -> dict[str, str]:

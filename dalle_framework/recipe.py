@@ -228,6 +228,9 @@ def load_raw(ref: str | Path, _seen: Optional[list[Path]] = None, _read: Optiona
     merged: dict = {}
     for parent in parents:
         merged = deep_merge(merged, load_raw(parent, [*seen, path], read))
+    if "description" not in data and merged.get("description"):
+        # A parent's description would describe another experiment (on the page, in `dalle recipes`).
+        data["description"] = f"Derived from {', '.join(parents)}; it has no description of its own (set `description:`)."
     return deep_merge(merged, data)
 
 
@@ -302,7 +305,7 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     if not isinstance(data, dict):
         raise RecipeError(source, [f"a recipe must be a mapping, got {type(data).__name__}"])
     manager = get_plugin_manager()
-    stage_classes = manager.stages()
+    stage_classes = manager.stage_specs()
     problems: list[str] = []
     core = {k: v for k, v in data.items() if k in Recipe.model_fields and k != "stages"}
     for key in data:
@@ -357,7 +360,7 @@ def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list
     try:
         model = registry.validate_params(name, params)
     except ValidationError as exc:
-        return _problems(f"{path}.params", exc, registry.get(name).Params)
+        return _problems(f"{path}.params", exc, registry.params(name))
     except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
         return [f"{path}.params: {exc}"]
     if recipe is not None:
@@ -384,7 +387,7 @@ def _check_listed(manager, recipe: "Recipe") -> list[str]:
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += _problems(f"{path}.params", exc, registry.get(block.name).Params)
+            problems += _problems(f"{path}.params", exc, registry.params(block.name))
         except (ValueError, TypeError) as exc:
             problems.append(f"{path}.params: {exc}")
     return problems
@@ -407,7 +410,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += _problems(f"{name}.params", exc, registry.get(block.name).Params)
+            problems += _problems(f"{name}.params", exc, registry.params(block.name))
         except (ValueError, TypeError) as exc:
             problems.append(f"{name}.params: {exc}")
     train_raw = block.train if isinstance(block.train, dict) else None
@@ -427,7 +430,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             train.engine.params = engines.validate_params(train.engine.name, train.engine.params)
         except ValidationError as exc:
-            problems += _problems(f"{name}.train.engine.params", exc, engines.get(train.engine.name).Params)
+            problems += _problems(f"{name}.train.engine.params", exc, engines.params(train.engine.name))
     block.train = train
     return (None if problems else block), problems
 

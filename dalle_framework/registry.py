@@ -2,25 +2,93 @@
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import fnmatch
+import importlib
+import importlib.util
+import sys
+import threading
 import types
 import typing
-from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
-from .errors import RegistryError
+from .errors import DalleError, RegistryError
 
 T = TypeVar("T")
+
+
+@dataclass
+class Pending:
+    """A component registered by where it lives (``"package.module:Class"``): its code is imported on
+    first use, while its ``params`` (and a stage's ``declared`` facts) are read without it, so that
+    commands that build no model (``dalle recipes``, ``plugins``, ``components``) never import torch."""
+
+    target: str
+    params: type[BaseModel]
+    declared: Optional[type]
+    plugin: str
+
+    def docstring(self) -> Optional[str]:
+        """The class's docstring read from its source file, without running the module."""
+        module, _, attr = self.target.partition(":")
+        try:
+            spec = importlib.util.find_spec(module)
+            source = open(spec.origin, encoding="utf-8").read() if spec and spec.origin and spec.origin.endswith(".py") else None
+        except (ImportError, OSError, ValueError):
+            source = None
+        if source is None:
+            return None
+        for node in ast.parse(source).body:
+            if isinstance(node, ast.ClassDef) and node.name == attr:
+                return ast.get_docstring(node) or ""
+        return None
+
+
+def resolve(target: str) -> Any:
+    """``"package.module:attribute"`` -> the attribute (the module is imported)."""
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def lazy_attributes(package: str, where: dict[str, str]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` (PEP 562) for a plugin package whose classes are registered by where
+    they live: ``from plugin import Model`` still works, importing ``Model``'s module only then.
+
+        __getattr__ = lazy_attributes(__name__, {"GumbelDVAE": ".model"})
+    """
+
+    def __getattr__(name: str) -> Any:
+        if name not in where:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(where[name], package), name)
+        setattr(sys.modules[package], name, value)  # once loaded, a plain attribute
+        return value
+
+    return __getattr__
+
+
+def _check_params(kind: str, name: str, params: Any, owner: str) -> None:
+    if not (isinstance(params, type) and issubclass(params, BaseModel)):
+        raise RegistryError(f"{kind} {name!r}: {owner}.Params must be a pydantic BaseModel")
+    if params.model_config.get("extra") != "forbid":
+        raise RegistryError(
+            f"{kind} {name!r}: {owner}.Params must set extra='forbid' "
+            "(subclass dalle_framework.Params) so typos in recipes are caught"
+        )
 
 
 class Registry(Generic[T]):
     """Named classes of one kind (``codec``, ``prior``...), all subclasses of ``base``.
 
     ``register`` checks the base class and that ``cls.Params`` is a pydantic model
-    that forbids unknown keys, and records which plugin registered the class.
+    that forbids unknown keys, and records which plugin registered the class. A class
+    can also be registered by where it lives (``"package.module:Class"``) with its
+    ``params`` model: it is then imported on first use (:class:`Pending`), and checked then.
 
     A plugin manager closes its registries once plugins have loaded (:meth:`close`):
     after that only :meth:`admitting` opens one, for one plugin at a time, and a plugin
@@ -28,13 +96,20 @@ class Registry(Generic[T]):
     swap a component in later.
     """
 
-    def __init__(self, kind: str, base: type[T]) -> None:
+    def __init__(self, kind: str, base: Union[type[T], str]) -> None:
         self.kind = kind
-        self.base = base
-        self._classes: dict[str, type[T]] = {}
+        self._base = base  # a class, or "module:Class" imported when a class is first checked against it
+        self._classes: dict[str, Union[type[T], Pending]] = {}
         self._aliases: dict[str, str] = {}
         self.current_plugin: str = "<inline>"  # set by the plugin manager while a plugin registers
         self._closed = False
+        self._loading = threading.RLock()  # a module being imported may ask for another of its kind
+
+    @property
+    def base(self) -> type[T]:
+        if isinstance(self._base, str):
+            self._base = resolve(self._base)
+        return self._base
 
     def close(self) -> None:
         self._closed = True
@@ -56,38 +131,83 @@ class Registry(Generic[T]):
                 f"register components from a plugin's registration hook (or PluginManager.add_plugin)"
             )
 
-    def register(self, cls: type[T], name: Optional[str] = None, aliases: Iterable[str] = ()) -> type[T]:
+    def register(self, cls: Union[type[T], str], name: Optional[str] = None, aliases: Iterable[str] = (), *,
+                 params: Optional[type[BaseModel]] = None, declared: Optional[type] = None) -> Union[type[T], str]:
+        """Register a class, or ``"package.module:Class"`` with its ``params`` model (or a ``declared``
+        torch-free base class holding ``Params`` and the facts read before the class loads, as a stage's
+        ``kind`` and ``after``): the module is then imported on first use."""
+        if isinstance(cls, str):
+            return self._register_pending(cls, name, aliases, params, declared)
         name = name or getattr(cls, "name", "") or cls.__name__
         self._check_open("register", name)
         if not (isinstance(cls, type) and issubclass(cls, self.base)):
             raise RegistryError(f"{self.kind} {name!r}: {cls!r} is not a subclass of {self.base.__name__}")
-        params = getattr(cls, "Params", None)
-        if not (isinstance(params, type) and issubclass(params, BaseModel)):
-            raise RegistryError(f"{self.kind} {name!r}: {cls.__name__}.Params must be a pydantic BaseModel")
-        if params.model_config.get("extra") != "forbid":
-            raise RegistryError(
-                f"{self.kind} {name!r}: {cls.__name__}.Params must set extra='forbid' "
-                "(subclass dalle_framework.Params) so typos in recipes are caught"
-            )
-        for key in (name, *aliases):
-            if key in self._classes or key in self._aliases:
-                owner = self._classes.get(key) or self._classes[self._aliases[key]]
-                raise RegistryError(
-                    f"{self.kind} {key!r} is already registered by plugin {owner.plugin!r}; "
-                    f"plugin {self.current_plugin!r} cannot register it again"
-                )
+        _check_params(self.kind, name, getattr(cls, "Params", None), cls.__name__)
+        self._check_free(name, aliases)
         # Each registration gets its own subclass-free record of name and owner.
         cls.name = name  # type: ignore[attr-defined]
         cls.plugin = self.current_plugin  # type: ignore[attr-defined]
-        self._classes[name] = cls
+        self._add(name, cls, aliases)
+        return cls
+
+    def _register_pending(self, target: str, name: Optional[str], aliases: Iterable[str],
+                          params: Optional[type[BaseModel]], declared: Optional[type]) -> str:
+        module, _, attr = target.partition(":")
+        if not (name and module and attr.isidentifier()):
+            raise RegistryError(f"{self.kind} {name or target!r}: register('package.module:Class', name=..., params=...) "
+                                f"needs a name and a target of that form, got {target!r}")
+        self._check_open("register", name)
+        params = params if params is not None else getattr(declared, "Params", None)
+        _check_params(self.kind, name, params, attr)
+        self._check_free(name, aliases)
+        self._add(name, Pending(target, params, declared, self.current_plugin), aliases)
+        return target
+
+    def _check_free(self, name: str, aliases: Iterable[str]) -> None:
+        for key in (name, *aliases):
+            if key in self._classes or key in self._aliases:
+                raise RegistryError(
+                    f"{self.kind} {key!r} is already registered by plugin {self.plugin_of(self._aliases.get(key, key))!r}; "
+                    f"plugin {self.current_plugin!r} cannot register it again"
+                )
+
+    def _add(self, name: str, entry: Union[type[T], Pending], aliases: Iterable[str]) -> None:
+        self._classes[name] = entry
         for alias in aliases:
             self._aliases[alias] = name
-        return cls
+
+    def _load(self, name: str) -> type[T]:
+        """The class behind ``name``, importing a pending one's module (once) and checking it as
+        ``register`` checks a class."""
+        with self._loading:
+            entry = self._classes[name]
+            if not isinstance(entry, Pending):
+                return entry
+            try:
+                cls = resolve(entry.target)
+            except Exception as exc:
+                raise DalleError(
+                    f"{self.kind} {name!r} of plugin {entry.plugin!r} could not be loaded from {entry.target}: "
+                    f"{type(exc).__name__}: {exc}; reinstall the plugin or the package it needs"
+                ) from exc
+            problems = []
+            if not (isinstance(cls, type) and issubclass(cls, self.base)):
+                problems.append(f"it is not a subclass of {self.base.__name__}")
+            elif getattr(cls, "Params", None) is not entry.params:
+                problems.append(f"its Params is not the {entry.params.__name__} it was registered with")
+            if entry.declared is not None and not (isinstance(cls, type) and issubclass(cls, entry.declared)):
+                problems.append(f"it does not subclass {entry.declared.__name__}, which it was declared with")
+            if problems:
+                raise RegistryError(f"{self.kind} {name!r} of plugin {entry.plugin!r} ({entry.target}): {'; '.join(problems)}")
+            cls.name = name  # type: ignore[attr-defined]
+            cls.plugin = entry.plugin  # type: ignore[attr-defined]
+            self._classes[name] = cls
+            return cls
 
     def unregister(self, name: str) -> None:
         """Remove a component; a plugin may remove only its own (built-ins keep their names)."""
         self._check_open("unregister", name)
-        owner = getattr(self._classes.get(name), "plugin", self.current_plugin)
+        owner = self.plugin_of(name) if name in self._classes else self.current_plugin
         if owner != self.current_plugin and self.current_plugin != "<inline>":
             raise RegistryError(f"plugin {self.current_plugin!r} cannot unregister {self.kind} {name!r}: it belongs to plugin {owner!r}")
         self._classes.pop(name, None)
@@ -97,11 +217,44 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name in self._classes or name in self._aliases
 
-    def get(self, name: str) -> type[T]:
+    def canonical(self, name: str) -> str:
+        """The registered name behind ``name`` (an alias or the name itself)."""
         name = self._aliases.get(name, name)
         if name not in self._classes:
             raise RegistryError(self.unknown_message(name))
-        return self._classes[name]
+        return name
+
+    def get(self, name: str) -> type[T]:
+        """The class (a pending one's module is imported now)."""
+        return self._load(self.canonical(name))
+
+    def params(self, name: str) -> type[BaseModel]:
+        """The class's ``Params`` model, without importing a pending class."""
+        entry = self._classes[self.canonical(name)]
+        return entry.params if isinstance(entry, Pending) else entry.Params
+
+    def declared(self, name: str) -> type:
+        """What can be read of the class before its code loads: a pending class's declared base
+        (a stage's kind, order and ``Params``), otherwise the class itself (imported if need be)."""
+        entry = self._classes[self.canonical(name)]
+        if isinstance(entry, Pending) and entry.declared is not None:
+            return entry.declared
+        return self.get(name)
+
+    def plugin_of(self, name: str) -> str:
+        entry = self._classes[self.canonical(name)]
+        return entry.plugin if isinstance(entry, Pending) else getattr(entry, "plugin", "<inline>")
+
+    def doc(self, name: str) -> str:
+        """The class's docstring; a pending class's is read from its source, not imported."""
+        entry = self._classes[self.canonical(name)]
+        text = entry.docstring() if isinstance(entry, Pending) else None
+        if text is None:
+            text = self.get(name).__doc__ or ""
+        return text.strip()
+
+    def is_loaded(self, name: str) -> bool:
+        return not isinstance(self._classes[self.canonical(name)], Pending)
 
     def unknown_message(self, name: str) -> str:
         known = sorted(self._classes) + sorted(self._aliases)
@@ -115,15 +268,19 @@ class Registry(Generic[T]):
         return sorted(n for n in self._classes if fnmatch.fnmatchcase(n, pattern))
 
     def items(self) -> list[tuple[str, type[T]]]:
-        return sorted(self._classes.items())
+        """Every class, sorted by name (pending ones are imported)."""
+        return [(name, self._load(name)) for name in sorted(self._classes)]
+
+    def in_registration_order(self) -> list[str]:
+        return list(self._classes)
 
     def in_order(self) -> list[tuple[str, type[T]]]:
-        """Registered classes in registration order (built-in plugins load first)."""
-        return list(self._classes.items())
+        """Registered classes in registration order (built-in plugins load first; pending ones are imported)."""
+        return [(name, self._load(name)) for name in list(self._classes)]
 
     def validate_params(self, name: str, params: dict[str, Any]) -> BaseModel:
         """Validate ``params`` against the named class's ``Params`` (raises ValidationError)."""
-        return self.get(name).Params.model_validate(params or {})
+        return self.params(name).model_validate(params or {})
 
     def build(self, spec: Any, **runtime: Any) -> T:
         """Construct from a spec with ``name`` and ``params`` (a recipe block or dict)."""
@@ -169,4 +326,4 @@ def params_table(model: type[BaseModel]) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["Registry", "ValidationError", "params_table"]
+__all__ = ["Pending", "Registry", "ValidationError", "lazy_attributes", "params_table", "resolve"]

@@ -1,13 +1,17 @@
 """The settings models that need no torch: component ``Params``, sampling settings, a stage's
-``train:`` block. Recipes are validated with these alone, so commands that build no model
+``train:`` block and what a stage declares of itself (:class:`StageSpec`). Recipes are validated with these alone, so commands that build no model
 (``dalle recipes``, ``--help``) start without loading torch; ``interfaces`` re-exports them.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+import sys
+from typing import Annotated, Any, ClassVar, Collection, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+PAD_ID = 0  # every tokenizer reserves id 0 for padding; priors give each padded position its own learned token
 
 
 class Params(BaseModel):
@@ -23,6 +27,19 @@ Temperature = Annotated[float, Field(ge=1e-4, le=1e4)]
 TopK = Annotated[int, Field(ge=1, le=2**31)]
 TopP = Annotated[float, Field(gt=0, le=1)]
 GuidanceScale = Annotated[float, Field(ge=0, le=1000)]
+
+
+# What a prior's params may name of dalle_framework.attention, here so that recipes are checked without
+# torch: that module implements them (and refuses to load if its built-in patterns differ from these).
+AttentionBackend = Literal["auto", "flex", "sdpa"]
+BUILTIN_PATTERNS = ("bigbird", "causal", "column", "conv", "fixed", "row", "rudalle-column", "rudalle-conv")
+
+
+def attention_patterns() -> Collection[str]:
+    """The attention pattern names a layer may use. A plugin adds one through ``dalle_framework.attention``,
+    which it must import to do so: until that module is loaded the built-ins are all there are."""
+    attention = sys.modules.get("dalle_framework.attention")
+    return attention.PATTERNS if attention is not None else BUILTIN_PATTERNS
 
 
 class FilterBlock(BaseModel):
@@ -115,3 +132,43 @@ class TrainConfig(Strict):
         1000, ge=1, le=10**7,
         description="a streamed split is shuffled in blocks of this many records per worker (memory: one block of raw records)",
     )
+
+
+class StageSpec:
+    """What a stage is, readable before its code loads: the ``train:`` block it takes (``Params``), the
+    component kind its block names, the stages it comes after, the blocks it uses, whether every
+    recipe needs it. :class:`dalle_framework.Stage` subclasses it; a stage registered by where it
+    lives (``"package.module:Class"``) is declared with such a torch-free base, so that a recipe is
+    checked and stages are ordered without importing their code."""
+
+    Params: ClassVar[type[TrainConfig]] = TrainConfig
+    kind: ClassVar[str] = ""
+    after: ClassVar[tuple[str, ...]] = ()
+    uses: ClassVar[tuple[str, ...]] = ("data",)
+    required: ClassVar[bool] = False
+
+
+def stage_order(stages: dict[str, Any]) -> list[str]:
+    """Stage names with every stage after those it depends on (``after``), otherwise in the given order.
+
+    A dependency that is not among ``stages`` is ignored here (the recipe check
+    reports it); a cycle is an error naming it.
+    """
+    order: list[str] = []
+    visiting: list[str] = []
+
+    def visit(name: str) -> None:
+        if name in order:
+            return
+        if name in visiting:
+            raise ValueError(f"stages depend on each other in a circle: {' -> '.join([*visiting, name])}")
+        visiting.append(name)
+        for dep in stages[name].after:
+            if dep in stages:
+                visit(dep)
+        visiting.pop()
+        order.append(name)
+
+    for name in stages:
+        visit(name)
+    return order

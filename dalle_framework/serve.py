@@ -519,7 +519,7 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts:
     answering requests whose Host header is one of ``allowed_hosts`` (see :func:`host_names`)."""
     from contextlib import asynccontextmanager
 
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
 
@@ -564,6 +564,15 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts:
     @app.get("/run", summary="the run: recipe components, held-out metrics, generation defaults, limits")
     def get_run() -> dict[str, Any]:
         return info
+
+    _add_job_routes(app, pipeline, limits, jobs, errors)
+    return app
+
+
+def _add_job_routes(app: Any, pipeline: Any, limits: Limits, jobs: JobQueue, errors: dict[int, Any]) -> None:
+    """The job API: queue a generation, list, poll and cancel jobs, fetch their PNGs."""
+    from fastapi import HTTPException
+    from fastapi.responses import JSONResponse, Response
 
     @app.post(
         "/generate",
@@ -620,8 +629,6 @@ def create_app(pipeline: Any, limits: Optional[Limits] = None, *, allowed_hosts:
         if png is None:
             raise HTTPException(404, f"no image {image_id!r} here (images are evicted with their job)")
         return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"})
-
-    return app
 
 
 def _new_job(pipeline: Any, limits: Limits, request: GenerateRequest):

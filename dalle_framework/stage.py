@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import zlib
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterator, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from .config import EvaluateConfig, StageBlock
 from .data.batches import ShuffledBatches
 from .data.stream import ShardedSplit, Skipped, StreamBatches, collate, read_positions
 from .interfaces import Component, Sample, TrainConfig
+from .schema import StageSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,14 +48,9 @@ class Preview:
     captions: list[str]
 
 
-class Stage(Component):
-    """One trainable step of a pipeline (see the module docstring)."""
-
-    Params: ClassVar[type[TrainConfig]] = TrainConfig
-    kind: ClassVar[str] = ""
-    after: ClassVar[tuple[str, ...]] = ()
-    uses: ClassVar[tuple[str, ...]] = ("data",)
-    required: ClassVar[bool] = False
+class Stage(StageSpec, Component):
+    """One trainable step of a pipeline (see the module docstring); what it declares of itself
+    (``Params``, ``kind``, ``after``, ``uses``, ``required``) is on :class:`StageSpec`."""
 
     def __init__(self, pipe: Any) -> None:
         self.pipe = pipe  # the dalle_framework.pipeline.Pipeline this stage belongs to (it sits above this module)
@@ -225,29 +221,3 @@ def mean_over(totals: dict[str, float], count: float, *, collective: bool) -> di
 
 def _log_skip(skipped: Skipped) -> None:
     log.warning("data: skipped %s: %s", skipped.key, skipped.reason)
-
-
-def stage_order(stages: dict[str, type[Stage]]) -> list[str]:
-    """Stage names with every stage after those it depends on, otherwise in the given order.
-
-    A dependency that is not among ``stages`` is ignored here (the recipe check
-    reports it); a cycle is an error naming it.
-    """
-    order: list[str] = []
-    visiting: list[str] = []
-
-    def visit(name: str) -> None:
-        if name in order:
-            return
-        if name in visiting:
-            raise ValueError(f"stages depend on each other in a circle: {' -> '.join([*visiting, name])}")
-        visiting.append(name)
-        for dep in stages[name].after:
-            if dep in stages:
-                visit(dep)
-        visiting.pop()
-        order.append(name)
-
-    for name in stages:
-        visit(name)
-    return order

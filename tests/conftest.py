@@ -17,6 +17,12 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # tiny, and on a 2-core machine two OpenMP threads that share a core with anything
 # else spin-wait and run 10-40x slower.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# What plugins remember between commands (CLIP configs that built) goes to a folder of this test
+# session, here and in every subprocess, never to the user's ~/.cache.
+if "DALLE_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["DALLE_CACHE_DIR"] = tempfile.mkdtemp(prefix="dalle-test-cache-")
 
 
 @pytest.fixture(autouse=True, scope="session")

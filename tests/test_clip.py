@@ -7,6 +7,7 @@ dozen to a few hundred real optimizer steps on the shapes and emoji sources.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import socket
@@ -129,6 +130,29 @@ def test_params_validation(registries, params, message):
 def test_config_vocab_defaults_to_bpe(registries):
     params = registries[0].validate_params("clip", {"config": TINY})
     assert params.config["text_cfg"]["vocab_size"] == 49408
+
+
+def test_a_config_that_built_is_remembered_and_a_broken_one_never(registries, tmp_path, monkeypatch):
+    """Building a custom config on the meta device needs torch; a config that built (with these open_clip and
+    torch versions) is not built again, so checking it later imports neither. One that fails is never kept."""
+    import dalle_clip.params as clip_params
+    import dalle_clip.reranker as reranker
+
+    monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "cache"))
+    builds = []
+    real = reranker._check_builds
+    monkeypatch.setattr(reranker, "_check_builds", lambda config: (builds.append(config), real(config)))
+    too_big_patch = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_size": 64}}
+    for _ in range(2):
+        registries[0].validate_params("clip", {"config": TINY})
+        with pytest.raises(ValidationError, match="does not build an open_clip CLIP"):
+            registries[0].validate_params("clip", {"config": too_big_patch})
+    assert len(builds) == 3  # TINY once, the broken one each time
+    remembered = json.loads((tmp_path / "cache" / clip_params.BUILT_FILE).read_text())
+    assert remembered == [clip_params._build_key(registries[0].validate_params("clip", {"config": TINY}).config)]
+    (tmp_path / "cache" / clip_params.BUILT_FILE).write_text("[not json")  # damaged: checked again, then rewritten
+    registries[0].validate_params("clip", {"config": TINY})
+    assert len(builds) == 4 and len(json.loads((tmp_path / "cache" / clip_params.BUILT_FILE).read_text())) == 1
 
 
 # --------------------------------------------------------------------------- score / loss contract

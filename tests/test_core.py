@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import textwrap
 import types
 from pathlib import Path
 
 import pytest
 import torch
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from dalle_framework import ImageCodec, Params, RecipeError, RegistryError, Tokenizer, UsageError, hookimpl
 from dalle_framework.recipe import apply_overrides, deep_merge, load_raw, load_recipe, validate
@@ -119,6 +120,159 @@ def test_registry_did_you_mean_glob_and_build():
     assert reg.names("vq-*") == []
     codec = reg.build({"name": "gumbel-dvae", "params": {"vocab_size": 32}})
     assert codec.vocab_size == 32 and isinstance(codec, TinyCodec)
+
+
+# ----------------------------------------------------------------------------- registered by where they live
+
+LAZY_MODULE = '''
+from dalle_framework import ImageCodec
+from lazy_params_{n} import LazyParams
+
+class LazyCodec(ImageCodec):
+    """A codec whose module is imported on first use."""
+
+    Params = LazyParams
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = params
+
+class Stranger:
+    Params = LazyParams
+
+class OwnParams(ImageCodec):
+    class Params(LazyParams):
+        pass
+'''
+
+
+@pytest.fixture
+def lazy_module(tmp_path, monkeypatch):
+    """A module on sys.path that no test has imported yet (a fresh name per test), and its params module."""
+    import itertools
+    import sys
+
+    n = next(_lazy_names)
+    (tmp_path / f"lazy_params_{n}.py").write_text(
+        "from dalle_framework import Params\n\nclass LazyParams(Params):\n    size: int = 8\n"
+    )
+    (tmp_path / f"lazy_codec_{n}.py").write_text(LAZY_MODULE.format(n=n))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    params = importlib.import_module(f"lazy_params_{n}").LazyParams
+    return f"lazy_codec_{n}", params
+
+
+_lazy_names = iter(range(10**6))
+
+
+def test_a_class_registered_by_where_it_lives_is_imported_on_first_use(lazy_module):
+    import sys
+
+    module, params = lazy_module
+    reg = Registry("codec", ImageCodec)
+    reg.current_plugin = "mine"
+    reg.register(f"{module}:LazyCodec", name="lazy", aliases=("lz",), params=params)
+    # Params, docstring and owner are known, and params validate, without running the module.
+    assert reg.params("lz") is params and reg.plugin_of("lazy") == "mine"
+    assert reg.doc("lazy") == "A codec whose module is imported on first use."
+    assert reg.validate_params("lazy", {"size": 3}).size == 3
+    with pytest.raises(ValidationError):
+        reg.validate_params("lazy", {"sise": 3})
+    assert module not in sys.modules and not reg.is_loaded("lazy")
+    cls = reg.get("lz")
+    assert module in sys.modules and cls.__name__ == "LazyCodec" and (cls.name, cls.plugin) == ("lazy", "mine")
+    assert reg.get("lazy") is cls and reg.build({"name": "lazy", "params": {"size": 5}}).params.size == 5
+
+
+def test_a_class_registered_by_where_it_lives_is_checked_when_it_loads(lazy_module):
+    from dalle_framework import DalleError
+
+    module, params = lazy_module
+    reg = Registry("codec", ImageCodec)
+    reg.current_plugin = "mine"
+    reg.register(f"{module}:Stranger", name="stranger", params=params)
+    reg.register(f"{module}:OwnParams", name="own", params=params)
+    reg.register(f"{module}:Missing", name="missing", params=params)
+    reg.register("no_such_module_here:Codec", name="gone", params=params)
+    with pytest.raises(RegistryError, match="'stranger' of plugin 'mine'.*not a subclass of ImageCodec"):
+        reg.get("stranger")
+    with pytest.raises(RegistryError, match="its Params is not the LazyParams it was registered with"):
+        reg.get("own")
+    with pytest.raises(DalleError, match=f"'missing' of plugin 'mine' could not be loaded from {module}:Missing: AttributeError"):
+        reg.get("missing")
+    with pytest.raises(DalleError, match="could not be loaded from no_such_module_here:Codec: ModuleNotFoundError") as info:
+        reg.get("gone")
+    assert info.value.exit_code == 1  # the plugin's installation, not the user's input
+    for target, kwargs, problem in (("no-colon", {"params": params}, "needs a name and a target"),
+                                    (f"{module}:LazyCodec", {}, "must be a pydantic BaseModel")):
+        with pytest.raises(RegistryError, match=problem):
+            reg.register(target, name="x", **kwargs)
+
+
+def test_a_stage_registered_by_where_it_lives_declares_what_the_recipe_check_reads(bare_manager, tmp_path, monkeypatch):
+    import sys
+
+    from dalle_framework import Stage, StageSpec, TrainConfig
+
+    (tmp_path / "late_stage_specs.py").write_text(textwrap.dedent('''
+        from dalle_framework import StageSpec, TrainConfig
+
+        class LateTrain(TrainConfig):
+            extra: int = 1
+
+        class LateSpec(StageSpec):
+            Params = LateTrain
+            kind = "codec"
+            after = ("early",)
+    '''))
+    (tmp_path / "late_stage_code.py").write_text(textwrap.dedent('''
+        from dalle_framework import Stage
+        from late_stage_specs import LateSpec
+
+        class LateStage(LateSpec, Stage):
+            """Comes after early."""
+
+        class Undeclared(Stage):
+            pass
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from late_stage_specs import LateSpec
+
+    class EarlySpec(StageSpec):
+        kind = "codec"
+
+    class EarlyStage(EarlySpec, Stage):
+        pass
+
+    def stages(registry):
+        registry.register("late_stage_code:LateStage", name="late", declared=LateSpec)
+        registry.register("late_stage_code:Undeclared", name="undeclared", declared=EarlySpec)
+        registry.register(EarlyStage, name="early")
+
+    bare_manager.add_plugin(inline_plugin(dalle_register_stages=stages), name="late-stages")
+    specs = bare_manager.stage_specs()
+    assert list(specs) == ["early", "late", "undeclared"] and specs["late"] is LateSpec and specs["early"] is EarlyStage
+    assert issubclass(specs["late"].Params, TrainConfig) and "late_stage_code" not in sys.modules
+    with pytest.raises(RegistryError, match="does not subclass EarlySpec"):
+        bare_manager.stages()
+
+
+def test_every_builtin_component_loads_as_it_was_registered(manager):
+    """The built-in plugins register every class by where it lives; each target exists, subclasses its
+    contract (and a stage its declared spec) and has the Params it was registered with."""
+    from dalle_framework.plugins import KINDS
+
+    count = 0
+    for kind in KINDS:
+        registry = manager.registry(kind)
+        for name in registry.names():
+            if registry.plugin_of(name) not in manager.plugins or not manager.plugins[registry.plugin_of(name)].distribution:
+                continue
+            assert not registry.is_loaded(name), f"{kind} {name} was imported at registration"
+            cls = registry.get(name)
+            assert cls.Params is registry.params(name) and issubclass(cls, registry.declared(name))
+            count += 1
+    assert count >= 35
 
 
 # ----------------------------------------------------------------------------- plugin manager
@@ -349,3 +503,15 @@ def test_the_core_imports_no_plugin():
     for path in sorted((REPO / "dalle_framework").rglob("*.py")):
         plugins = [m for m in framework_imports(path.read_text()) if not m.startswith("dalle_framework")]
         assert not plugins, f"{path} imports plugins {plugins}"
+
+
+def test_no_function_in_the_core_is_over_60_lines():
+    """Long functions hide their steps; the core keeps each under 60 lines (docstring included)."""
+    import ast
+
+    long = []
+    for path in sorted((REPO / "dalle_framework").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno + 1 > 60:
+                long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)")
+    assert not long, long

@@ -370,8 +370,9 @@ def test_cancel_of_an_ended_or_unknown_job_is_refused_with_a_message(pipe):
 
 
 @pytest.mark.parametrize("own", [None, "The shapes demo, as a child recipe words it."])
-def test_a_derived_recipe_shows_its_own_description_else_its_parents(tiny_run, tmp_path, own):
-    """`extends:` merges child over parent: a child's description wins on the page; one without keeps the parent's."""
+def test_a_derived_recipe_shows_its_own_description_not_its_parents(tiny_run, tmp_path, own):
+    """`extends:` merges child over parent, but a parent's description describes another experiment: the page
+    shows the child's, or says the child has none and what it derives from."""
     from dalle_framework.pipeline import Pipeline
     from dalle_framework.recipe import dump, load_recipe
 
@@ -384,7 +385,8 @@ def test_a_derived_recipe_shows_its_own_description_else_its_parents(tiny_run, t
     (run / "recipe.yaml").write_text(dump(load_recipe(child, TINY)))
     with client_for(Pipeline.load(run)) as client:
         shown = client.get("/run").json()
-    assert shown["recipe"] == "shapes-child" and shown["description"] == (own or parent)
+    derived = "Derived from shapes-demo; it has no description of its own (set `description:`)."
+    assert shown["recipe"] == "shapes-child" and shown["description"] == (own or derived) and parent not in shown["description"]
 
 
 def test_run_page_and_openapi(pipe, tiny_run):

@@ -6,12 +6,33 @@
   the KL to a uniform prior over codes, the check of a codec's input images.
 - :mod:`.recon`: reconstruction likelihoods (logit-Laplace, MSE) behind one interface.
 - :mod:`.schedules`: step schedules (cosine) for temperature, KL weight, etc.
+- :mod:`.params`: ``ConvCodecParams``, the convolutional codecs' shared settings (no torch).
 """
 
-from .codebook import check_images, kl_to_uniform, nearest_code, sample_rows, token_grid
-from .conv import BottleneckBlock, ConvCodecParams, ConvDecoder, ConvEncoder
-from .recon import RECONSTRUCTIONS, LogitLaplace, MeanSquaredError, Reconstruction
-from .schedules import cosine_schedule
+# The layers import torch: loaded on first use (PEP 562), so that a codec plugin's params module can
+# import ``ConvCodecParams`` while recipes are checked without it.
+_LAZY = {
+    **dict.fromkeys(("check_images", "kl_to_uniform", "nearest_code", "sample_rows", "token_grid"), "codebook"),
+    **dict.fromkeys(("BottleneckBlock", "ConvDecoder", "ConvEncoder"), "conv"),
+    **dict.fromkeys(("RECONSTRUCTIONS", "LogitLaplace", "MeanSquaredError", "Reconstruction"), "recon"),
+    "ConvCodecParams": "params",
+    "cosine_schedule": "schedules",
+}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dalle_framework.nn' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "RECONSTRUCTIONS",

@@ -22,140 +22,24 @@ seconds and the plugin manager imports every plugin on each CLI start.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 import dalle_framework
 from dalle_framework import UsageError, distributed
 
+from .params import ClipParams
 
-# The BPE vocabulary bundled with open_clip (49,408 ids); a custom config's text
-# tower must embed at least this many ids.
-BPE_VOCAB_SIZE = 49408
 
-# Top-level keys of open_clip.CLIP(**config) a recipe may set (dtype/output
-# plumbing stays ours).
-CONFIG_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias", "nonscalar_logit_scale"}
-# Tower options that would fetch weights or tokenizers from the Hub.
-DOWNLOADING_KEYS = {"timm_model_name", "timm_model_pretrained", "hf_model_name", "hf_tokenizer_name", "hf_model_pretrained"}
 # open_clip clamps the learned temperature at 100 during training.
 MAX_LOGIT_SCALE = 100.0
 
 
-# ----------------------------------------------------------------------------- params
-
-
-class ClipParams(dalle_framework.Params):
-    """Which CLIP to build, where its weights come from, how to score."""
-
-    model: Optional[str] = Field(
-        None,
-        description="open_clip architecture name (e.g. 'ViT-B-32', 'RN50'; see open_clip.list_models()), "
-        "built untrained with pretrained=None because nothing is downloaded; give `weights` to load a checkpoint",
-    )
-    config: Optional[dict[str, Any]] = Field(
-        None,
-        description="custom CLIP config for open_clip.CLIP(**config): embed_dim, vision_cfg {image_size, patch_size, "
-        "width, layers, ...}, text_cfg {context_length, vocab_size, width, heads, layers}; small models for small "
-        "images and short captions",
-    )
-    weights: Optional[str] = Field(
-        None,
-        description="local weights file loaded after building: an open_clip .pt/.bin checkpoint (weights-only) or "
-        "a .safetensors file exported by the framework; null keeps the random init (train it first)",
-    )
-    batch_size: int = Field(
-        256, ge=1, description="pairs per forward pass in score()/similarity(); bounds memory when reranking many candidates"
-    )
-    interpolation: Literal["bicubic", "bilinear"] = Field(
-        "bicubic", description="resize filter (antialiased) when images differ from the model's image size; CLIP used bicubic"
-    )
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "ClipParams":
-        if (self.model is None) == (self.config is None):
-            raise ValueError(
-                "give exactly one of `model` (an open_clip architecture name such as 'ViT-B-32') "
-                "or `config` (a custom CLIP config dict with embed_dim, vision_cfg, text_cfg)"
-                + (", not both" if self.model is not None else "")
-            )
-        if self.model is not None:
-            _check_model_name(self.model)
-        else:
-            self.config = _check_config(self.config)
-        return self
-
-
-def _check_model_name(name: str) -> None:
-    import open_clip
-
-    known = open_clip.list_models()
-    if name not in known:
-        import difflib
-
-        close = difflib.get_close_matches(name, known, n=3)
-        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise ValueError(f"unknown open_clip architecture {name!r}{hint} (see open_clip.list_models())")
-    cfg = open_clip.get_model_config(name)
-    towers = {**cfg.get("vision_cfg", {}), **cfg.get("text_cfg", {})}
-    needs_hub = sorted(k for k in DOWNLOADING_KEYS if towers.get(k))
-    if needs_hub:
-        raise ValueError(f"open_clip architecture {name!r} needs Hugging Face/timm downloads ({', '.join(needs_hub)}); pick a CLIP-native one such as 'ViT-B-32' or 'RN50'")
-
-
-def _check_config(config: dict[str, Any]) -> dict[str, Any]:
-    """Validate a custom config against open_clip's dataclasses; returns it with defaults filled in."""
-    from open_clip import CLIPTextCfg, CLIPVisionCfg
-
-    missing = sorted({"embed_dim", "vision_cfg", "text_cfg"} - set(config))
-    if missing:
-        raise ValueError(f"config needs {', '.join(missing)}")
-    unknown = sorted(set(config) - CONFIG_KEYS)
-    if unknown:
-        raise ValueError(f"config has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(CONFIG_KEYS))}")
-    for key, dataclass in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
-        tower = config[key]
-        if not isinstance(tower, dict):
-            raise ValueError(f"config.{key} must be a mapping")
-        allowed = {f.name for f in dataclasses.fields(dataclass)} - DOWNLOADING_KEYS
-        bad = sorted(set(tower) - allowed)
-        if bad:
-            raise ValueError(f"config.{key} has unknown or unsupported key(s) {', '.join(bad)} (see open_clip.{dataclass.__name__})")
-    text = {"vocab_size": BPE_VOCAB_SIZE, **config["text_cfg"]}
-    if not isinstance(text["vocab_size"], int) or text["vocab_size"] < BPE_VOCAB_SIZE:
-        raise ValueError(
-            f"config.text_cfg.vocab_size is {text['vocab_size']} but open_clip's BPE tokenizer emits ids up to "
-            f"{BPE_VOCAB_SIZE - 1}; set it to {BPE_VOCAB_SIZE} (or leave it out)"
-        )
-    config = {**config, "text_cfg": text}
-    _check_sizes(config)
-    _check_builds(config)
-    return config
-
-
-# Upper bounds that keep a recipe from asking for more than any machine has.
-SIZE_LIMITS = {"embed_dim": 16384, "width": 16384, "layers": 512, "heads": 1024, "head_width": 4096,
-               "patch_size": 1024, "image_size": 4096, "context_length": 4096, "vocab_size": 10**6}
-
-
-def _check_sizes(config: dict[str, Any]) -> None:
-    towers = {"": config, "vision_cfg.": config["vision_cfg"], "text_cfg.": config["text_cfg"]}
-    for prefix, tower in towers.items():
-        for key, limit in SIZE_LIMITS.items():
-            values = tower.get(key)
-            for value in values if isinstance(values, (list, tuple)) else [values]:
-                if value is None or isinstance(value, dict):
-                    continue
-                if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
-                    raise ValueError(f"config.{prefix}{key} must be a whole number from 1 to {limit}, got {value!r}")
-
-
+# ClipParams' validator (params.py) imports this when it checks a custom config: it needs torch.
 def _check_builds(config: dict[str, Any]) -> None:
     """Build the model on the meta device and run one image and one caption through it:
     a config that validates must build (a patch larger than the image, say, would not)."""

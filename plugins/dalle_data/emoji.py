@@ -16,14 +16,13 @@ from typing import Iterator, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from pydantic import Field, field_validator
 
-from dalle_framework import DataSource, Params, Sample, UsageError
+from dalle_framework import DataSource, Sample, UsageError
+
+from .params import FONT, NAMES, EmojiSourceParams
 
 log = logging.getLogger(__name__)
 
-FONT = "/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf"
-NAMES = "/usr/share/unicode/emoji/emoji-test.txt"
 FONT_SIZE = 109  # the only bitmap strike NotoColorEmoji carries
 HELDOUT_EVERY = 10
 
@@ -95,28 +94,7 @@ class EmojiSource(DataSource):
     changes side. Rendered images are cached in memory per process.
     """
 
-    class Params(Params):
-        image_size: int = Field(64, ge=8, le=256, description="square side; 64 keeps glyph detail at CPU-friendly cost")
-        caption_template: str = Field(
-            "{name}", description="caption format with {name}, {group}, {subgroup}; e.g. 'an emoji of {name}'"
-        )
-        groups: Optional[list[str]] = Field(
-            None, description="keep only these groups (e.g. 'Animals & Nature'); None keeps all"
-        )
-        subgroups: Optional[list[str]] = Field(
-            None, description="keep only these subgroups (e.g. 'face-smiling'); None keeps all"
-        )
-        font_path: str = Field(FONT, description="NotoColorEmoji.ttf (Debian: fonts-noto-color-emoji)")
-        names_path: str = Field(NAMES, description="emoji-test.txt (Debian: unicode-data)")
-
-        @field_validator("caption_template")
-        @classmethod
-        def _template(cls, value: str) -> str:
-            try:
-                value.format(name="x", group="x", subgroup="x")
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"caption_template may only use {{name}}, {{group}}, {{subgroup}}: {exc}") from exc
-            return value
+    Params = EmojiSourceParams
 
     def __init__(self, params: Optional["EmojiSource.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

@@ -12,15 +12,14 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field, field_validator
 
-from dalle_framework import DataSource, Params, Sample, UsageError
+from dalle_framework import DataSource, Sample, UsageError
 
 from .fashion_judge import FashionJudge, JudgeConfig
+from .params import FashionMnistSourceParams
 
 log = logging.getLogger(__name__)
 
-ROOT = "/usr/share/datasets/fashion-mnist"
 FILES = {"train": "train", "heldout": "t10k"}
 # Class names as they read in a caption ("a photo of a pair of trousers").
 LABELS = ["t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
@@ -70,17 +69,6 @@ def resized_grey(root: str, prefix: str, size: int, count: Optional[int] = None)
     return np.stack([np.asarray(Image.fromarray(grey, "L").resize((size, size), resample)) for grey in images])
 
 
-def check_template(value: str) -> str:
-    """A caption template must format with ``{label}`` / ``{a_label}`` and name the class."""
-    try:
-        value.format(label="x", a_label="a x")
-    except (KeyError, IndexError, ValueError) as exc:
-        raise ValueError(f"template may only use {{label}} and {{a_label}}: {exc}") from exc
-    if "{label}" not in value and "{a_label}" not in value:
-        raise ValueError(f"template {value!r} must name the class with {{label}} or {{a_label}}")
-    return value
-
-
 def label_of(caption: str) -> Optional[int]:
     """The class a caption names (``"a photo of a sneaker" -> 7``), or None when it names none or several."""
     text = " ".join(caption.lower().split())
@@ -98,32 +86,7 @@ class FashionMnistSource(DataSource):
     names the class of a generated image; ``prepare_judge`` trains or loads it.
     """
 
-    class Params(Params):
-        image_size: int = Field(
-            32, ge=8, le=256, description="square side; 32 is the nearest codec-friendly size to 28"
-        )
-        template: str = Field(
-            "a photo of {a_label}", description="caption with {label} ('ankle boot') or {a_label} ('an ankle boot')"
-        )
-        limit: Optional[int] = Field(None, ge=1, description="at most this many samples per split (quick experiments)")
-        root: str = Field(ROOT, description="folder of the idx .gz files (Debian: dataset-fashion-mnist)")
-
-        @field_validator("template")
-        @classmethod
-        def _template(cls, value: str) -> str:
-            return check_template(value)
-
-        extra_templates: list[str] = Field(
-            default_factory=list,
-            description="more caption templates, e.g. 'a black and white photo of {a_label}'; image i uses template i % n",
-        )
-        judge_seed: int = Field(0, description="seed of the judge's training (the judge is the oracle, not part of the model)")
-        judge_epochs: int = Field(2, ge=1, le=50, description="judge training passes over the 60k real training images")
-
-        @field_validator("extra_templates")
-        @classmethod
-        def _extra_templates(cls, values: list[str]) -> list[str]:
-            return [check_template(value) for value in values]
+    Params = FashionMnistSourceParams
 
     def __init__(self, params: Optional["FashionMnistSource.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

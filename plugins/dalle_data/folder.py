@@ -7,14 +7,12 @@ import zlib
 from pathlib import Path
 from typing import Iterator
 
-from pydantic import Field
-
-from dalle_framework import DataSource, Params, Sample, UsageError
+from dalle_framework import DataSource, Sample, UsageError
 from dalle_framework.data import decode_image, square_resize
 
-log = logging.getLogger(__name__)
+from .params import FolderSourceParams
 
-EXTENSIONS = [".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"]
+log = logging.getLogger(__name__)
 
 
 def is_heldout(relative_path: str, heldout_percent: float) -> bool:
@@ -37,11 +35,7 @@ class FolderSource(DataSource):
     Images are centre-cropped to a square, then resized to ``image_size``.
     """
 
-    class Params(Params):
-        root: str = Field(..., description="folder holding the images and their .txt captions")
-        image_size: int = Field(64, ge=8, le=1024, description="square side every image is cropped and resized to")
-        heldout_percent: float = Field(10.0, gt=0, lt=100, description="share of files held out, by path hash (every stage is measured on held-out data)")
-        extensions: list[str] = Field(EXTENSIONS, description="image file suffixes to read (case-insensitive)")
+    Params = FolderSourceParams
 
     def __init__(self, params: "FolderSource.Params", **runtime) -> None:
         self.params = params

@@ -17,37 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
-from pydantic import Field, field_validator, model_validator
 
-from dalle_framework import DataSource, Params, Sample
+from dalle_framework import DataSource, Sample
+
+from .params import COLOURS, POSITIONS, SHAPE_NAMES, ShapesSourceParams
 
 log = logging.getLogger(__name__)
-
-# Clearly separable RGB colours (every pair is >= 128 apart in some channel).
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-    "yellow": (255, 255, 0),
-    "magenta": (255, 0, 255),
-    "cyan": (0, 255, 255),
-    "white": (255, 255, 255),
-    "orange": (255, 128, 0),
-    "purple": (128, 0, 255),
-}
-
-# Position name -> centre (x, y) as a fraction of the image side: a 3 x 3 grid.
-POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (0.25, 0.25),
-    "top middle": (0.5, 0.25),
-    "top right": (0.75, 0.25),
-    "middle left": (0.25, 0.5),
-    "center": (0.5, 0.5),
-    "middle right": (0.75, 0.5),
-    "bottom left": (0.25, 0.75),
-    "bottom middle": (0.5, 0.75),
-    "bottom right": (0.75, 0.75),
-}
 
 
 # Each shape draws itself filling (roughly) the box of side ``s`` centred on (cx, cy).
@@ -75,7 +50,7 @@ def _cross(draw: ImageDraw.ImageDraw, cx: float, cy: float, s: float, fill) -> N
     draw.rectangle([cx - arm, cy - s / 2, cx + arm, cy + s / 2], fill=fill)
 
 
-SHAPES = {"circle": _circle, "square": _square, "triangle": _triangle, "diamond": _diamond, "cross": _cross}
+SHAPES = dict(zip(SHAPE_NAMES, (_circle, _square, _triangle, _diamond, _cross), strict=True))
 
 _CAPTION = re.compile(r"^an? (?P<colour>[a-z]+) (?P<shape>[a-z]+) in the (?P<position>[a-z ]+)$")
 
@@ -113,62 +88,7 @@ class ShapesSource(DataSource):
     jittered per sample from a generator seeded by ``(seed, split)``.
     """
 
-    class Params(Params):
-        image_size: int = Field(
-            32, ge=8, le=512, description="square side in pixels; the paper's 256 is far too slow on CPU"
-        )
-        colours: list[str] = Field(
-            ["red", "green", "blue", "yellow", "magenta", "cyan", "white"],
-            min_length=1,
-            description=f"colour names, from {sorted(COLOURS)}; defaults are the pure primaries/secondaries, easy to tell apart",
-        )
-        shapes: list[str] = Field(
-            ["circle", "square", "triangle"], min_length=1, description=f"shape names, from {sorted(SHAPES)}"
-        )
-        positions: list[str] = Field(
-            ["top left", "top right", "bottom left", "bottom right", "center"],
-            min_length=1,
-            description=f"position names (a 3x3 grid), from {list(POSITIONS)}; corners + centre keep shapes apart at 32px",
-        )
-        samples_per_caption: int = Field(
-            100, ge=1, description="train renderings per (colour, shape, position) combination"
-        )
-        heldout_samples_per_caption: int = Field(10, ge=1, description="held-out renderings per held-out combination")
-        heldout_fraction: float = Field(
-            0.1, ge=0, lt=1, description="share of combinations never seen in train (compositional generalisation)"
-        )
-        heldout_count: Optional[int] = Field(
-            None, ge=0, description="hold out exactly this many combinations instead of heldout_fraction"
-        )
-        shape_size: float = Field(
-            0.36, gt=0.05, le=0.5, description="shape box side as a fraction of the image; fits a grid cell"
-        )
-        size_jitter: float = Field(0.15, ge=0, le=0.5, description="relative +/- jitter of the shape size")
-        position_jitter: float = Field(
-            0.04, ge=0, le=0.1, description="+/- jitter of the centre, as a fraction of the image"
-        )
-        seed: int = Field(0, description="fixes the held-out combinations and every rendering")
-
-        @field_validator("colours", "shapes", "positions")
-        @classmethod
-        def _known(cls, values: list[str], info) -> list[str]:
-            known = {"colours": COLOURS, "shapes": SHAPES, "positions": POSITIONS}[info.field_name]
-            bad = [v for v in values if v not in known]
-            if bad:
-                raise ValueError(f"unknown {info.field_name} {bad}; choose from {list(known)}")
-            if len(set(values)) != len(values):
-                raise ValueError(f"duplicate {info.field_name} in {values}")
-            return values
-
-        @model_validator(mode="after")
-        def _fits(self) -> "ShapesSource.Params":
-            n = len(self.colours) * len(self.shapes) * len(self.positions)
-            if self.heldout_count is not None and self.heldout_count >= n:
-                raise ValueError(f"heldout_count {self.heldout_count} leaves no train combination (there are {n})")
-            wants_heldout = self.heldout_count if self.heldout_count is not None else self.heldout_fraction > 0
-            if n < 2 and wants_heldout:
-                raise ValueError("need at least 2 combinations to hold one out (or set heldout_fraction: 0)")
-            return self
+    Params = ShapesSourceParams
 
     def __init__(self, params: Optional["ShapesSource.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

@@ -9,19 +9,18 @@ Training streams the shards (every rank and DataLoader worker reads its own part
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
-import re
 from typing import Any, Iterator, Optional, Union
 
 import torch.utils.data
-from pydantic import Field, field_validator
 
-from dalle_framework import DataSource, Params, Sample, UsageError
+from dalle_framework import DataSource, Sample, UsageError
 from dalle_framework.data import decode_image, square_resize
 from dalle_framework.data.stream import ShardedSplit, Skipped, TarShards
+
+from .params import WebDatasetSourceParams, expand
 
 log = logging.getLogger(__name__)
 
@@ -63,36 +62,6 @@ class CaptionOnly:
         return caption or None
 
 
-URL_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
-MAX_SHARDS = 100_000
-
-
-def expand(urls: Union[str, list[str]]) -> list[str]:
-    """Brace-expanded shard paths (``file:`` dropped), at most :data:`MAX_SHARDS`.
-
-    Checked after expansion: a pattern like ``{pipe:,x}cmd`` names a scheme only once expanded.
-    """
-    import braceexpand
-
-    out: list[str] = []
-    for url in [urls] if isinstance(urls, str) else urls:
-        out.extend(itertools.islice(braceexpand.braceexpand(url), MAX_SHARDS + 1 - len(out)))
-        if len(out) > MAX_SHARDS:
-            raise UsageError(f"data.params: {url[:80]!r} names more than {MAX_SHARDS} shards")
-    paths = []
-    for path in out:
-        scheme = URL_SCHEME.match(path)
-        if scheme and scheme.group(1).lower() == "file":
-            path = path[len(scheme.group(0)):]
-        elif scheme and len(scheme.group(1)) > 1:  # "C:" would be a drive letter elsewhere; a scheme here
-            raise ValueError(
-                f"{path[:80]!r}: {scheme.group(1)}: names a URL; shards are local files only "
-                "(a recipe may not run a command or reach the network): copy the shards to a local folder and give their paths"
-            )
-        paths.append(path)
-    return paths
-
-
 class WebDatasetSource(DataSource):
     """Image-caption pairs from webdataset tar shards (``NNNNNN.png`` + ``NNNNNN.txt`` [+ ``.json``]).
 
@@ -104,29 +73,7 @@ class WebDatasetSource(DataSource):
     (``stream``). A sample that cannot be decoded is skipped, named and counted.
     """
 
-    class Params(Params):
-        train_urls: Union[str, list[str]] = Field(..., description="train shards: local path pattern(s) with {a..b}")
-        heldout_urls: Optional[Union[str, list[str]]] = Field(
-            None, description="held-out shards; None: the source has no held-out split"
-        )
-        image_keys: list[str] = Field(
-            ["png", "jpg", "jpeg", "webp"], min_length=1, description="image extensions to look for, first match wins"
-        )
-        caption_key: str = Field("txt", description="extension of the caption entry")
-        image_size: Optional[int] = Field(
-            None, ge=8, le=1024, description="resize to this square side; None keeps the stored size (centre-cropped square)"
-        )
-        num_workers: int = Field(
-            0, ge=0, le=256,
-            description="worker processes decoding `samples` (a whole split read once); training uses train.num_workers",
-        )
-
-        @field_validator("train_urls", "heldout_urls")
-        @classmethod
-        def _local_only(cls, urls):
-            if urls is not None:
-                expand(urls)
-            return urls
+    Params = WebDatasetSourceParams
 
     def __init__(self, params: "WebDatasetSource.Params", **runtime) -> None:
         self.params = params

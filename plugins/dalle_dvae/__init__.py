@@ -1,13 +1,17 @@
-"""Built-in plugin dalle_dvae: the DALL-E paper's Gumbel-softmax discrete VAE (``gumbel-dvae``)."""
+"""Built-in plugin dalle_dvae: the DALL-E paper's Gumbel-softmax discrete VAE (``gumbel-dvae``).
 
-from dalle_framework import hookimpl
+Registered by where it lives, with its params: listing plugins and checking recipes import no torch.
+"""
 
-from .model import GumbelDVAE
+from dalle_framework import hookimpl, lazy_attributes
+
+from .params import GumbelDVAEParams
 
 
 @hookimpl
 def dalle_register_codecs(registry):
-    registry.register(GumbelDVAE, name="gumbel-dvae")
+    registry.register("dalle_dvae.model:GumbelDVAE", name="gumbel-dvae", params=GumbelDVAEParams)
 
 
-__all__ = ["GumbelDVAE"]
+__getattr__ = lazy_attributes(__name__, {"GumbelDVAE": ".model"})
+__all__ = ["GumbelDVAE", "GumbelDVAEParams"]

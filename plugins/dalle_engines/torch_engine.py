@@ -21,14 +21,13 @@ import math
 from typing import Any, Optional
 
 import torch
-from pydantic import Field
 from safetensors.torch import save_model
 from torch import nn
 
-import dalle_framework
 from dalle_framework import Engine, EngineRun, NonFiniteError, TrainConfig, UsageError, distributed, rundir
 
 from . import common
+from .params import TorchEngineParams
 
 
 
@@ -153,11 +152,7 @@ class TorchRun(EngineRun):
 class TorchEngine(Engine):
     """Plain PyTorch: AdamW + LambdaLR; DDP when ``WORLD_SIZE`` > 1 (``torchrun``)."""
 
-    class Params(dalle_framework.Params):
-        device: str = Field("auto", description="auto = cuda:LOCAL_RANK when CUDA is available, else cpu")
-        find_unused_parameters: bool = Field(
-            False, description="DDP: set when some parameters get no gradient in a step (costs a graph walk)"
-        )
+    Params = TorchEngineParams
 
     def __init__(self, params: Optional[Params] = None) -> None:
         self.params = params or self.Params()

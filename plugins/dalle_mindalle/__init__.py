@@ -5,22 +5,24 @@ Convert the released files once, then name the blocks in a recipe (its codec is
 
     dalle convert min-dalle-bpe vocab.json merges.txt OUT/tokenizer
     dalle convert min-dalle encoder.pt decoder.pt OUT/prior
+
+Registered by where they live, with their params: listing plugins and checking recipes import no torch.
 """
 
-from dalle_framework import hookimpl
+from dalle_framework import hookimpl, lazy_attributes
 
-from .model import MinDallePrior
-from .tokenizer import MinDalleTokenizer
+from .params import MinDalleParams, MinDalleTokenizerParams
 
 
 @hookimpl
 def dalle_register_priors(registry):
-    registry.register(MinDallePrior, name="min-dalle")
+    registry.register("dalle_mindalle.model:MinDallePrior", name="min-dalle", params=MinDalleParams)
 
 
 @hookimpl
 def dalle_register_tokenizers(registry):
-    registry.register(MinDalleTokenizer, name="min-dalle-bpe")
+    registry.register("dalle_mindalle.tokenizer:MinDalleTokenizer", name="min-dalle-bpe", params=MinDalleTokenizerParams)
 
 
-__all__ = ["MinDallePrior", "MinDalleTokenizer"]
+__getattr__ = lazy_attributes(__name__, {"MinDallePrior": ".model", "MinDalleTokenizer": ".tokenizer"})
+__all__ = ["MinDalleParams", "MinDallePrior", "MinDalleTokenizer", "MinDalleTokenizerParams"]

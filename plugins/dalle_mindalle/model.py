@@ -28,29 +28,18 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback, UsageError
+from dalle_framework import PAD_ID, Prior, Sampling, StepCallback, UsageError
 from dalle_framework.attention import Position, positions
 from dalle_framework.decoding import KVCache, sample_image_tokens
 from dalle_framework.metrics import activation_bytes, flops_per_token
 
+from .params import MinDalleParams
+
 BART_PAD = 1  # BART's <pad>: the encoder ignores keys holding it
 SHIFT = 1  # tokenizer ids are BART's plus one (0 = the framework's padding)
-
-
-class MinDalleParams(Params):
-    dim: int = Field(2048, ge=8, le=65536, description="width (Mega: 2048, Mini: 1024)")
-    layers: int = Field(24, ge=1, le=1024, description="encoder layers and decoder layers each (Mega: 24, Mini: 12)")
-    heads: int = Field(32, ge=1, le=1024, description="attention heads (Mega: 32, Mini: 16)")
-    glu_dim: int = Field(4096, ge=1, le=1 << 20, description="GLU hidden width (Mega: 4096, Mini: 2730)")
-    text_vocab: int = Field(50272, ge=2, le=1 << 21, description="rows of the encoder's token table (Mega: 50272, Mini: 50264)")
-    image_vocab: int = Field(16415, ge=2, le=1 << 21, description="decoder token table rows minus one (Mega: 16415, Mini: 16384)")
-    start_token: int = Field(16383, ge=0, description="the token every image starts from (min-dalle: 2**14 - 1)")
-    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on attention weights and branch outputs in training")
-    grad_checkpointing: bool = Field(False, description="recompute layers in backward to save activation memory")
 
 
 def attention(module: nn.Module, q_in: Tensor, k: Tensor, v: Tensor, mask: Tensor, dropout: float) -> Tensor:

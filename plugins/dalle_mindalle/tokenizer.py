@@ -20,10 +20,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import PAD_ID, Params, Tokenizer, UsageError
+from dalle_framework import PAD_ID, Tokenizer, UsageError
 from dalle_framework.convert import copy_released, write_converted
+
+from .params import MinDalleTokenizerParams
 
 SHIFT = 1  # our id = BART id + 1
 WORD_START = chr(ord(" ") + 256)  # "Ġ": GPT-2 / BART byte-level space, as min-dalle writes it
@@ -36,11 +37,7 @@ class MinDalleTokenizer(Tokenizer):
     ``dalle convert min-dalle-bpe vocab.json merges.txt OUT`` (copied and checked).
     """
 
-    class Params(Params):
-        vocab: Optional[str] = Field(None, max_length=4096, description="min-dalle's vocab.json (subword -> BART id)")
-        merges: Optional[str] = Field(None, max_length=4096, description="min-dalle's merges.txt (one merge per line, after a header line)")
-        vocab_size: int = Field(50266, ge=5, le=1 << 21, description="entries of vocab.json plus one (the padding id 0)")
-        text_len: int = Field(64, ge=2, le=4096, description="tokens per caption with <s> and </s> (min-dalle: 64)")
+    Params = MinDalleTokenizerParams
 
     def __init__(self, params: Optional["MinDalleTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

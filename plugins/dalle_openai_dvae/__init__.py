@@ -3,16 +3,19 @@
 Convert the released ``encoder.pkl`` / ``decoder.pkl`` once with
 ``dalle convert openai-dvae encoder.pkl decoder.pkl OUT --trust-pickle``; recipes
 then load ``OUT/model.safetensors``.
+
+Registered by where it lives, with its params: listing plugins and checking recipes import no torch.
 """
 
-from dalle_framework import hookimpl
+from dalle_framework import hookimpl, lazy_attributes
 
-from .model import OpenAIDVAE
+from .params import OpenAIDVAEParams
 
 
 @hookimpl
 def dalle_register_codecs(registry):
-    registry.register(OpenAIDVAE, name="openai-dvae")
+    registry.register("dalle_openai_dvae.model:OpenAIDVAE", name="openai-dvae", params=OpenAIDVAEParams)
 
 
-__all__ = ["OpenAIDVAE"]
+__getattr__ = lazy_attributes(__name__, {"OpenAIDVAE": ".model"})
+__all__ = ["OpenAIDVAE", "OpenAIDVAEParams"]

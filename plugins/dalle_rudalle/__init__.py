@@ -5,22 +5,24 @@ Convert the released files once, then name the blocks in a recipe (its codec is
 
     dalle convert rudalle-bpe bpe.model OUT/tokenizer
     dalle convert rudalle pytorch_model_v3.bin OUT/prior
+
+Registered by where they live, with their params: listing plugins and checking recipes import no torch.
 """
 
-from dalle_framework import hookimpl
+from dalle_framework import hookimpl, lazy_attributes
 
-from .model import RudallePrior
-from .tokenizer import RudalleTokenizer
+from .params import RudalleParams, RudalleTokenizerParams
 
 
 @hookimpl
 def dalle_register_priors(registry):
-    registry.register(RudallePrior, name="rudalle")
+    registry.register("dalle_rudalle.model:RudallePrior", name="rudalle", params=RudalleParams)
 
 
 @hookimpl
 def dalle_register_tokenizers(registry):
-    registry.register(RudalleTokenizer, name="rudalle-bpe")
+    registry.register("dalle_rudalle.tokenizer:RudalleTokenizer", name="rudalle-bpe", params=RudalleTokenizerParams)
 
 
-__all__ = ["RudallePrior", "RudalleTokenizer"]
+__getattr__ = lazy_attributes(__name__, {"RudallePrior": ".model", "RudalleTokenizer": ".tokenizer"})
+__all__ = ["RudalleParams", "RudallePrior", "RudalleTokenizer", "RudalleTokenizerParams"]

@@ -41,14 +41,15 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from dalle_framework import PAD_ID, Params, Prior, Sampling, StepCallback
+from dalle_framework import PAD_ID, Prior, Sampling, StepCallback
 from dalle_framework.attention import Layout, Position, mean_keys_per_query, pattern_attention, positions
 from dalle_framework.decoding import KVCache, all_padding, sample_image_tokens
 from dalle_framework.metrics import activation_bytes, flops_per_token
+
+from .params import RudalleParams
 
 FP16_MAX = 65504.0
 
@@ -58,19 +59,6 @@ def layer_pattern(layer: int, depth: int) -> str:
     if (layer - 1) % 4 == 0:
         return "rudalle-column"
     return "row" if layer != depth - 1 else "rudalle-conv"
-
-
-class RudalleParams(Params):
-    dim: int = Field(2048, ge=8, le=65536, description="width (Malevich: 2048, Kandinsky: 3840)")
-    depth: int = Field(24, ge=1, le=1024, description="layers (Malevich: 24, Kandinsky: 64)")
-    heads: int = Field(16, ge=1, le=1024, description="attention heads (Malevich: 16, Kandinsky: 60)")
-    sandwich_norm: bool = Field(True, description="CogView's LayerNorms on each branch output before its residual addition")
-    attention_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on attention weights in training (ruDALL-E: 0.1)")
-    output_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on each branch output in training (ruDALL-E: 0.1)")
-    embedding_grad_scale: float = Field(0.1, gt=0, le=1, description="gradient scale of the input embeddings (CogView, ruDALL-E: 0.1)")
-    text_loss_weight: float = Field(1 / 8, ge=0, description="weight of the text cross-entropy (ruDALL-E: 1/8)")
-    image_loss_weight: float = Field(7 / 8, ge=0, description="weight of the image cross-entropy (ruDALL-E: 7/8)")
-    grad_checkpointing: bool = Field(False, description="recompute layers in backward to save activation memory")
 
 
 class SelfAttention(nn.Module):

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import PAD_ID, Params, Tokenizer, UsageError
+from dalle_framework import PAD_ID, Tokenizer, UsageError
 from dalle_framework.convert import copy_released, write_converted
 
+from .params import RudalleTokenizerParams
 from .yttm import YttmEncoder, read_model
 
 MODEL_FILE = "bpe.model"
@@ -30,11 +30,7 @@ class RudalleTokenizer(Tokenizer):
     Convert it once with ``dalle convert rudalle-bpe bpe.model OUT`` (it is copied and checked).
     """
 
-    class Params(Params):
-        path: Optional[str] = Field(None, max_length=4096, description="ruDALL-E's YouTokenToMe bpe.model (e.g. from `dalle convert rudalle-bpe`)")
-        vocab_size: int = Field(16384, ge=5, le=1 << 20, description="ids in the model file (ruDALL-E: 16,384)")
-        text_len: int = Field(128, ge=2, le=4096, description="tokens per caption with BOS and EOS (ruDALL-E: 128)")
-        lowercase: bool = Field(True, description="lower-case (and strip) captions first, as ruDALL-E's generation does")
+    Params = RudalleTokenizerParams
 
     def __init__(self, params: Optional["RudalleTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

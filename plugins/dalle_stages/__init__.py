@@ -14,49 +14,53 @@ registered through ``dalle_register_stages`` (a metric: a :class:`dalle_framewor
 through ``dalle_register_metrics``).
 """
 
-from dalle_framework import hookimpl
+from dalle_framework import Params, hookimpl, lazy_attributes
 
-from .codec import CodecStage, CodecTrain
-from .features import JudgeFeatures, RerankerFeatures
-from .inception import InceptionV3Features
-from .metrics import (
-    BitsPerToken,
-    Faithfulness,
-    FrechetDistance,
-    KernelInceptionDistance,
-    PrecisionRecall,
-    Reconstruction,
-    RerankerScore,
-    Retrieval,
+from .params import (
+    CodecSpec,
+    CodecTrain,
+    DistributionParams,
+    InceptionV3Params,
+    KidParams,
+    PrdcParams,
+    PriorSpec,
+    RerankerFeaturesParams,
+    RerankerSpec,
+    StageParams,
 )
-from .prior import PriorStage, encode_split
-from .reranker import RerankerStage
+
+# Each class is registered by where it lives, with what it declares (a stage's spec, a metric's
+# params): listing plugins and checking recipes import none of this plugin's torch code.
 
 
 @hookimpl
 def dalle_register_stages(registry):
-    registry.register(CodecStage, name="codec")
-    registry.register(PriorStage, name="prior")
-    registry.register(RerankerStage, name="reranker")
+    registry.register("dalle_stages.codec:CodecStage", name="codec", declared=CodecSpec)
+    registry.register("dalle_stages.prior:PriorStage", name="prior", declared=PriorSpec)
+    registry.register("dalle_stages.reranker:RerankerStage", name="reranker", declared=RerankerSpec)
 
 
 @hookimpl
 def dalle_register_metrics(registry):
-    registry.register(Reconstruction, name="reconstruction")
-    registry.register(BitsPerToken, name="bits-per-token")
-    registry.register(Retrieval, name="retrieval")
-    registry.register(Faithfulness, name="faithfulness")
-    registry.register(RerankerScore, name="reranker-score")
-    registry.register(FrechetDistance, name="fd")
-    registry.register(KernelInceptionDistance, name="kid")
-    registry.register(PrecisionRecall, name="prdc")
+    for name, target, params in (
+        ("reconstruction", "Reconstruction", StageParams),
+        ("bits-per-token", "BitsPerToken", StageParams),
+        ("retrieval", "Retrieval", StageParams),
+        ("faithfulness", "Faithfulness", Params),
+        ("reranker-score", "RerankerScore", Params),
+        ("fd", "FrechetDistance", DistributionParams),
+        ("kid", "KernelInceptionDistance", KidParams),
+        ("prdc", "PrecisionRecall", PrdcParams),
+    ):
+        registry.register(f"dalle_stages.metrics:{target}", name=name, params=params)
 
 
 @hookimpl
 def dalle_register_feature_networks(registry):
-    registry.register(RerankerFeatures, name="reranker")
-    registry.register(JudgeFeatures, name="judge")
-    registry.register(InceptionV3Features, name="inception-v3")
+    registry.register("dalle_stages.features:RerankerFeatures", name="reranker", params=RerankerFeaturesParams)
+    registry.register("dalle_stages.features:JudgeFeatures", name="judge", params=Params)
+    registry.register("dalle_stages.inception:InceptionV3Features", name="inception-v3", params=InceptionV3Params)
 
 
+__getattr__ = lazy_attributes(__name__, {"CodecStage": ".codec", "PriorStage": ".prior", "RerankerStage": ".reranker", "encode_split": ".prior"})
 __all__ = ["CodecStage", "CodecTrain", "PriorStage", "RerankerStage", "encode_split"]

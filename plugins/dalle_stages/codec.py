@@ -6,27 +6,17 @@ from functools import cached_property
 from typing import Any, Iterable, Optional
 
 import torch
-from pydantic import Field
 from torch import nn
 
-from dalle_framework import CodecFacts, Preview, Stage, TrainConfig, distributed
+from dalle_framework import CodecFacts, Preview, Stage, distributed
 from dalle_framework.data import as_model_images, image_tensor, save_grid
 from dalle_framework.metrics import histogram_usage, psnr_from_mse
 
-
-class CodecTrain(TrainConfig):
-    hflip: bool = Field(
-        False, description="mirror each training image left-right with probability 1/2 (only here: captions name directions)"
-    )
+from .params import CodecSpec
 
 
-class CodecStage(Stage):
+class CodecStage(CodecSpec, Stage):
     """Trains the recipe's ``codec`` on its images; hands the prior the codes and grid."""
-
-    Params = CodecTrain
-    kind = "codec"
-    required = True
-    uses = ("data",)
 
     @classmethod
     def seed_offset(cls) -> int:

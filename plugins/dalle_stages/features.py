@@ -6,16 +6,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import FeatureNetwork, Params, Reranker, rundir
+from dalle_framework import FeatureNetwork, Reranker, rundir
+
+from .params import RerankerFeaturesParams
 
 
 class RerankerFeatures(FeatureNetwork):
     """The run's trained reranker's image embedding (``Reranker.image_features``), e.g. CLIP's image tower."""
 
-    class Params(Params):
-        stage: Optional[str] = Field(None, description="the reranker stage (default: the first one, which ranks candidates)")
+    Params = RerankerFeaturesParams
 
     def _stage(self) -> Optional[str]:
         return self.params.stage or self.pipe.role(Reranker)

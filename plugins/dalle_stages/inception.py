@@ -17,14 +17,15 @@ resizes like TensorFlow 1 (no half-pixel centres) and scales by ``(255x - 128) /
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
 from torch import Tensor, nn
 
-from dalle_framework import FeatureNetwork, Params, UsageError, rundir
+from dalle_framework import FeatureNetwork, UsageError, rundir
+
+from .params import InceptionV3Params
 
 SIZE = 299  # the network's input side
 PRESETS = {
@@ -133,17 +134,9 @@ def read_inception_weights(path: Path) -> dict[str, Tensor]:
 class InceptionV3Features(FeatureNetwork):
     """Inception-v3's 2048-d pool features, FID's network, loaded from a weights file (nothing is downloaded)."""
 
-    class Params(Params):
-        weights: str = Field(
-            ..., description="the FID Inception weights: a torch state dict (read weights-only, e.g. pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth) or a safetensors file with the same keys"
-        )
-        preset: Literal["pytorch-fid", "torch-fidelity"] = Field(
-            "pytorch-fid", description="how images are resized to 299 and scaled, as that reference does"
-        )
-        batch_size: int = Field(50, ge=1, le=4096, description="images per forward pass")
+    Params = InceptionV3Params
 
-    def __init__(self, params: Params, *, pipe: Any) -> None:
+    def __init__(self, params: InceptionV3Params, *, pipe: Any) -> None:
         super().__init__(params, pipe=pipe)
         self.path = Path(params.weights).expanduser()
         if not self.path.is_file():  # a network the user configured and cannot have is an error, not a skipped figure

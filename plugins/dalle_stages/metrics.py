@@ -10,12 +10,11 @@ of the networks named in ``evaluate.features``.
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Literal, Optional
+from typing import Any, ClassVar
 
 import torch
-from pydantic import Field
 
-from dalle_framework import Figure, ImageCodec, Measurement, Metric, Params, Prior, Reranker
+from dalle_framework import Figure, ImageCodec, Measurement, Metric, Prior, Reranker
 from dalle_framework.data import chunks
 from dalle_framework.metrics import (
     feature_statistics,
@@ -25,6 +24,7 @@ from dalle_framework.metrics import (
 )
 
 from .codec import codec_metrics
+from .params import DistributionParams, KidParams, PrdcParams, StageParams
 
 GENERATION = "generation"
 LN2 = math.log(2.0)
@@ -33,9 +33,6 @@ GROUPS = 64  # held-out images are resampled in this many groups (or one image e
 
 # ----------------------------------------------------------------------------- stage reports
 
-
-class StageParams(Params):
-    stage: Optional[str] = Field(None, description="the stage to report (default: every trained stage whose component fits)")
 
 
 class StageMetric(Metric):
@@ -212,14 +209,6 @@ class RerankerScore(Metric):
 # ----------------------------------------------------------------------------- generation: distribution metrics
 
 
-class DistributionParams(Params):
-    features: Optional[list[str]] = Field(
-        None, description="names of evaluate.features networks (default: every configured one this run can run)"
-    )
-    images: Literal["candidates", "best"] = Field(
-        "candidates", description="candidates: every image drawn (the model's own distribution); best: the reranked best of each draw"
-    )
-
 
 class DistributionMetric(Metric):
     """A figure comparing features of generated images with those of real held-out ones, per feature network.
@@ -285,11 +274,6 @@ class FrechetDistance(DistributionMetric):
         return {"fd": figure}
 
 
-class KidParams(DistributionParams):
-    subsets: int = Field(100, ge=2, le=10_000, description="random subsets averaged (the field's default: 100)")
-    subset_size: int = Field(1000, ge=2, le=100_000, description="rows per subset, fewer when a set is smaller (the field's: 1000)")
-    bootstrap_subsets: int = Field(5, ge=1, le=1000, description="subsets per bootstrap resample (bounds the interval's cost)")
-
 
 class KernelInceptionDistance(DistributionMetric):
     """KID: unbiased squared MMD with a cubic polynomial kernel, averaged over random subsets; with its std over subsets."""
@@ -308,9 +292,6 @@ class KernelInceptionDistance(DistributionMetric):
         figure = evaluation.bootstrap(kid["kid"], resampled, len(fake), network=network, recentre=True)
         return {"kid": figure, "kid_std": kid["std"], "kid_subset_size": kid["subset_size"]}
 
-
-class PrdcParams(DistributionParams):
-    k: int = Field(5, ge=1, le=1000, description="nearest neighbours that set each sample's ball (the papers' 5 and 3-5)")
 
 
 class PrecisionRecall(DistributionMetric):

@@ -16,10 +16,11 @@ from dalle_framework import Preview, Sampling, Stage, UsageError, distributed, r
 from dalle_framework.data import as_model_images, image_tensor, load_token_shards, save_token_shard, token_shard_header
 from dalle_framework.data.stream import ShardedSplit, Skipped, TokenShards
 
+from .params import CODEC, PriorSpec
+
 log = logging.getLogger(__name__)
 
 LN2 = math.log(2.0)
-CODEC = "codec"  # the stage whose tokens this one models
 
 
 SPLITS = ("train", "heldout")
@@ -28,7 +29,7 @@ TOKEN_SHARD_ROWS = 32 * ENCODE_BATCH  # rows per token shard cut from data held 
 MANIFEST_FORMAT = "dalle-token-manifest/1"
 
 
-class PriorStage(Stage):
+class PriorStage(PriorSpec, Stage):
     """Trains the recipe's ``prior`` on ``[caption tokens | image tokens]``.
 
     Images are encoded once per split by the trained codec into token shards,
@@ -40,10 +41,6 @@ class PriorStage(Stage):
     encode`` continues. The prior then streams the token shards when the data source
     streams, and reads them into memory otherwise.
     """
-
-    kind = "prior"
-    after = (CODEC,)
-    uses = ("data", "tokenizer")
 
     @classmethod
     def seed_offset(cls) -> int:

@@ -9,14 +9,13 @@ import torch
 from dalle_framework import Preview, Stage
 from dalle_framework.data import image_tensor
 
+from .params import RerankerSpec
+
 PREVIEW_POOL = 64  # held-out images the preview retrieves from
 
 
-class RerankerStage(Stage):
+class RerankerStage(RerankerSpec, Stage):
     """Trains the recipe's ``reranker`` on image-caption pairs; measured by held-out retrieval."""
-
-    kind = "reranker"
-    uses = ("data",)
 
     @classmethod
     def seed_offset(cls) -> int:

@@ -16,17 +16,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer, UsageError
+from dalle_framework import PAD_ID, CaptionReading, Tokenizer, UsageError
 from dalle_framework.rundir import write_text
+
+from .params import BpeTokenizerParams
 
 PAD_TOKEN = "<pad>"
 FILE = "tokenizer.json"
-BYTES = 256  # byte-level alphabet: every UTF-8 byte is a token before any merge
 
 
 class BpeTokenizer(Tokenizer):
@@ -36,15 +36,7 @@ class BpeTokenizer(Tokenizer):
     or point ``path`` at an existing ``tokenizer.json`` whose id 0 is ``<pad>``.
     """
 
-    class Params(Params):
-        path: Optional[str] = Field(None, description="an existing tokenizer.json to load; null = fit on the training captions")
-        vocab_size: int = Field(16384, ge=BYTES + 2, le=1 << 20, description="ids including <pad> and the 256 bytes (paper: 16,384)")
-        text_len: int = Field(256, ge=1, le=4096, description="tokens per caption (paper: 256)")
-        lowercase: bool = Field(True, description="lower-case captions before tokenising")
-        normalization: Literal["nfkc", "nfc", "none"] = Field(
-            "nfkc", description="Unicode normalisation: nfkc folds compatibility forms (ﬁ -> fi, full-width letters)"
-        )
-        min_frequency: int = Field(2, ge=1, description="a pair must occur this often in the captions to be merged")
+    Params = BpeTokenizerParams
 
     def __init__(self, params: Optional["BpeTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Tokenizer
+
+from .params import ByteTokenizerParams
 
 OFFSET = 1  # byte b is id b + 1, so id 0 stays padding
 
@@ -18,8 +19,7 @@ class ByteTokenizer(Tokenizer):
     Truncation to ``text_len`` never splits a multi-byte character.
     """
 
-    class Params(Params):
-        text_len: int = Field(64, ge=1, le=4096, description="bytes per caption; 64 covers most short captions")
+    Params = ByteTokenizerParams
 
     def __init__(self, params: Optional["ByteTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

@@ -6,9 +6,10 @@ from functools import lru_cache
 from typing import Optional
 
 import torch
-from pydantic import Field
 
-from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Tokenizer
+
+from .params import ClipBpeTokenizerParams
 
 SHIFT = 1  # BPE id k is token k + 1: CLIP's id 0 is "!", and 0 must mean padding here
 
@@ -31,9 +32,7 @@ class ClipBpeTokenizer(Tokenizer):
     (the end token is kept when truncating).
     """
 
-    class Params(Params):
-        text_len: int = Field(256, ge=1, le=4096, description="BPE tokens per caption; 256 as in the DALL-E paper")
-        start_end: bool = Field(False, description="wrap captions in CLIP's start/end tokens")
+    Params = ClipBpeTokenizerParams
 
     def __init__(self, params: Optional["ClipBpeTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

@@ -2,27 +2,15 @@
 
 from __future__ import annotations
 
-import re
 from typing import Iterable, Optional
 
 import torch
-from pydantic import Field, field_validator
 
-from dalle_framework import PAD_ID, CaptionReading, Params, Tokenizer
+from dalle_framework import PAD_ID, CaptionReading, Tokenizer
+
+from .params import WordTokenizerParams, split_words
 
 UNK_ID = 1
-_TOKEN = re.compile(r"[\w']+|[^\w\s]")  # words (with apostrophes) or single punctuation marks
-
-# The shapes demo's words: every caption "a <colour> <shape> in the <position>" is in vocabulary.
-SHAPES_VOCAB = (
-    "a in the red green blue yellow magenta cyan white orange purple "
-    "circle square triangle diamond cross top bottom left right middle center"
-).split()
-
-
-def split_words(text: str) -> list[str]:
-    """Lower-case, then words and single punctuation marks: ``"Flag: Lebanon" -> ["flag", ":", "lebanon"]``."""
-    return _TOKEN.findall(text.lower())
 
 
 def vocab_from_captions(captions: Iterable[str], min_count: int = 1) -> list[str]:
@@ -42,22 +30,7 @@ class WordTokenizer(Tokenizer):
     (unknown words read ``<unk>``).
     """
 
-    class Params(Params):
-        vocab: list[str] = Field(
-            SHAPES_VOCAB, min_length=1, description="the words, in id order; default: the shapes demo's words"
-        )
-        text_len: int = Field(16, ge=1, le=4096, description="tokens per caption; shapes captions need 8")
-
-        @field_validator("vocab")
-        @classmethod
-        def _clean(cls, vocab: list[str]) -> list[str]:
-            bad = [w for w in vocab if split_words(w) != [w]]
-            if bad:
-                raise ValueError(f"vocab entries must be single lower-case words or punctuation marks: {bad[:5]}")
-            dupes = sorted({w for w in vocab if vocab.count(w) > 1})
-            if dupes:
-                raise ValueError(f"duplicate vocab entries: {dupes[:5]}")
-            return vocab
+    Params = WordTokenizerParams
 
     def __init__(self, params: Optional["WordTokenizer.Params"] = None, **runtime) -> None:
         self.params = params or self.Params()

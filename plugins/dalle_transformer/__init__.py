@@ -1,14 +1,18 @@
-"""Built-in plugin dalle_transformer: the dense and sparse transformer priors (stage 2)."""
+"""Built-in plugin dalle_transformer: the dense and sparse transformer priors (stage 2).
 
-from dalle_framework import hookimpl
+Registered by where they live, with their params: listing plugins and checking recipes import no torch.
+"""
 
-from .model import DenseTransformer, SparseTransformer, TransformerPrior
+from dalle_framework import hookimpl, lazy_attributes
+
+from .params import SparseParams, TransformerParams
 
 
 @hookimpl
 def dalle_register_priors(registry):
-    registry.register(DenseTransformer, name="dense-transformer")
-    registry.register(SparseTransformer, name="sparse-transformer")
+    registry.register("dalle_transformer.model:DenseTransformer", name="dense-transformer", params=TransformerParams)
+    registry.register("dalle_transformer.model:SparseTransformer", name="sparse-transformer", params=SparseParams)
 
 
-__all__ = ["DenseTransformer", "SparseTransformer", "TransformerPrior"]
+__getattr__ = lazy_attributes(__name__, {"DenseTransformer": ".model", "SparseTransformer": ".model", "TransformerPrior": ".model"})
+__all__ = ["DenseTransformer", "SparseParams", "SparseTransformer", "TransformerParams", "TransformerPrior"]

@@ -4,18 +4,21 @@ Sber VQGAN with its wavelet decoder (``rudalle-vqgan``) and min-dalle's VQGAN de
 Convert a released checkpoint once with ``dalle convert vqgan last.ckpt config.yaml OUT``
 (``dalle convert rudalle-vqgan FILE OUT``, ``dalle convert min-dalle-vqgan detoker.pt OUT``);
 recipes then load ``OUT/model.safetensors``.
+
+Registered by where they live, with their params: listing plugins and checking recipes import no torch.
 """
 
-from dalle_framework import hookimpl
+from dalle_framework import hookimpl, lazy_attributes
 
-from .model import VQGAN, MinDalleVQGAN, SberVQGAN
+from .params import MinDalleVQGANParams, SberVQGANParams, VQGANParams
 
 
 @hookimpl
 def dalle_register_codecs(registry):
-    registry.register(VQGAN, name="vqgan")
-    registry.register(SberVQGAN, name="rudalle-vqgan")
-    registry.register(MinDalleVQGAN, name="min-dalle-vqgan")
+    registry.register("dalle_vqgan.model:VQGAN", name="vqgan", params=VQGANParams)
+    registry.register("dalle_vqgan.model:SberVQGAN", name="rudalle-vqgan", params=SberVQGANParams)
+    registry.register("dalle_vqgan.model:MinDalleVQGAN", name="min-dalle-vqgan", params=MinDalleVQGANParams)
 
 
-__all__ = ["VQGAN", "MinDalleVQGAN", "SberVQGAN"]
+__getattr__ = lazy_attributes(__name__, {"VQGAN": ".model", "MinDalleVQGAN": ".model", "SberVQGAN": ".model"})
+__all__ = ["VQGAN", "MinDalleVQGAN", "SberVQGAN", "VQGANParams", "SberVQGANParams", "MinDalleVQGANParams"]

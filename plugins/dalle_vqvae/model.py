@@ -14,18 +14,19 @@ restart vectors broadcast from rank 0 so every rank holds the same codebook.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
-from pydantic import Field
 from torch import nn
 
 from dalle_framework import CodecFacts, ImageCodec, distributed
 from dalle_framework.metrics import codebook_usage, psnr_from_mse
-from dalle_framework.nn import ConvCodecParams, RECONSTRUCTIONS, check_images, nearest_code, sample_rows, token_grid
+from dalle_framework.nn import RECONSTRUCTIONS, check_images, nearest_code, sample_rows, token_grid
+
+from .params import VQVAEParams
 
 
 def _distributed() -> bool:
@@ -114,16 +115,7 @@ class VQVAE(ImageCodec):
       (``unused_last_step``: fraction of codes no vector of this step chose)
     """
 
-    class Params(ConvCodecParams):
-        loss: Literal["logit-laplace", "mse"] = Field("mse", description="reconstruction likelihood (MSE optimises PSNR)")
-        code_dim: int = Field(64, ge=1, le=8192, description="dimension D of each code vector")
-        beta: float = Field(0.25, ge=0, description="commitment weight (VQ-VAE paper: 0.25)")
-        decay: float = Field(0.99, gt=0, lt=1, description="EMA decay of code counts and sums")
-        ema_eps: float = Field(1e-5, gt=0, description="Laplace smoothing of code counts (avoids division by zero)")
-        restart_after: Optional[int] = Field(
-            50, ge=1, description="re-seed a code unused for this many training steps from a batch vector; null = never"
-        )
-        init_from_data: bool = Field(True, description="initialise the codebook from the first training batch's encoder vectors")
+    Params = VQVAEParams
 
     @classmethod
     def describe(cls, params: "VQVAE.Params") -> CodecFacts:
