@@ -66,11 +66,46 @@ def write_failed(path: object, exc: BaseException) -> DalleError:
                       "what was there before is untouched")
 
 
-def validation_problems(exc: Any, prefix: str = "", name: Optional[Callable[[tuple], str]] = None) -> str:
-    """A pydantic ``ValidationError`` as one line: ``path: message; path: message`` (each path after
-    ``prefix``; ``name`` turns a location into what the user typed, a CLI flag say)."""
+def problem_lines(exc: Any, prefix: str = "", name: Optional[Callable[[tuple], str]] = None, model: Any = None) -> list[str]:
+    """A pydantic ``ValidationError`` as one ``path: message`` line per problem: each path after ``prefix``
+    (``name`` turns a location into what the user typed, a CLI flag say); an unknown key gets the field
+    of ``model``'s block it was probably meant to be."""
     lines = []
     for error in exc.errors():
         path = name(error["loc"]) if name else ".".join(map(str, error["loc"]))
-        lines.append(f"{prefix}{'.' if prefix and path else ''}{path}: {error['msg']}")
-    return "; ".join(lines)
+        path = ".".join(p for p in (prefix, path) if p)
+        message = error["msg"]
+        if error["type"] == "extra_forbidden":
+            import difflib
+
+            close = difflib.get_close_matches(str(error["loc"][-1]), _fields_at(model, error["loc"][:-1]), n=1) if model else []
+            message = "unknown key (not a field of this block)" + (f"; did you mean {close[0]!r}?" if close else "")
+        elif error["type"] == "value_error":
+            message = message.removeprefix("Value error, ")
+        lines.append(f"{path}: {message}" if path else message)
+    return lines
+
+
+def validation_problems(exc: Any, prefix: str = "", name: Optional[Callable[[tuple], str]] = None) -> str:
+    """:func:`problem_lines` as one line: ``path: message; path: message``."""
+    return "; ".join(problem_lines(exc, prefix, name))
+
+
+def _fields_at(model: Any, loc: tuple) -> list[str]:
+    """The field names of the block at ``loc`` inside ``model`` (through Optional, lists, dicts), or []."""
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue  # an item of a list or a dict: the same block type
+        field = getattr(model, "model_fields", {}).get(part)
+        model = _block_type(field.annotation) if field is not None else None
+    return list(getattr(model, "model_fields", {}))
+
+
+def _block_type(annotation: Any) -> Optional[type]:
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next((found for arg in typing.get_args(annotation) if (found := _block_type(arg)) is not None), None)

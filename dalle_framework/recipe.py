@@ -21,7 +21,6 @@ import copy
 import difflib
 import os
 import string
-import typing
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
@@ -29,7 +28,7 @@ import yaml
 from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock, TokenizerBlock
-from .errors import RecipeError, UsageError
+from .errors import RecipeError, UsageError, problem_lines
 from .schema import EngineSpec, Strict, TrainConfig
 
 RECIPE_PATH_ENV = "DALLE_RECIPE_PATH"
@@ -74,10 +73,10 @@ class Recipe(Strict):
         return Path(self.output_dir.format(name=self.name or "run"))
 
     def __getattr__(self, item: str) -> Any:
-        # `recipe.codec` for a stage block (None when the recipe has no such stage block).
+        # `recipe.codec` for a stage block the recipe has (`recipe.stages.get(name)` when it may not).
         stages = self.__dict__.get("stages")
-        if stages is not None and not item.startswith("_") and item in _stage_names():
-            return stages.get(item)
+        if stages is not None and not item.startswith("_") and item in stages:
+            return stages[item]
         return super().__getattr__(item)
 
     def block_dump(self, name: str) -> Any:
@@ -86,12 +85,6 @@ class Recipe(Strict):
             return self.stages[name].model_dump(mode="json")
         block = getattr(self, name, None)
         return block.model_dump(mode="json") if hasattr(block, "model_dump") else block
-
-
-def _stage_names() -> set[str]:
-    from .plugins import get_plugin_manager
-
-    return set(get_plugin_manager().registry("stage").names())
 
 
 # ----------------------------------------------------------------------------- finding and reading
@@ -268,34 +261,7 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 
 
 def _problems(prefix: str, exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    return [_format(prefix, e, model) for e in exc.errors()]
-
-
-def _fields_at(model: Any, loc: tuple) -> list[str]:
-    """The field names of the block at ``loc`` inside ``model`` (through Optional, lists, dicts), or []."""
-    for part in loc:
-        if isinstance(part, int) or model is None:
-            continue  # an item of a list or a dict: the same block type
-        field = getattr(model, "model_fields", {}).get(part)
-        model = _block_type(field.annotation) if field is not None else None
-    return list(getattr(model, "model_fields", {}))
-
-
-def _block_type(annotation: Any) -> Optional[type]:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    return next((found for arg in typing.get_args(annotation) if (found := _block_type(arg)) is not None), None)
-
-
-def _format(prefix: str, err: dict, model: Optional[type[BaseModel]] = None) -> str:
-    path = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
-    msg = err["msg"]
-    if err["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(err["loc"][-1]), _fields_at(model, err["loc"][:-1]), n=1) if model else []
-        msg = "unknown key (not a field of this block)" + (f"; did you mean {close[0]!r}?" if close else "")
-    elif err["type"] == "value_error":
-        msg = msg.removeprefix("Value error, ")
-    return f"{path}: {msg}" if path else msg
+    return problem_lines(exc, prefix, model=model)
 
 
 def validate(data: dict, source: str = "<recipe>") -> Recipe:

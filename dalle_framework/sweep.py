@@ -69,7 +69,7 @@ def settings(axes: dict[str, list[Any]], base: Sampling) -> list[Sampling]:
 
 SWEPT_METRICS = ["faithfulness", "reranker-score"]
 ROW_KEYS = ("faithfulness_before_rerank", "faithfulness_after_rerank", "relative_to_ceiling", "reranker_score_all",
-            "reranker_score_kept", "clip_score_all", "clip_score_kept")
+            "reranker_score_kept")
 
 
 def sweep_sampling(pipe: Pipeline, items: list[str], *, progress: bool = False) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def test_a_plugin_adds_a_stage_that_dalle_run_trains_evaluates_and_keeps_fresh(e
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
     assert report["colour-scorer"]["loss"] >= 0 and "bits_per_image_token" in report["prior"]
-    assert report["generation"]["clip_score_all"] is not None  # the plugin's stage ranks the candidates
+    assert report["generation"]["reranker_score_all"] is not None  # the plugin's stage ranks the candidates
+    assert not any(key.startswith("clip_") for key in report["generation"])  # named by role, whatever the reranker
     run = tmp_path / "runs" / "toy"
     assert json.loads((run / "colour-scorer" / "meta.json").read_text())["plugin"] == "example"
     # retraining the codec makes the stages after it stale; `dalle run` retrains them, reuses nothing else

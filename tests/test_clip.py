@@ -136,12 +136,11 @@ def test_a_config_that_built_is_remembered_and_a_broken_one_never(registries, tm
     """Building a custom config on the meta device needs torch; a config that built (with these open_clip and
     torch versions) is not built again, so checking it later imports neither. One that fails is never kept."""
     import dalle_clip.params as clip_params
-    import dalle_clip.reranker as reranker
 
     monkeypatch.setenv("DALLE_CACHE_DIR", str(tmp_path / "cache"))
     builds = []
-    real = reranker._check_builds
-    monkeypatch.setattr(reranker, "_check_builds", lambda config: (builds.append(config), real(config)))
+    real = clip_params._check_builds
+    monkeypatch.setattr(clip_params, "_check_builds", lambda config: (builds.append(config), real(config)))
     too_big_patch = {**TINY, "vision_cfg": {**TINY["vision_cfg"], "patch_size": 64}}
     for _ in range(2):
         registries[0].validate_params("clip", {"config": TINY})

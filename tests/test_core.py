@@ -353,6 +353,38 @@ def with_data(tiny):
     return tiny
 
 
+def test_dalle_convert_finds_a_converter_of_any_kind(with_data, tmp_path, capsys):
+    """Any registered component may convert released files: here a data source, not a model."""
+    from dalle_framework import DataSource
+    from dalle_framework.cli import main
+
+    class ReleasedCaptions(DataSource):
+        """Captions released as one text file, converted to the file it reads."""
+
+        def __init__(self, params):
+            pass
+
+        def samples(self, split):
+            return iter(())
+
+        @classmethod
+        def convert_released(cls, files, out_dir, *, trust_pickle, params=None):
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "captions.txt").write_text(files[0].read_text().upper())
+            return {"captions": str(out_dir / "captions.txt")}
+
+    register = lambda registry: registry.register(ReleasedCaptions, name="released-captions")  # noqa: E731
+    with_data.add_plugin(inline_plugin(dalle_register_datasources=register), name="released")
+    released = tmp_path / "captions.txt"
+    released.write_text("a cat")
+    assert main(["convert", "released-captions", str(released), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "captions.txt").read_text() == "A CAT"
+    capsys.readouterr()
+    assert main(["convert", "tiny-data", str(released), str(tmp_path / "no")]) == 2
+    refused = capsys.readouterr().err
+    assert "data 'tiny-data' has no converter" in refused and "components with a converter: released-captions" in refused
+
+
 def test_recipe_validates_and_fills_defaults(with_data):
     recipe = validate(BASE)
     # the validated Params objects themselves, defaults filled in, reach the constructors

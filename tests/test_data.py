@@ -258,14 +258,14 @@ def test_load_split_limit(data_registry):
 
 
 def test_batches_stream_a_split(data_registry):
-    from dalle_framework.data import batches
+    from dalle_framework.data import split_batches
 
     src = build(data_registry, "shapes", heldout_samples_per_caption=2)
-    got = list(batches(src, "heldout", 8))
+    got = list(split_batches(src, "heldout", 8))
     assert [b[0].shape[0] for b in got] == [8, 8, 4] and got[0][0].dtype == torch.uint8
     images, captions = load_split(src, "heldout", progress=False)
     assert torch.equal(torch.cat([b[0] for b in got]), images) and sum((b[1] for b in got), []) == captions
-    assert [b[0].shape[0] for b in batches(src, "heldout", 8, limit=17, drop_last=True)] == [8, 8]
+    assert [b[0].shape[0] for b in split_batches(src, "heldout", 8, limit=17, drop_last=True)] == [8, 8]
 
 
 # --------------------------------------------------------------------------- fashion-mnist

@@ -189,7 +189,7 @@ def test_evaluate_cli_prints_json_with_every_part(trained_run, tmp_path):
     generation = report["generation"]
     for key in ("faithfulness_before_rerank", "faithfulness_after_rerank"):
         assert set(generation[key]) == {"colour", "shape", "position", "all"}
-    assert -1 <= generation["clip_score_all"] <= 1
+    assert -1 <= generation["reranker_score_all"] <= 1
     assert Path(report["codec"]["grid"]).is_file()
 
 

@@ -1,4 +1,4 @@
-"""`dalle_framework.inspect`: parameter counts, FLOPs per token and training memory, on the meta device."""
+"""`dalle_framework.footprint` (`dalle inspect`): parameter counts, FLOPs per token and training memory, on the meta device."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 
 import dalle_framework
 from dalle_framework import Prior, Tokenizer, UsageError, hookimpl
-from dalle_framework.inspect import inspect_recipe, parameter_counts
+from dalle_framework.footprint import inspect_recipe, parameter_counts
 from dalle_framework.metrics import flops_per_token
 
 CODEC = {  # the shapes demo's small dVAE: 8x8 grid of 128 codes

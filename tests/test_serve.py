@@ -204,7 +204,7 @@ def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
         ({"caption": ["a red circle"]}, "caption: Input should be a valid string"),
         ([CAPTION], "body: Input should be a valid dictionary"),
         ({"caption": "a red circle", "candidates": 2, "keep": 3}, "keep: 3 is more than candidates (2)"),
-        ({"caption": "a red circle", "colour": "red"}, "colour: Extra inputs are not permitted"),
+        ({"caption": "a red circle", "colour": "red"}, "colour: unknown key (not a field of this block)"),
     ],
 )
 def test_bad_input_gets_422_with_a_message(pipe, body, message):

@@ -31,7 +31,7 @@ def add_parsers(sub) -> None:
     encode.set_defaults(func=cmd_data_encode)
 
     p = sub.add_parser("convert", help="convert released weights or vocabularies (OpenAI's dVAE, a VQGAN, ruDALL-E, min-dalle) for recipes")
-    p.add_argument("component", help="a registered component with a converter: a codec, prior or tokenizer (dalle components)")
+    p.add_argument("component", help="a registered component of any kind that has a converter (the error lists them)")
     p.add_argument("files_and_out", nargs="+", metavar="FILE... OUT", help="the released files, then the output directory")
     p.add_argument("--trust-pickle", action="store_true", help="allow reading pickles (only for files you trust)")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
@@ -40,7 +40,7 @@ def add_parsers(sub) -> None:
 
 
 def cmd_inspect(args) -> int:
-    from ..inspect import inspect_recipe
+    from ..footprint import inspect_recipe
     from ..recipe import load_recipe
 
     ref, overrides = one_recipe(args, "dalle inspect RECIPE [key.path=value ...] [--gpus N --nodes M]")

@@ -44,13 +44,11 @@ def _stages(pipe, wanted: Optional[str]) -> Optional[list[str]]:
 
 def cmd_train(args) -> int:
     from .. import distributed
-    from ..rundir import command_line, locked
     from ..train.loop import train_all
 
     ref, overrides = one_recipe(args, "dalle train RECIPE [key.path=value ...] [--stage STAGE] [--resume] [--force]")
     pipe = pipeline_for(ref, overrides, args.device)
-    with locked(pipe.run_dir, command_line()):
-        results = train_all(pipe, _stages(pipe, args.stage), resume=args.resume, force=args.force, progress=not args.quiet)
+    results = train_all(pipe, _stages(pipe, args.stage), resume=args.resume, force=args.force, progress=not args.quiet)  # holds the run's lock
     if distributed.is_main():
         print_json({"run": str(pipe.run_dir), "stages": results})
     return 0

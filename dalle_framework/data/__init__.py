@@ -1,7 +1,7 @@
 """Core data IO shared by data sources, training and the CLI.
 
 - :mod:`.batches`: resumable shuffled batches (the data position of a run)
-- :mod:`.images`: image conversions, ``square_resize``, ``load_split``, ``batches``, ``save_grid``,
+- :mod:`.images`: image conversions, ``square_resize``, ``load_split``, ``split_batches``, ``save_grid``,
   ``captioned_grid`` (a caption beside each row of images, scores under them)
 - :mod:`.shards`: write any :class:`~dalle_framework.DataSource` as webdataset tar shards
 - :mod:`.tokens`: safetensors shards of pre-computed text + image tokens (stage 2)
@@ -11,7 +11,6 @@
 from .batches import ShuffledBatches, chunks
 from .images import (
     as_model_images,
-    batches,
     captioned_grid,
     decode_image,
     fit_images,
@@ -19,6 +18,7 @@ from .images import (
     load_split,
     save_captioned_grid,
     save_grid,
+    split_batches,
     square_resize,
     to_pil,
     to_tensor,
@@ -29,7 +29,6 @@ from .tokens import load_token_shard, load_token_shards, save_token_shard, token
 __all__ = [
     "ShuffledBatches",
     "as_model_images",
-    "batches",
     "chunks",
     "captioned_grid",
     "decode_image",
@@ -41,6 +40,7 @@ __all__ = [
     "save_captioned_grid",
     "save_grid",
     "save_token_shard",
+    "split_batches",
     "square_resize",
     "to_pil",
     "to_tensor",

@@ -142,7 +142,7 @@ def as_model_images(images: torch.Tensor, size: int, device: torch.device | str)
     return fit_images(images.to(device).float() / 255.0, size)
 
 
-def batches(
+def split_batches(
     source: Any, split: str, batch_size: int, *, limit: Optional[int] = None, drop_last: bool = False
 ) -> Iterator[tuple[torch.Tensor, list[str]]]:
     """Stream a split as ``(uint8 [B, 3, H, W], captions)`` batches, without holding it all in memory."""

@@ -10,12 +10,14 @@ its identity path at initialisation and lets deep stacks train stably.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import torch
 from torch import nn
 
-from .params import Activation, ConvCodecParams  # noqa: F401 (ConvCodecParams re-exported)
+if TYPE_CHECKING:
+    from .params import Activation, ConvCodecParams
+
 
 
 def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
@@ -68,6 +70,20 @@ class ConvEncoder(nn.Module):
     the last. Output: activation + 1x1 conv (codebook logits for the dVAE, code vectors for VQ).
     """
 
+    @classmethod
+    def from_params(cls, params: ConvCodecParams, out_channels: int) -> "ConvEncoder":
+        """The encoder a convolutional codec's settings describe, with ``out_channels`` code logits or vectors."""
+        return cls(
+            out_channels=out_channels,
+            width=params.width,
+            channel_mults=params.channel_mults,
+            blocks_per_group=params.blocks_per_group,
+            stem_kernel=params.stem_kernel,
+            stem_downsample=params.stem_downsample,
+            residual_gain=params.residual_gain,
+            activation=params.activation,
+        )
+
     def __init__(
         self,
         *,
@@ -111,6 +127,21 @@ class ConvDecoder(nn.Module):
     the last. Output: activation + 1x1 conv (6 channels for logit-Laplace: mu and log-scale),
     then depth-to-space by ``stem_downsample`` when > 1.
     """
+
+    @classmethod
+    def from_params(cls, params: ConvCodecParams, in_channels: int, out_channels: int) -> "ConvDecoder":
+        """The decoder a convolutional codec's settings describe, from ``in_channels`` (codes) to ``out_channels``."""
+        return cls(
+            in_channels=in_channels,
+            out_channels=out_channels,
+            width=params.width,
+            channel_mults=params.channel_mults,
+            blocks_per_group=params.decoder_blocks_per_group or params.blocks_per_group,
+            stem_width=params.decoder_stem_width,
+            stem_downsample=params.stem_downsample,
+            residual_gain=params.residual_gain,
+            activation=params.activation,
+        )
 
     def __init__(
         self,

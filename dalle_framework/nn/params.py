@@ -1,5 +1,6 @@
 """The convolutional codecs' shared settings, importable without torch (a codec plugin's params
-module reads them while recipes are checked; the layers they build live in :mod:`.conv`)."""
+module reads them while recipes are checked; :mod:`.conv` builds the layers from them,
+``ConvEncoder.from_params`` and ``ConvDecoder.from_params``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from ..schema import Params
 
 if TYPE_CHECKING:
     from ..interfaces import CodecFacts
-    from .conv import ConvDecoder, ConvEncoder
 
 # The paper uses ReLU; SiLU / GELU are the usual alternatives in later VQ models.
 Activation = Literal["relu", "silu", "gelu"]
@@ -76,32 +76,3 @@ class ConvCodecParams(Params):
         from ..interfaces import CodecFacts
 
         return CodecFacts(self.vocab_size, self.grid, self.image_size)
-
-    def build_encoder(self, out_channels: int) -> "ConvEncoder":
-        from .conv import ConvEncoder
-
-        return ConvEncoder(
-            out_channels=out_channels,
-            width=self.width,
-            channel_mults=self.channel_mults,
-            blocks_per_group=self.blocks_per_group,
-            stem_kernel=self.stem_kernel,
-            stem_downsample=self.stem_downsample,
-            residual_gain=self.residual_gain,
-            activation=self.activation,
-        )
-
-    def build_decoder(self, in_channels: int, out_channels: int) -> "ConvDecoder":
-        from .conv import ConvDecoder
-
-        return ConvDecoder(
-            in_channels=in_channels,
-            out_channels=out_channels,
-            width=self.width,
-            channel_mults=self.channel_mults,
-            blocks_per_group=self.decoder_blocks_per_group or self.blocks_per_group,
-            stem_width=self.decoder_stem_width,
-            stem_downsample=self.stem_downsample,
-            residual_gain=self.residual_gain,
-            activation=self.activation,
-        )

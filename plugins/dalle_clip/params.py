@@ -135,8 +135,6 @@ def _check_config(config: dict[str, Any]) -> dict[str, Any]:
         return config
     from open_clip import CLIPTextCfg, CLIPVisionCfg
 
-    from .reranker import _check_builds  # builds the model on the meta device: needs torch
-
     for name, dataclass in (("vision_cfg", CLIPVisionCfg), ("text_cfg", CLIPTextCfg)):
         allowed = {f.name for f in dataclasses.fields(dataclass)} - DOWNLOADING_KEYS
         bad = sorted(set(config[name]) - allowed)
@@ -214,3 +212,23 @@ def _check_sizes(config: dict[str, Any]) -> None:
                     continue
                 if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= limit:
                     raise ValueError(f"config.{prefix}{key} must be a whole number from 1 to {limit}, got {value!r}")
+
+
+def _check_builds(config: dict[str, Any]) -> None:
+    """Build the model on the meta device and run one image and one caption through it:
+    a config that validates must build (a patch larger than the image, say, would not)."""
+    import open_clip
+    import torch
+
+    try:
+        with torch.device("meta"):
+            model = open_clip.CLIP(**config)
+            size = _pair(model.visual.image_size)
+            model.encode_image(torch.empty(1, 3, *size))
+            model.encode_text(torch.zeros(1, int(model.context_length), dtype=torch.long))
+    except Exception as exc:  # open_clip's own complaint, whatever its type
+        raise ValueError(f"config does not build an open_clip CLIP: {type(exc).__name__}: {str(exc)[:300]}") from None
+
+
+def _pair(size: Any) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -32,27 +32,11 @@ from torch import nn
 import dalle_framework
 from dalle_framework import UsageError, distributed
 
-from .params import ClipParams
+from .params import ClipParams, _pair
 
 
 # open_clip clamps the learned temperature at 100 during training.
 MAX_LOGIT_SCALE = 100.0
-
-
-# ClipParams' validator (params.py) imports this when it checks a custom config: it needs torch.
-def _check_builds(config: dict[str, Any]) -> None:
-    """Build the model on the meta device and run one image and one caption through it:
-    a config that validates must build (a patch larger than the image, say, would not)."""
-    import open_clip
-
-    try:
-        with torch.device("meta"):
-            model = open_clip.CLIP(**config)
-            size = _pair(model.visual.image_size)
-            model.encode_image(torch.empty(1, 3, *size))
-            model.encode_text(torch.zeros(1, int(model.context_length), dtype=torch.long))
-    except Exception as exc:  # open_clip's own complaint, whatever its type
-        raise ValueError(f"config does not build an open_clip CLIP: {type(exc).__name__}: {str(exc)[:300]}") from None
 
 
 # ----------------------------------------------------------------------------- the reranker
@@ -255,7 +239,3 @@ def _same_caption(texts: list[str], device: torch.device) -> torch.Tensor:
     ids = {t: i for i, t in enumerate(dict.fromkeys(texts))}
     labels = torch.tensor([ids[t] for t in texts], device=device)
     return labels[:, None] == labels[None, :]
-
-
-def _pair(size: Any) -> tuple[int, int]:
-    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))

@@ -40,7 +40,7 @@ from einops import rearrange
 
 from dalle_framework import CodecFacts, ImageCodec
 from dalle_framework.metrics import codebook_usage, psnr_from_mse
-from dalle_framework.nn import RECONSTRUCTIONS, check_images, cosine_schedule, kl_to_uniform, token_grid
+from dalle_framework.nn import RECONSTRUCTIONS, ConvDecoder, ConvEncoder, check_images, cosine_schedule, kl_to_uniform, token_grid
 
 from .params import GumbelDVAEParams
 
@@ -65,9 +65,9 @@ class GumbelDVAE(ImageCodec):
         self.params = params
         self.adopt(params.facts())
         self.recon = RECONSTRUCTIONS[params.loss](params.eps)
-        self.encoder = params.build_encoder(out_channels=params.vocab_size)
+        self.encoder = ConvEncoder.from_params(params, out_channels=params.vocab_size)
         # The decoder's first 1x1 conv over one-hot codes is the codebook embedding.
-        self.decoder = params.build_decoder(in_channels=params.vocab_size, out_channels=self.recon.out_channels)
+        self.decoder = ConvDecoder.from_params(params, in_channels=params.vocab_size, out_channels=self.recon.out_channels)
 
     # -- schedules ---------------------------------------------------------------------
     def tau(self, step: int) -> float:

@@ -202,7 +202,6 @@ class RerankerScore(Metric):
         for key, figure in figures.items():
             out[key] = figure.value
             out[f"{key}_interval"] = [figure.low, figure.high]
-            out[key.replace("reranker_", "clip_")] = figure.value  # the name reports used before
         return Measurement({GENERATION: out}, {GENERATION: figures})
 
 

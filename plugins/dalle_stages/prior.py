@@ -12,11 +12,11 @@ from typing import Any, Iterator, Optional
 
 import torch
 
-from dalle_framework import Preview, Sampling, Stage, UsageError, distributed, rundir
+from dalle_framework import ImageCodec, Preview, Sampling, Stage, UsageError, distributed, rundir
 from dalle_framework.data import as_model_images, image_tensor, load_token_shards, save_token_shard, token_shard_header
 from dalle_framework.data.stream import ShardedSplit, Skipped, TokenShards
 
-from .params import CODEC, PriorSpec
+from .params import PriorSpec
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class PriorStage(PriorSpec, Stage):
         return 1
 
     def runtime(self) -> dict[str, Any]:
-        codec = self.pipe.stage(CODEC).provides()
+        codec = self.pipe.stage(codec_stage(self.pipe)).provides()
         tokenizer = self.pipe.tokenizer
         return {
             "text_vocab_size": tokenizer.vocab_size,
@@ -112,7 +112,7 @@ class PriorStage(PriorSpec, Stage):
         text = self.pipe.tokenizer.encode(captions).to(device)
         generator = torch.Generator(device).manual_seed(0)
         tokens = module.generate(text, Sampling(), generator=generator)
-        images = self.pipe.component(CODEC).decode(tokens).clamp(0, 1)
+        images = self.pipe.component(codec_stage(self.pipe)).decode(tokens).clamp(0, 1)
         return Preview(images[:, None], captions)
 
 
@@ -120,11 +120,20 @@ def _identity(x: Any) -> Any:
     return x
 
 
+def codec_stage(pipe) -> str:
+    """The stage whose image codec makes the prior's tokens: found by contract, as generation finds it."""
+    name = pipe.role(ImageCodec)
+    if name is None:
+        raise UsageError(f"recipe {pipe.recipe.name!r} has no stage with an ImageCodec; the prior models a codec's tokens")
+    return name
+
+
 def token_source(pipe) -> str:
     """What a split's tokens are made from: the finished codec run (its ``run_id``), the data and the tokenizer."""
-    meta = rundir.read_meta(pipe.run_dir, CODEC)
+    stage = codec_stage(pipe)
+    meta = rundir.read_meta(pipe.run_dir, stage)
     if meta is None:
-        raise UsageError(f"{pipe.run_dir}: train the codec first (`dalle train ... --stage {CODEC}`)")
+        raise UsageError(f"{pipe.run_dir}: train the codec first (`dalle train ... --stage {stage}`)")
     made_from = {"codec": meta.get("run_id") or meta.get("finished_at"), "data": pipe.recipe.block_dump("data"),
                  "tokenizer": pipe.recipe.block_dump("tokenizer")}
     return hashlib.sha256(json.dumps(made_from, sort_keys=True).encode()).hexdigest()[:32]
@@ -210,7 +219,7 @@ def _encode_piece(pipe, split: str, piece: dict[str, Any]) -> tuple[torch.Tensor
     """Text and image tokens of one piece, encoded :data:`ENCODE_BATCH` images at a time (bounded memory)."""
     from dalle_framework.progress import progress_bar
 
-    codec = pipe.component(CODEC)
+    codec = pipe.component(codec_stage(pipe))
     device = next(codec.parameters()).device
     tokens: list[torch.Tensor] = []
     captions: list[str] = []

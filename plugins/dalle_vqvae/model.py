@@ -24,7 +24,7 @@ from torch import nn
 
 from dalle_framework import CodecFacts, ImageCodec, distributed
 from dalle_framework.metrics import codebook_usage, psnr_from_mse
-from dalle_framework.nn import RECONSTRUCTIONS, check_images, nearest_code, sample_rows, token_grid
+from dalle_framework.nn import RECONSTRUCTIONS, ConvDecoder, ConvEncoder, check_images, nearest_code, sample_rows, token_grid
 
 from .params import VQVAEParams
 
@@ -126,7 +126,7 @@ class VQVAE(ImageCodec):
         self.params = params
         self.adopt(params.facts())
         self.recon = RECONSTRUCTIONS[params.loss](params.eps)
-        self.encoder = params.build_encoder(out_channels=params.code_dim)
+        self.encoder = ConvEncoder.from_params(params, out_channels=params.code_dim)
         self.quantiser = EMACodebook(
             params.vocab_size,
             params.code_dim,
@@ -135,7 +135,7 @@ class VQVAE(ImageCodec):
             restart_after=params.restart_after,
             init_from_data=params.init_from_data,
         )
-        self.decoder = params.build_decoder(in_channels=params.code_dim, out_channels=self.recon.out_channels)
+        self.decoder = ConvDecoder.from_params(params, in_channels=params.code_dim, out_channels=self.recon.out_channels)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """``[B, 3, H, W]`` in [0, 1] -> encoder vectors ``[B, D, h, w]``."""
