@@ -265,6 +265,14 @@ class Pipeline:
             raise UsageError(f"recipe {self.recipe.name!r} has no stage with a {contract.__name__}; generation needs one")
         return self.component(name)
 
+    def check_can_generate(self, what: str = "cannot generate") -> None:
+        """Refuse, before anything is loaded, a run whose codec or prior has no weights: neither trained
+        here nor pretrained (`dalle convert`)."""
+        for contract in (ImageCodec, Prior):
+            stage = self.role(contract)
+            if stage is None or not (self.has_weights(stage) or self.stage(stage).block.weights):
+                raise UsageError(f"{what}: no trained {contract.__name__}; train the run first (`dalle train {self.run_dir}`)")
+
     def scorer(self) -> Optional[Reranker]:
         """The trained reranker, or None when the recipe has none or it is not trained."""
         name = self.role(Reranker)

@@ -80,6 +80,12 @@ class Sampling(BaseModel):
         "compile = torch.compile (then captured on CUDA); auto = graph on CUDA, eager elsewhere",
     )
 
+    def with_changes(self, changes: dict[str, Any]) -> "Sampling":
+        """These settings with ``changes`` (field -> value) applied and checked as a recipe's are (raises
+        pydantic's ValidationError): the one merge of a recipe's defaults with what a command line, a
+        request of the page or a sweep changes."""
+        return type(self).model_validate({**self.model_dump(), **changes})
+
 
 class Strict(BaseModel):
     """Recipe sections: unknown keys and non-finite numbers are errors."""

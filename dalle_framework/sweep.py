@@ -61,7 +61,7 @@ def settings(axes: dict[str, list[Any]], base: Sampling) -> list[Sampling]:
     for values in itertools.product(*axes.values()):
         changed = dict(zip(axes, values))
         try:
-            out.append(Sampling.model_validate({**base.model_dump(), **changed}))
+            out.append(base.with_changes(changed))
         except ValidationError as exc:
             raise UsageError(f"--sweep {changed}: {validation_problems(exc)}") from None
     return out

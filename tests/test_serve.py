@@ -806,3 +806,14 @@ def test_page_in_headless_chromium(served, tmp_path):
         WebDriverWait(browser, 30).until(lambda b: len(b.find_elements(By.CSS_SELECTOR, "#history li[data-status=cancelled]")) == 3)
     finally:
         browser.quit()
+
+
+def test_an_untrained_run_is_refused_before_anything_loads(tmp_path):
+    """`dalle serve` asks the pipeline whether the run can generate: a codec and a prior with weights."""
+    from dalle_framework import UsageError
+    from dalle_framework.pipeline import Pipeline
+
+    pipe = Pipeline.from_recipe("shapes-demo", [f"output_dir={tmp_path / 'empty'}"], device="cpu")
+    with pytest.raises(UsageError, match=r"nothing to serve: no trained ImageCodec; train the run first \(`dalle train .*empty`\)"):
+        pipe.check_can_generate(what="nothing to serve")
+    assert pipe._components == {}  # nothing was built to find out

@@ -62,7 +62,7 @@ def sampling_from_args(args: argparse.Namespace, defaults: Sampling) -> Sampling
 
     given = {name: getattr(args, name) for name in Sampling.model_fields if getattr(args, name, None) is not None}
     try:
-        return type(defaults).model_validate({**defaults.model_dump(), **given})
+        return defaults.with_changes(given)
     except ValidationError as exc:
         lines = validation_problems(exc, name=lambda loc: sampling_flag(str(loc[0])) if str(loc[0]) in given else ".".join(map(str, loc)))
         raise UsageError(f"sampling options: {lines}") from None
@@ -190,15 +190,10 @@ def cmd_serve(args) -> int:
     except ValidationError as exc:
         lines = validation_problems(exc, name=lambda loc: "--" + "-".join(map(str, loc)).replace("_", "-"))
         raise UsageError(f"serve options: {lines}") from None
-    from ..interfaces import ImageCodec, Prior
-
     names = host_names(args.host, args.allowed_host)
     with listen_socket(args.host, args.port) as sock:  # before the model loads: a busy port or a foreign host fails at once
         pipe = pipeline_for(args.run, [], args.device)
-        for contract in (ImageCodec, Prior):  # what generation needs: trained, or pretrained weights (`dalle convert`)
-            stage = pipe.role(contract)
-            if stage is None or not (pipe.has_weights(stage) or pipe.stage(stage).block.weights):
-                raise UsageError(f"{args.run}: no trained {contract.__name__} to serve; train the run first (`dalle train {args.run}`)")
+        pipe.check_can_generate(what=f"{args.run}: nothing to serve")
         import uvicorn
 
         app = create_app(pipe, limits, allowed_hosts=names)

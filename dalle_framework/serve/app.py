@@ -17,7 +17,6 @@ from pydantic import ValidationError
 
 from .. import rundir
 from ..errors import UsageError, problem_lines, validation_problems
-from ..schema import Sampling
 
 from .api import ErrorOut, GenerateRequest, JobOut, Limits
 from .jobs import JobQueue, NotCancellable, QueueFull, _Job
@@ -343,7 +342,7 @@ def _new_job(pipeline: Pipeline, limits: Limits, request: GenerateRequest):
         problems.append(f"keep: {keep} is more than candidates ({candidates})")
     changes = {"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p, "guidance_scale": request.guidance}
     try:
-        sampling = Sampling.model_validate({**defaults.sampling.model_dump(), **{k: v for k, v in changes.items() if v is not None}})
+        sampling = defaults.sampling.with_changes({k: v for k, v in changes.items() if v is not None})
     except ValidationError as exc:  # named as the request names them
         problems += problem_lines(exc, name=lambda loc: {"guidance_scale": "guidance"}.get(str(loc[0]), ".".join(map(str, loc))))
     if problems:
