@@ -122,7 +122,7 @@ def test_generate_returns_ranked_pngs_with_scores(pipe):
     from PIL import Image
 
     with client_for(pipe) as client:
-        job = generate(client, candidates=4, keep=3, seed=5, top_k=8, temperature=0.9, guidance=1.5)
+        job = generate(client, candidates=4, keep=3, seed=5, top_k=8, temperature=0.9, guidance_scale=1.5)
         assert job["status"] == "done", job["error"]
         assert job["seed"] == 5 and job["candidates"] == 4 and job["keep"] == 3
         assert job["sampling"]["top_k"] == 8 and job["sampling"]["guidance_scale"] == 1.5
@@ -197,7 +197,8 @@ def test_a_job_over_the_time_bound_is_stopped_with_a_message(pipe):
         ({"caption": "a red circle", "temperature": -1}, "temperature: Input should be greater than or equal to 0.0001"),
         ({"caption": "a red circle", "temperature": 1e-300}, "temperature: Input should be greater than or equal to 0.0001"),
         ({"caption": "a red circle", "temperature": 1e300}, "temperature: Input should be less than or equal to 10000"),
-        ({"caption": "a red circle", "guidance": 1e300}, "guidance: Input should be less than or equal to 1000"),
+        ({"caption": "a red circle", "guidance_scale": 1e300}, "guidance_scale: Input should be less than or equal to 1000"),
+        ({"caption": "a red circle", "guidance": 1e300}, "guidance: Input should be less than or equal to 1000"),  # the older name
         ({"caption": "a red circle", "top_p": 1e300}, "top_p: Input should be less than or equal to 1"),
         ({"caption": "a red circle", "seed": 1e300}, "seed: "),
         ({"caption": "a red circle", "candidates": 1e300}, "candidates: "),
@@ -218,7 +219,7 @@ def test_bad_input_gets_422_with_a_message(pipe, body, message):
     [
         (b"{not json", 422, "JSON"),
         (b'{"caption": "a red circle", "temperature": NaN}', 422, "temperature: Input should be a finite number"),
-        (b'{"caption": "a red circle", "guidance": -Infinity}', 422, "guidance: Input should be a finite number"),
+        (b'{"caption": "a red circle", "guidance_scale": -Infinity}', 422, "guidance_scale: Input should be a finite number"),
         (b"[" * 50_000, 400, "error parsing the body"),  # nested past the parser's recursion limit
     ],
 )
@@ -415,9 +416,9 @@ def test_run_page_and_openapi(pipe, tiny_run):
         schema = client.get("/openapi.json").json()
         assert {"/generate", "/jobs", "/jobs/{job_id}", "/jobs/{job_id}/cancel", "/run", "/images/{image_id}.png"} <= set(schema["paths"])
         request = schema["components"]["schemas"]["GenerateRequest"]["properties"]
-        assert {"caption", "candidates", "keep", "top_k", "top_p", "temperature", "guidance", "seed"} == set(request)
+        assert {"caption", "candidates", "keep", "top_k", "top_p", "temperature", "guidance_scale", "seed"} == set(request)
         assert all(field.get("description") for field in request.values())
-        for setting in ("top_k", "top_p", "temperature", "guidance"):  # the page shows these beside its boxes
+        for setting in ("top_k", "top_p", "temperature", "guidance_scale"):  # the page shows these beside its boxes
             assert "higher" in request[setting]["description"] and "lower" in request[setting]["description"], setting
         assert "429" in schema["paths"]["/generate"]["post"]["responses"]
         assert {"200", "202", "404", "409"} <= set(schema["paths"]["/jobs/{job_id}/cancel"]["post"]["responses"])
@@ -730,8 +731,8 @@ def test_page_in_headless_chromium(served, tmp_path):
         browser.get(served + "/")
         WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "components").text.strip())
         assert "dense-transformer" in browser.find_element(By.ID, "components").text
-        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "guidance-explain").text)
-        for setting in ("top_k", "top_p", "temperature", "guidance"):  # one line each on raising or lowering it
+        WebDriverWait(browser, 30).until(lambda b: b.find_element(By.ID, "guidance_scale-explain").text)
+        for setting in ("top_k", "top_p", "temperature", "guidance_scale"):  # one line each on raising or lowering it
             explanation = browser.find_element(By.ID, f"{setting}-explain").text
             assert "higher" in explanation and "lower" in explanation, setting
         assert not browser.find_element(By.ID, "cancel").is_displayed()

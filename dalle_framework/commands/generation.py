@@ -17,13 +17,15 @@ from ..errors import UsageError, validation_problems
 from ..schema import Sampling
 from .common import MAX_SEED, add_common, count, number, output_file, pipeline_for, print_json
 
-# The option of a setting is its field name with dashes, except where users know an older spelling.
-SAMPLING_FLAGS = {"guidance_scale": "--guidance", "use_cache": "--no-cache"}
+# The option of a setting is its field name with dashes (a switch that turns a default off: --no-...);
+# an older spelling is still accepted beside it.
+NEGATED = {"use_cache": "--no-cache"}
+OLDER_SPELLINGS = {"guidance_scale": ("--guidance",)}
 NOT_OPTIONS = {"filters"}  # a list of blocks with params: the recipe's generate.sampling.filters
 
 
 def sampling_flag(name: str) -> str:
-    return SAMPLING_FLAGS.get(name, "--" + name.replace("_", "-"))
+    return NEGATED.get(name, "--" + name.replace("_", "-"))
 
 
 def _bare(annotation: Any) -> Any:
@@ -44,16 +46,17 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
         if name in NOT_OPTIONS:
             continue
         kind, flag = _bare(field.annotation), sampling_flag(name)
-        metavar = flag.lstrip("-").replace("-", "_").upper()
+        flags = (flag, *OLDER_SPELLINGS.get(name, ()))
+        metavar = name.upper()
         text = f"{field.description} (default: the recipe's generate.sampling.{name})"
         if kind is bool:  # an option turns the default off (or on)
             switch = "off" if field.default else "on"
-            parser.add_argument(flag, dest=name, action="store_false" if field.default else "store_true", default=None,
+            parser.add_argument(*flags, dest=name, action="store_false" if field.default else "store_true", default=None,
                                 help=f"turns {switch} {name}: {field.description}")
         elif typing.get_origin(kind) is Literal:
-            parser.add_argument(flag, dest=name, choices=typing.get_args(kind), help=text)
+            parser.add_argument(*flags, dest=name, choices=typing.get_args(kind), help=text)
         else:  # numbers: parsed here, bounded by the field (the same message as a recipe's)
-            parser.add_argument(flag, dest=name, type=count(-(2**63), 2**63) if kind is int else number, metavar=metavar, help=text)
+            parser.add_argument(*flags, dest=name, type=count(-(2**63), 2**63) if kind is int else number, metavar=metavar, help=text)
 
 
 def sampling_from_args(args: argparse.Namespace, defaults: Sampling) -> Sampling:

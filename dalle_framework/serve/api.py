@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field
 
 from ..schema import GuidanceScale, Temperature, TopK, TopP
 
@@ -27,6 +27,9 @@ class Limits(BaseModel):
 # ----------------------------------------------------------------------------- API models
 
 
+PAGE_SETTINGS = ("temperature", "top_k", "top_p", "guidance_scale")  # the Sampling fields a request may change
+
+
 class GenerateRequest(BaseModel):
     """One caption to draw images for. Options left out take the recipe's ``generate`` defaults (``GET /run``)."""
 
@@ -36,6 +39,7 @@ class GenerateRequest(BaseModel):
     candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
     keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
     # The page shows these four descriptions beside its boxes: each says what raising or lowering the value does.
+    # Named as Sampling names them (PAGE_SETTINGS), so a recipe, a sweep, the CLI and the page say the same.
     temperature: Optional[Temperature] = Field(
         None, description="softmax temperature of each token draw: higher gives more varied, stranger images; lower, safer and more alike ones"
     )
@@ -45,8 +49,9 @@ class GenerateRequest(BaseModel):
     top_p: Optional[TopP] = Field(
         None, description="draw only within this nucleus probability mass: higher (up to 1, or none) gives more varied images; lower, safer and more alike ones"
     )
-    guidance: Optional[GuidanceScale] = Field(
-        None, description="classifier-free guidance scale: higher follows the caption more closely but varies less; lower, toward 1 (off), varies more"
+    guidance_scale: Optional[GuidanceScale] = Field(
+        None, validation_alias=AliasChoices("guidance_scale", "guidance"),  # "guidance": what the page sent before
+        description="classifier-free guidance scale: higher follows the caption more closely but varies less; lower, toward 1 (off), varies more"
     )
     seed: Optional[int] = Field(
         None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"

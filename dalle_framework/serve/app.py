@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from .. import rundir
 from ..errors import UsageError, problem_lines, validation_problems
 
-from .api import ErrorOut, GenerateRequest, JobOut, Limits
+from .api import PAGE_SETTINGS, ErrorOut, GenerateRequest, JobOut, Limits
 from .jobs import JobQueue, NotCancellable, QueueFull, _Job
 
 if TYPE_CHECKING:  # the model side is imported where it is used: `dalle serve --help` loads no torch
@@ -340,11 +340,11 @@ def _new_job(pipeline: Pipeline, limits: Limits, request: GenerateRequest):
         problems.append(f"keep: {keep} is over this server's bound of {limits.max_keep} (max_keep)")
     if keep > candidates:
         problems.append(f"keep: {keep} is more than candidates ({candidates})")
-    changes = {"temperature": request.temperature, "top_k": request.top_k, "top_p": request.top_p, "guidance_scale": request.guidance}
+    changes = {name: getattr(request, name) for name in PAGE_SETTINGS if getattr(request, name) is not None}
     try:
-        sampling = defaults.sampling.with_changes({k: v for k, v in changes.items() if v is not None})
-    except ValidationError as exc:  # named as the request names them
-        problems += problem_lines(exc, name=lambda loc: {"guidance_scale": "guidance"}.get(str(loc[0]), ".".join(map(str, loc))))
+        sampling = defaults.sampling.with_changes(changes)
+    except ValidationError as exc:
+        problems += problem_lines(exc)
     if problems:
         raise HTTPException(422, "; ".join(problems))
     try:

@@ -6,7 +6,7 @@
 
 const $ = (id) => document.getElementById(id);
 const POLL_MS = 250;
-const EXPLAINED = ["top_k", "top_p", "temperature", "guidance"];
+const EXPLAINED = ["top_k", "top_p", "temperature", "guidance_scale"];
 const history = new Map(); // job id -> the job as GET /jobs last listed it
 
 function el(tag, text, cls) {
@@ -76,7 +76,7 @@ function showRun(run) {
   $("candidates").value = d.candidates;
   $("keep").value = Math.min(d.keep, d.candidates);
   $("temperature").value = d.sampling.temperature;
-  $("guidance").value = d.sampling.guidance_scale;
+  $("guidance_scale").value = d.sampling.guidance_scale;
   if (d.sampling.top_k !== null) $("top_k").value = d.sampling.top_k;
   if (d.sampling.top_p !== null) $("top_p").value = d.sampling.top_p;
   $("candidates").max = run.limits.max_candidates;
@@ -96,7 +96,7 @@ function request() {
   for (const name of ["candidates", "keep", "top_k", "seed"]) {
     if ($(name).value !== "") body[name] = parseInt($(name).value, 10);
   }
-  for (const name of ["top_p", "temperature", "guidance"]) {
+  for (const name of ["top_p", "temperature", "guidance_scale"]) {
     if ($(name).value !== "") body[name] = parseFloat($(name).value);
   }
   return body;
