@@ -19,6 +19,7 @@ checks every built-in plugin against this list):
 
 from .errors import DalleError, NonFiniteError, RecipeError, RegistryError, UsageError
 from .hookspecs import hookimpl
+from .lazy import lazy_attributes
 
 # The contracts import torch: loaded on first use (PEP 562), so that `dalle --help` and other
 # commands that build no model start without it. The settings models (`schema`) need no torch:
@@ -34,20 +35,12 @@ _LAZY = {
                      "attention_patterns"), "schema"),
     "deep_merge": "recipe",
     "Registry": "registry",
-    "lazy_attributes": "registry",
     "Preview": "stage",
     "Stage": "stage",
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'dalle_framework' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
+__getattr__ = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
 
 
 def __dir__() -> list[str]:

@@ -8,12 +8,11 @@ import difflib
 import fnmatch
 import importlib
 import importlib.util
-import sys
 import threading
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
 
@@ -53,23 +52,6 @@ def resolve(target: str) -> Any:
     """``"package.module:attribute"`` -> the attribute (the module is imported)."""
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
-
-
-def lazy_attributes(package: str, where: dict[str, str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` (PEP 562) for a plugin package whose classes are registered by where
-    they live: ``from plugin import Model`` still works, importing ``Model``'s module only then.
-
-        __getattr__ = lazy_attributes(__name__, {"GumbelDVAE": ".model"})
-    """
-
-    def __getattr__(name: str) -> Any:
-        if name not in where:
-            raise AttributeError(f"module {package!r} has no attribute {name!r}")
-        value = getattr(importlib.import_module(where[name], package), name)
-        setattr(sys.modules[package], name, value)  # once loaded, a plain attribute
-        return value
-
-    return __getattr__
 
 
 def _check_params(kind: str, name: str, params: Any, owner: str) -> None:
@@ -326,4 +308,4 @@ def params_table(model: type[BaseModel]) -> list[dict[str, Any]]:
     return rows
 
 
-__all__ = ["Pending", "Registry", "ValidationError", "lazy_attributes", "params_table", "resolve"]
+__all__ = ["Pending", "Registry", "ValidationError", "params_table", "resolve"]

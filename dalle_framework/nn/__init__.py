@@ -9,6 +9,8 @@
 - :mod:`.params`: ``ConvCodecParams``, the convolutional codecs' shared settings (no torch).
 """
 
+from ..lazy import lazy_attributes
+
 # The layers import torch: loaded on first use (PEP 562), so that a codec plugin's params module can
 # import ``ConvCodecParams`` while recipes are checked without it.
 _LAZY = {
@@ -20,14 +22,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name not in _LAZY:
-        raise AttributeError(f"module 'dalle_framework.nn' has no attribute {name!r}")
-    import importlib
-
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # once loaded, a plain attribute
-    return value
+__getattr__ = lazy_attributes(__name__, {name: f".{module}" for name, module in _LAZY.items()})
 
 
 def __dir__() -> list[str]:
