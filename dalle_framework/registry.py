@@ -8,10 +8,12 @@ import difflib
 import fnmatch
 import importlib
 import importlib.util
+import sys
 import threading
 import types
 import typing
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from pydantic import BaseModel, ValidationError
@@ -37,12 +39,12 @@ class Pending:
         module, _, attr = self.target.partition(":")
         try:
             spec = importlib.util.find_spec(module)
-            source = open(spec.origin, encoding="utf-8").read() if spec and spec.origin and spec.origin.endswith(".py") else None
-        except (ImportError, OSError, ValueError):
-            source = None
-        if source is None:
+            if not (spec and spec.origin and spec.origin.endswith(".py")):
+                return None
+            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
+        except (ImportError, OSError, ValueError, SyntaxError):  # then the class is imported to ask it
             return None
-        for node in ast.parse(source).body:
+        for node in tree.body:
             if isinstance(node, ast.ClassDef) and node.name == attr:
                 return ast.get_docstring(node) or ""
         return None
@@ -166,8 +168,9 @@ class Registry(Generic[T]):
             if not isinstance(entry, Pending):
                 return entry
             try:
-                cls = resolve(entry.target)
-            except Exception as exc:
+                with contextlib.redirect_stdout(sys.stderr):  # what a plugin prints on import is not a command's output
+                    cls = resolve(entry.target)
+            except (Exception, SystemExit) as exc:  # a plugin's module calling sys.exit fails this component, not the command
                 raise DalleError(
                     f"{self.kind} {name!r} of plugin {entry.plugin!r} could not be loaded from {entry.target}: "
                     f"{type(exc).__name__}: {exc}; reinstall the plugin or the package it needs"

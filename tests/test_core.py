@@ -184,12 +184,18 @@ def test_a_class_registered_by_where_it_lives_is_imported_on_first_use(lazy_modu
     assert reg.get("lazy") is cls and reg.build({"name": "lazy", "params": {"size": 5}}).params.size == 5
 
 
-def test_a_class_registered_by_where_it_lives_is_checked_when_it_loads(lazy_module):
+def test_a_class_registered_by_where_it_lives_is_checked_when_it_loads(lazy_module, tmp_path, capsys):
     from dalle_framework import DalleError
 
     module, params = lazy_module
+    (tmp_path / f"{module}_exits.py").write_text("print('hello from a plugin')\nraise SystemExit(3)\n")
     reg = Registry("codec", ImageCodec)
     reg.current_plugin = "mine"
+    reg.register(f"{module}_exits:Codec", name="exits", params=params)
+    with pytest.raises(DalleError, match="'exits' of plugin 'mine' could not be loaded .*SystemExit: 3"):
+        reg.get("exits")  # a module that exits fails its component, not the command
+    printed = capsys.readouterr()
+    assert "hello from a plugin" in printed.err and printed.out == ""
     reg.register(f"{module}:Stranger", name="stranger", params=params)
     reg.register(f"{module}:OwnParams", name="own", params=params)
     reg.register(f"{module}:Missing", name="missing", params=params)
