@@ -818,3 +818,18 @@ def test_an_untrained_run_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(UsageError, match=r"nothing to serve: no trained ImageCodec; train the run first \(`dalle train .*empty`\)"):
         pipe.check_can_generate(what="nothing to serve")
     assert pipe._components == {}  # nothing was built to find out
+
+
+def test_the_pages_settings_are_samplings_fields_with_their_bounds():
+    """The request's sampling fields are made from Sampling's: the same names and the same bounds."""
+    from pydantic import ValidationError as Invalid
+
+    from dalle_framework import Sampling
+    from dalle_framework.serve.api import PAGE_SETTINGS, GenerateRequest
+
+    assert set(PAGE_SETTINGS) <= set(Sampling.model_fields) and set(PAGE_SETTINGS) <= set(GenerateRequest.model_fields)
+    for name, value in {"temperature": 1e5, "top_k": 0, "top_p": 1.5, "guidance_scale": 1001}.items():
+        for model in (Sampling, GenerateRequest):
+            with pytest.raises(Invalid, match=name):
+                model.model_validate({"caption": "x", name: value} if model is GenerateRequest else {name: value})
+    assert GenerateRequest.model_validate({"caption": "x", "guidance": 3}).guidance_scale == 3  # the older name

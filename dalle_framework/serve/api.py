@@ -4,11 +4,11 @@ without loading anything else."""
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, create_model
 
-from ..schema import GuidanceScale, Temperature, TopK, TopP
+from ..schema import Sampling
 
 
 class Limits(BaseModel):
@@ -27,10 +27,18 @@ class Limits(BaseModel):
 # ----------------------------------------------------------------------------- API models
 
 
-PAGE_SETTINGS = ("temperature", "top_k", "top_p", "guidance_scale")  # the Sampling fields a request may change
+# The Sampling fields a request may change, each with what the page shows beside its box: what raising
+# or lowering the value does. The request's fields are made from Sampling's (name, type, bounds).
+PAGE_SETTINGS = {
+    "temperature": "softmax temperature of each token draw: higher gives more varied, stranger images; lower, safer and more alike ones",
+    "top_k": "draw only among the k most likely tokens: higher (or none) gives more varied images; lower, safer and more alike ones",
+    "top_p": "draw only within this nucleus probability mass: higher (up to 1, or none) gives more varied images; lower, safer and more alike ones",
+    "guidance_scale": "classifier-free guidance scale: higher follows the caption more closely but varies less; lower, toward 1 (off), varies more",
+}
+OLDER_NAMES = {"guidance_scale": "guidance"}  # what the page sent before its fields were Sampling's
 
 
-class GenerateRequest(BaseModel):
+class _Request(BaseModel):
     """One caption to draw images for. Options left out take the recipe's ``generate`` defaults (``GET /run``)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
@@ -38,24 +46,21 @@ class GenerateRequest(BaseModel):
     caption: str = Field(..., min_length=1, description="the text to draw; at most limits.max_caption_chars characters")
     candidates: Optional[int] = Field(None, ge=1, description="images drawn, then ranked by the reranker; at most limits.max_candidates")
     keep: Optional[int] = Field(None, ge=1, description="best candidates returned; at most candidates and limits.max_keep")
-    # The page shows these four descriptions beside its boxes: each says what raising or lowering the value does.
-    # Named as Sampling names them (PAGE_SETTINGS), so a recipe, a sweep, the CLI and the page say the same.
-    temperature: Optional[Temperature] = Field(
-        None, description="softmax temperature of each token draw: higher gives more varied, stranger images; lower, safer and more alike ones"
-    )
-    top_k: Optional[TopK] = Field(
-        None, description="draw only among the k most likely tokens: higher (or none) gives more varied images; lower, safer and more alike ones"
-    )
-    top_p: Optional[TopP] = Field(
-        None, description="draw only within this nucleus probability mass: higher (up to 1, or none) gives more varied images; lower, safer and more alike ones"
-    )
-    guidance_scale: Optional[GuidanceScale] = Field(
-        None, validation_alias=AliasChoices("guidance_scale", "guidance"),  # "guidance": what the page sent before
-        description="classifier-free guidance scale: higher follows the caption more closely but varies less; lower, toward 1 (off), varies more"
-    )
     seed: Optional[int] = Field(
         None, ge=0, lt=2**63, description="random seed; the same seed and options give byte-identical PNGs. Default: a fresh one, reported in the job"
     )
+
+
+def _setting(name: str, effect: str) -> tuple[Any, Any]:
+    """A request field for one Sampling field: its type and bounds, optional, with the page's line on it."""
+    field = Sampling.model_fields[name]
+    kind = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation  # bounds stay
+    alias = AliasChoices(name, OLDER_NAMES[name]) if name in OLDER_NAMES else None
+    return Optional[kind], Field(None, validation_alias=alias, description=effect)
+
+
+GenerateRequest = create_model("GenerateRequest", __base__=_Request, __module__=__name__, __doc__=_Request.__doc__,
+                               **{name: _setting(name, effect) for name, effect in PAGE_SETTINGS.items()})
 
 
 class Progress(BaseModel):
