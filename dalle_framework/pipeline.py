@@ -269,16 +269,18 @@ class Pipeline:
         """Refuse, before anything is loaded, a run whose codec or prior has no weights: neither trained
         here nor pretrained (`dalle convert`)."""
         for contract in (ImageCodec, Prior):
-            stage = self.role(contract)
-            if stage is None or not (self.has_weights(stage) or self.stage(stage).block.weights):
+            if self._usable(contract) is None:
                 raise UsageError(f"{what}: no trained {contract.__name__}; train the run first (`dalle train {self.run_dir}`)")
 
     def scorer(self) -> Optional[Reranker]:
         """The trained reranker, or None when the recipe has none or it is not trained."""
-        name = self.role(Reranker)
-        if name is None or not (self.has_weights(name) or self.stage(name).block.weights):
-            return None
-        return self.component(name)
+        name = self._usable(Reranker)
+        return None if name is None else self.component(name)
+
+    def _usable(self, contract: type) -> Optional[str]:
+        """The stage playing ``contract`` when it has weights: trained here or pretrained (`dalle convert`)."""
+        name = self.role(contract)
+        return name if name is not None and (self.has_weights(name) or self.stage(name).block.weights) else None
 
     # ------------------------------------------------------------------ generation
 

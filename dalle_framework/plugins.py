@@ -245,8 +245,8 @@ class PluginManager:
 
     def stages(self) -> dict[str, Any]:
         """Registered stage classes in training order (every stage after those it depends on)."""
-        registered = dict(self.registries["stage"].in_order())
-        return {name: registered[name] for name in stage_order(registered)}
+        registry = self.registries["stage"]
+        return {name: registry.get(name) for name in self.stage_specs()}
 
     def stage_specs(self) -> dict[str, type[StageSpec]]:
         """What each registered stage declares of itself, in training order, without importing a

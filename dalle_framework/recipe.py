@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from .config import ComponentBlock, DistributedConfig, EvaluateConfig, GenerateConfig, StageBlock, TokenizerBlock
 from .errors import RecipeError, UsageError, problem_lines
@@ -260,10 +260,6 @@ def apply_overrides(data: dict, overrides: Iterable[str]) -> dict:
 # ----------------------------------------------------------------------------- validation
 
 
-def _problems(prefix: str, exc: ValidationError, model: type[BaseModel]) -> list[str]:
-    return problem_lines(exc, prefix, model=model)
-
-
 def validate(data: dict, source: str = "<recipe>") -> Recipe:
     """Two-phase validation; raises :class:`RecipeError` listing every problem."""
     from .plugins import get_plugin_manager
@@ -283,7 +279,7 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     try:
         recipe = Recipe.model_validate(core)
     except ValidationError as exc:
-        problems += _problems("", exc, Recipe)
+        problems += problem_lines(exc, "", model=Recipe)
 
     for block, kind in (("data", "data"), ("tokenizer", "tokenizer")):
         raw = data.get(block)
@@ -326,7 +322,7 @@ def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list
     try:
         model = registry.validate_params(name, params)
     except ValidationError as exc:
-        return _problems(f"{path}.params", exc, registry.params(name))
+        return problem_lines(exc, f"{path}.params", model=registry.params(name))
     except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
         return [f"{path}.params: {exc}"]
     if recipe is not None:
@@ -353,7 +349,7 @@ def _check_listed(manager, recipe: "Recipe") -> list[str]:
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += _problems(f"{path}.params", exc, registry.params(block.name))
+            problems += problem_lines(exc, f"{path}.params", model=registry.params(block.name))
         except (ValueError, TypeError) as exc:
             problems.append(f"{path}.params: {exc}")
     return problems
@@ -365,7 +361,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
     try:
         block = StageBlock.model_validate(raw)
     except ValidationError as exc:
-        return None, _problems(name, exc, StageBlock)
+        return None, problem_lines(exc, name, model=StageBlock)
     problems: list[str] = []
     registry = manager.registry(cls.kind)
     if block.name not in registry:
@@ -376,7 +372,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             block.params = registry.validate_params(block.name, block.params)
         except ValidationError as exc:
-            problems += _problems(f"{name}.params", exc, registry.params(block.name))
+            problems += problem_lines(exc, f"{name}.params", model=registry.params(block.name))
         except (ValueError, TypeError) as exc:
             problems.append(f"{name}.params: {exc}")
     train_raw = block.train if isinstance(block.train, dict) else None
@@ -386,7 +382,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
     try:
         train: TrainConfig = cls.Params.model_validate(train_raw)
     except ValidationError as exc:
-        return None, problems + _problems(f"{name}.train", exc, cls.Params)
+        return None, problems + problem_lines(exc, f"{name}.train", model=cls.Params)
     engines = manager.registry("engine")
     if train.engine.name not in engines:
         problems.append(f"{name}.train.engine.name: {engines.unknown_message(train.engine.name)}")
@@ -396,7 +392,7 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         try:
             train.engine.params = engines.validate_params(train.engine.name, train.engine.params)
         except ValidationError as exc:
-            problems += _problems(f"{name}.train.engine.params", exc, engines.params(train.engine.name))
+            problems += problem_lines(exc, f"{name}.train.engine.params", model=engines.params(train.engine.name))
     block.train = train
     return (None if problems else block), problems
 

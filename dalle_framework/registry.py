@@ -6,6 +6,7 @@ import ast
 import contextlib
 import difflib
 import fnmatch
+import functools
 import importlib
 import importlib.util
 import sys
@@ -39,15 +40,22 @@ class Pending:
         module, _, attr = self.target.partition(":")
         try:
             spec = importlib.util.find_spec(module)
-            if not (spec and spec.origin and spec.origin.endswith(".py")):
-                return None
-            tree = ast.parse(Path(spec.origin).read_text(encoding="utf-8"))
-        except (ImportError, OSError, ValueError, SyntaxError):  # then the class is imported to ask it
+        except (ImportError, ValueError):
             return None
-        for node in tree.body:
-            if isinstance(node, ast.ClassDef) and node.name == attr:
-                return ast.get_docstring(node) or ""
-        return None
+        if not (spec and spec.origin and spec.origin.endswith(".py")):
+            return None
+        return _class_docstrings(spec.origin).get(attr)
+
+
+@functools.lru_cache(maxsize=None)
+def _class_docstrings(path: str) -> dict[str, str]:
+    """Each top-level class's docstring in a source file, parsed once for every component it holds
+    ({} when it cannot be read: then a class is imported to ask it)."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError, SyntaxError):
+        return {}
+    return {node.name: ast.get_docstring(node) or "" for node in tree.body if isinstance(node, ast.ClassDef)}
 
 
 def resolve(target: str) -> Any:

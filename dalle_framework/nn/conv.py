@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from .params import Activation, ConvCodecParams
 
 
-
 def _conv(n_in: int, n_out: int, kernel: int) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, kernel, padding=(kernel - 1) // 2)
 
