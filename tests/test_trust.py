@@ -877,6 +877,17 @@ def test_records_of_the_wrong_type_or_depth_are_refused_naming_them(trained_run,
         assert cli("train", run, "--stage", relative.split("/")[0], "--force", "--quiet", capsys=capsys)[0] == 0
 
 
+@pytest.mark.parametrize("world_size", [None, "2", 1.0, 0, [2]])
+def test_a_tampered_process_count_in_the_resume_record_is_refused(trained_run, tmp_path, capsys, world_size):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    _unfinish(run)
+    record = run / "codec" / "resume.json"
+    record.write_text(json.dumps({**json.loads(record.read_text()), "world_size": world_size}))
+    code, err = cli("train", run, "--stage", "codec", "--resume", "--quiet", capsys=capsys)
+    assert code == 2 and "resume.json: world_size" in err and "--force" in err and "Traceback" not in err, err
+
+
 def test_weights_without_their_record_are_refused(trained_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)

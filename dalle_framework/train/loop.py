@@ -72,12 +72,13 @@ def _resume_record(stage_dir: Path) -> Optional[dict]:
     return rundir.read_record(path) if path.is_file() else None
 
 
-def _recorded_step(record: dict, source: Path) -> int:
-    """A checkpoint's step as a whole number (a string, a float or a bool is a tampered file)."""
-    step = record.get("step")
-    if type(step) is not int or step < 0:
-        raise UsageError(f"{source}: step {step!r} is not a step count; the file is damaged: start the stage over with --force")
-    return step
+def _recorded_count(record: dict, key: str, source: Path, *, least: int = 0, default: Optional[int] = None) -> int:
+    """A whole number a checkpoint records (a step, a process count): a string, a float, a bool or null
+    is a tampered file."""
+    value = record.get(key, default)
+    if type(value) is not int or value < least:
+        raise UsageError(f"{source}: {key} {value!r} is not a count; the file is damaged: start the stage over with --force")
+    return value
 
 
 # ----------------------------------------------------------------------------- one stage
@@ -128,7 +129,7 @@ class _Training:
             if distributed.is_main():
                 log.warning("%s: the checkpoint was made with other %s params or inputs; starting from scratch", self.state_dir, self.stage.name)
             return None
-        step = _recorded_step(record, self.stage_dir / rundir.RESUME_FILE)
+        step = _recorded_count(record, "step", self.stage_dir / rundir.RESUME_FILE)
         published = rundir.read_meta(self.pipe.run_dir, self.stage.name)
         finished = published is not None and published.get("step") == step  # the checkpoint is the published run's end
         if finished and not (resume and step < self.train.steps):
@@ -222,7 +223,7 @@ class _Training:
     def _restore(self, run) -> None:
         """Continue from the checkpoint: engine state, step, EMA, every rank's data position and random state."""
         record = _resume_record(self.stage_dir) or {}
-        saved_world = int(record.get("world_size", run.world_size))
+        saved_world = _recorded_count(record, "world_size", self.stage_dir / rundir.RESUME_FILE, least=1, default=run.world_size)
         if saved_world != run.world_size and not run.resumes_on_other_world_sizes:
             raise UsageError(
                 f"{self.state_dir}: saved by {saved_world} process(es), resumed by {run.world_size}; the "
@@ -248,7 +249,7 @@ class _Training:
     def _restore_client(self, run, client: Any) -> None:
         if not isinstance(client, dict):
             raise TypeError(f"the saved state is a {type(client).__name__}, not a record")
-        self.step = _recorded_step(client, self.resume)
+        self.step = _recorded_count(client, "step", self.resume)
         if self.step > self.train.steps:
             raise ValueError(f"step {self.step} is past {self.stage.name}.train.steps = {self.train.steps}")
         if not isinstance(client["data"], list):
