@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -303,7 +304,8 @@ def test_nodes_that_do_not_share_the_run_directory_are_refused(codec_run, tmp_pa
     outputs = [node.communicate(timeout=600) for node in nodes]
     assert all(node.returncode != 0 for node in nodes)
     assert "need the run directory on a file system shared by all nodes" in outputs[1][1], outputs[1][1][-2000:]
-    assert "exit code 2" in outputs[1][1] or "exitcode  : 2" in outputs[1][1] or "exitcode: 2" in outputs[1][1]
+    # Both launchers report the usage error's code; neither process dies in the interpreter's teardown (SIGABRT).
+    assert all(re.search(r"exit ?code *: *2\b", err) for _, err in outputs), [err[-1500:] for _, err in outputs]
     assert not (tmp_path / "node0" / "runs" / "not-shared" / "prior" / "state").exists()
 
 
