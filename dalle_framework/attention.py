@@ -27,7 +27,8 @@ Patterns (``PATTERNS``, a name -> rule dict; add one with :func:`register_patter
 - ``conv``: a ``k x k`` causal neighbourhood around the target, ``k`` the paper's 11 at
   a 32x32 grid scaled to the grid (odd, at least 3; :func:`conv_kernel`), plus the query.
 - ``rudalle-column``, ``rudalle-conv``: ruDALL-E's variants of the last two, centred on
-  the query instead of its target: its own column, and an 11x11 window (any grid).
+  the query instead of its target: its own column, and an 11x11 window (any grid);
+  ``rudalle-conv-wrapped`` is its v2 window, which wraps around the grid's edges.
 - ``fixed``: Child et al.'s fixed pattern: the query's own stride block (one image
   row) plus the last ``c`` "summary" columns of every earlier block.
 - ``bigbird``: a local window, the first image row as global tokens, and
@@ -143,6 +144,15 @@ def rudalle_conv_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
     near_row = (torch.div(q, w, rounding_mode="floor") - torch.div(k, w, rounding_mode="floor")).abs() <= RUDALLE_CONV_RADIUS
     near_col = ((q % w) - (k % w)).abs() <= RUDALLE_CONV_RADIUS
     return near_row & near_col  # around the query (ruDALL-E's v3 get_conv_mask: edges clamp, never wrap)
+
+
+@register_pattern("rudalle-conv-wrapped")
+def rudalle_conv_wrapped_rule(q: Tensor, k: Tensor, layout: Layout) -> Tensor:
+    (h, w), r = layout.grid, RUDALLE_CONV_RADIUS
+    rows = (torch.div(q, w, rounding_mode="floor") - torch.div(k, w, rounding_mode="floor")) % h
+    cols = ((q % w) - (k % w)) % w
+    # the same window on a torus (ruDALL-E's v2 get_conv_mask): the bottom rows also see the top ones
+    return ((rows <= r) | (rows >= h - r)) & ((cols <= r) | (cols >= w - r))
 
 
 @register_pattern("fixed")

@@ -27,6 +27,7 @@ from __future__ import annotations
 import _compat_pickle
 import datetime
 import hashlib
+import json
 import pickle
 import re
 import sys
@@ -37,7 +38,7 @@ from typing import Any, ClassVar, Mapping, Optional
 import torch
 import yaml
 
-from .rundir import WEIGHTS_FILE, save_weights, write_bytes, write_json, write_text
+from .rundir import BOUND_PARAMS_KEY, WEIGHTS_FILE, save_weights, write_bytes, write_json, write_text
 from .errors import UsageError, validation_problems
 
 CONVERSION_FILE = "conversion.json"
@@ -221,7 +222,8 @@ def write_converted(
         _check_fits(f"{name}: the released weights do not fit the {kind}", expected, state)
         weights = (out_dir / WEIGHTS_FILE).resolve()
         tensors = {key: state[key].detach().to(expected[key].dtype).contiguous() for key in expected}
-        save_weights(weights, tensors, metadata={"component": name})
+        bound = {key: getattr(validated, key) for key in getattr(cls, "bound_params", ())}
+        save_weights(weights, tensors, metadata={"component": name, **({BOUND_PARAMS_KEY: json.dumps(bound)} if bound else {})})
         block.update(weights=str(weights), frozen=True)
         counts = {"weights": str(weights), "parameters": int(sum(t.numel() for t in tensors.values()))}
     else:

@@ -74,6 +74,10 @@ class ModuleComponent(nn.Module, Component):
     """
 
     partitioned_init: ClassVar[bool] = False
+    # Params that weights are bound to although no shape shows them (ruDALL-E's layout version): a
+    # conversion records their values in the safetensors, and loading those weights into a module
+    # built with other values is refused, instead of loading cleanly and computing nonsense.
+    bound_params: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         nn.Module.__init__(self)

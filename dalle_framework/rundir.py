@@ -254,6 +254,7 @@ def load_into(module: torch.nn.Module, path: str | Path) -> None:
     resized = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in own.items() if k in state and state[k].shape != v.shape]
     if resized:
         raise UsageError(f"{path}: weights do not fit {type(module).__name__}: other shapes for {resized[:3]}")
+    _check_bound_params(module, path)
     result = module.load_state_dict(state, strict=False)
     problems = []
     if result.missing_keys:
@@ -262,6 +263,29 @@ def load_into(module: torch.nn.Module, path: str | Path) -> None:
         problems.append(f"unexpected keys {result.unexpected_keys[:5]}")
     if problems:
         raise UsageError(f"{path}: weights do not fit {type(module).__name__}: {'; '.join(problems)}")
+
+
+BOUND_PARAMS_KEY = "bound_params"  # safetensors metadata: the params a conversion's weights are bound to
+
+
+def _check_bound_params(module: torch.nn.Module, path: str | Path) -> None:
+    """Refuse weights converted under other values of the module's ``bound_params``."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(BOUND_PARAMS_KEY)
+    params = getattr(module, "params", None)
+    if recorded is None or params is None:
+        return
+    try:
+        bound = json.loads(recorded)
+    except ValueError:
+        raise UsageError(f"{path}: damaged metadata ({BOUND_PARAMS_KEY} is not JSON); convert the released file again") from None
+    differ = [f"{key}: {bound[key]!r} (the block says {getattr(params, key)!r})"
+              for key in sorted(bound) if hasattr(params, key) and getattr(params, key) != bound[key]]
+    if differ:
+        raise UsageError(f"{path}: these weights were converted for other params, which no shape shows: {'; '.join(differ)}; "
+                         "set them on the block as the conversion's block file has them")
 
 
 def load_torch(path: str | Path, *, allowed: Iterable[type] = (), map_location: Any = "cpu") -> Any:

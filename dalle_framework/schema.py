@@ -32,7 +32,7 @@ GuidanceScale = Annotated[float, Field(ge=0, le=1000)]
 # What a prior's params may name of dalle_framework.attention, here so that recipes are checked without
 # torch: that module implements them (and refuses to load if its built-in patterns differ from these).
 AttentionBackend = Literal["auto", "flex", "sdpa"]
-BUILTIN_PATTERNS = ("bigbird", "causal", "column", "conv", "fixed", "row", "rudalle-column", "rudalle-conv")
+BUILTIN_PATTERNS = ("bigbird", "causal", "column", "conv", "fixed", "row", "rudalle-column", "rudalle-conv", "rudalle-conv-wrapped")
 
 
 def attention_patterns() -> Collection[str]:

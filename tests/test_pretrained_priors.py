@@ -20,7 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import run_cli
-from dalle_framework import Sampling
+from dalle_framework import Sampling, UsageError
 from dalle_framework.plugins import registry
 from dalle_framework.rundir import load_into
 from references import reference, rudalle, rudalle_loop
@@ -114,15 +114,15 @@ def test_rudalle_tokenizer_refuses_other_files(tmp_path):
 RUDALLE_SMALL = dict(text_vocab=300, text_len=12, side=8, image_vocab=64, layers=5, width=64, heads=4)
 
 
-def rudalle_reference(*, text_vocab, text_len, side, image_vocab, layers, width, heads, spread: float = 0.2):
-    """rudalle's DalleModel (v3, sandwich norm, PB-relax) with random weights; norms and biases spread so outputs vary."""
+def rudalle_reference(*, text_vocab, text_len, side, image_vocab, layers, width, heads, spread: float = 0.2, version: str = "v3"):
+    """rudalle's DalleModel (sandwich norm, PB-relax) with random weights; norms and biases spread so outputs vary."""
     model = rudalle("rudalle.dalle.model")
     torch.manual_seed(0)
     ref = model.DalleModel(
         device="cpu", num_layers=layers, vocab_size=text_vocab + text_len, hidden_size=width, num_attention_heads=heads,
         embedding_dropout_prob=0.1, attention_dropout_prob=0.1, output_dropout_prob=0.1, text_seq_length=text_len,
         image_tokens_per_dim=side, image_vocab_size=image_vocab, cogview_sandwich_layernorm=True, cogview_pb_relax=True,
-        hf_version="v3",
+        hf_version=version,
     )
     with torch.no_grad():
         for name, param in ref.named_parameters():
@@ -142,14 +142,22 @@ def rudalle_captions(text_len: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-@pytest.fixture(scope="module")
-def rudalle_files(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("rudalle")
-    ref = rudalle_reference(**RUDALLE_SMALL)
-    torch.save(ref.state_dict(), directory / "pytorch_model_v3.bin")  # as released: the model's state dict
-    block = convert("rudalle", directory / "pytorch_model_v3.bin", out=directory / "converted", kind="prior", params={"heads": 4})
+# Malevich v3 as released; Malevich v2 (BOS before the caption, wrapped window) saved as its file is named.
+RUDALLE_RELEASES = {"v3": "pytorch_model_v3.bin", "v2": "pytorch_model_v2.bin"}
+
+
+@pytest.fixture(scope="module", params=sorted(RUDALLE_RELEASES))
+def rudalle_files(request, tmp_path_factory):
+    version = request.param
+    directory = tmp_path_factory.mktemp(f"rudalle-{version}")
+    # a grid wider than the 11x11 window, so that v2's wrapping and v3's clamped edges differ
+    ref = rudalle_reference(**{**RUDALLE_SMALL, "side": 12}, version=version)
+    released = directory / RUDALLE_RELEASES[version]
+    torch.save(ref.state_dict(), released)  # as released: the model's state dict
+    block = convert("rudalle", released, out=directory / "converted", kind="prior", params={"heads": 4})
+    assert block["params"]["layout_version"] == version  # from the file's name
     s = RUDALLE_SMALL
-    runtime = dict(text_vocab_size=s["text_vocab"], text_len=s["text_len"], image_vocab_size=s["image_vocab"], grid=(s["side"], s["side"]))
+    runtime = dict(text_vocab_size=s["text_vocab"], text_len=s["text_len"], image_vocab_size=s["image_vocab"], grid=(12, 12))
     return ref, block, runtime
 
 
@@ -163,6 +171,7 @@ def test_rudalle_masks_are_rudalles_at_the_released_layout():
         "row": masks.get_row_mask(128, 32, is_bool_mask=True),
         "rudalle-column": masks.get_col_mask(128, 32, is_bool_mask=True),
         "rudalle-conv": masks.get_conv_mask(128, 32, is_bool_mask=True, hf_version="v3"),
+        "rudalle-conv-wrapped": masks.get_conv_mask(128, 32, is_bool_mask=True, hf_version="v2"),
     }
     for pattern, mask in theirs.items():
         assert torch.equal(dense_mask(pattern, layout), mask), pattern
@@ -172,17 +181,52 @@ def test_rudalle_prior_logits_match_the_reference(rudalle_files):
     ref, block, runtime = rudalle_files
     prior = build_block("prior", block, **runtime)
     assert block["params"] == {**block["params"], "dim": 64, "depth": 5, "heads": 4, "sandwich_norm": True}
-    assert prior.layer_patterns() == ["row", "rudalle-column", "row", "row", "rudalle-conv"]
+    last = {"v3": "rudalle-conv", "v2": "rudalle-conv-wrapped"}[ref.hf_version]
+    assert prior.layer_patterns() == ["row", "rudalle-column", "row", "row", last]
     text = rudalle_captions(runtime["text_len"])
     image = torch.randint(0, runtime["image_vocab_size"], (len(text), prior.layout.image_len), generator=torch.Generator().manual_seed(4))
     mask = torch.tril(torch.ones(len(text), 1, prior.layout.seq_len, prior.layout.seq_len))
     with torch.no_grad():
-        expected, _ = ref(torch.cat([text, image], dim=1), mask, return_loss=False)
-        states = prior.hidden(torch.cat([prior.text_ids_of(text), image], dim=1))
+        expected, _ = ref(torch.cat([text, image], dim=1), mask, return_loss=False)  # v2: BOS first, the last code dropped
+        states = prior.hidden(prior.sequence(prior.text_ids_of(text), image)[:, : prior.layout.seq_len])
         logits = torch.cat([prior.text_logits(states), prior.image_logits(states)], dim=-1)
+        ours = prior.eval().loss(text, image)
+        _, theirs = ref(torch.cat([text, image], dim=1), mask, return_loss=True)
     assert logits.shape == expected.shape
     assert torch.allclose(logits, expected, atol=LOGIT_ATOL, rtol=0), float((logits - expected).abs().max())
     assert float(expected.std()) > 0.1
+    if ref.hf_version == "v2":  # v2's image loss is over every code, as here (v3's skips the first)
+        assert torch.allclose(ours["image_loss"], theirs["image"], atol=1e-5), (ours["image_loss"], theirs["image"])
+
+
+def test_rudalle_layouts_differ_so_the_wrong_one_is_not_a_near_miss():
+    """v2 and v3 at the same weights give other logits: the layout is worth getting right, and the tests can tell."""
+    from dalle_framework.plugins import registry
+
+    runtime = dict(text_vocab_size=300, text_len=12, image_vocab_size=64, grid=(12, 12))
+    priors = {}
+    for version in ("v3", "v2"):
+        torch.manual_seed(0)
+        priors[version] = registry("prior").build({"name": "rudalle", "params": {"dim": 32, "depth": 4, "heads": 2, "layout_version": version}}, **runtime).eval()
+    text = rudalle_captions(12)
+    image = torch.randint(0, 64, (len(text), 144), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        v3, v2 = (priors[v].next_logits(text, image[:, :100]) for v in ("v3", "v2"))
+    assert (v3 - v2).abs().max() > 1e-2
+
+
+def test_rudalle_conversion_asks_which_layout_a_file_has(tmp_path):
+    """Emojich and Surrealist XL both ship `pytorch_model.bin` at width 2048, one v2 and one v3: the file cannot say."""
+    ref = rudalle_reference(**RUDALLE_SMALL)
+    torch.save(ref.state_dict(), tmp_path / "pytorch_model.bin")
+    asked = run_cli("convert", "rudalle", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"), "--param", "heads=4")
+    assert asked.returncode == 2, asked.stderr
+    assert "--param layout_version=v3" in asked.stderr and "Emojich" in asked.stderr and not (tmp_path / "out").exists()
+    wrong = run_cli("convert", "rudalle", str(tmp_path / "pytorch_model.bin"), str(tmp_path / "out"), "--param", "heads=4", "--param", "layout_version=v4")
+    assert wrong.returncode == 2 and "layout_version" in wrong.stderr, wrong.stderr
+    told = convert("rudalle", tmp_path / "pytorch_model.bin", out=tmp_path / "out", kind="prior", params={"heads": 4, "layout_version": "v2"})
+    assert told["params"]["layout_version"] == "v2"
+    assert "v2 layout" in json.loads((tmp_path / "out" / "conversion.json").read_text())["released_format"]
 
 
 def test_rudalle_prior_greedy_samples_match_the_reference(rudalle_files):
@@ -442,3 +486,16 @@ def test_rudalle_malevich_at_its_released_shape_matches_the_reference(tmp_path):
     assert torch.allclose(logits, expected_logits, atol=LOGIT_ATOL * 10, rtol=1e-4), float((logits - expected_logits).abs().max())
     tokens = sample_image_tokens(prior, text, Sampling(top_k=1), image_len=8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(tokens, expected_tokens)
+
+
+def test_weights_converted_for_another_layout_or_head_count_are_refused(rudalle_files, tmp_path):
+    """Neither the layout nor the head count shows in a shape: a block that differs from the conversion is exit 2."""
+    ref, block, runtime = rudalle_files
+    other = {"v2": "v3", "v3": "v2"}[block["params"]["layout_version"]]
+    for change in ({"layout_version": other}, {"heads": 2}):
+        wrong = {**block, "params": {**block["params"], **change}}
+        with pytest.raises(UsageError) as refused:
+            build_block("prior", wrong, **runtime)
+        (key,) = change
+        assert block["weights"] in str(refused.value) and f"{key}: {block['params'][key]!r}" in str(refused.value)
+    assert build_block("prior", {**block, "params": {**block["params"], "output_dropout": 0.0}}, **runtime) is not None  # a free param

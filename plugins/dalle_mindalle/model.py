@@ -139,6 +139,7 @@ class MinDallePrior(Prior):
     """
 
     Params = MinDalleParams
+    bound_params = ("heads",)
 
     def __init__(self, params: MinDalleParams, *, text_vocab_size: int, text_len: int, image_vocab_size: int, grid: tuple[int, int]):
         super().__init__()

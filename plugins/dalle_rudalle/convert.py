@@ -7,6 +7,12 @@ ruDALL-E's, so tensors are copied as they are; the three attention-mask buffers 
 dropped (the masks are rebuilt from the layout). Shapes give every size but the head
 count, which comes from the released configurations by width (2048: 16 heads, Malevich
 and Surrealist; 3840: 60, Kandinsky; 768: 12) or from ``--param heads=N``.
+
+Nor do the tensors tell rudalle's two layouts apart: Malevich v2 and Emojich (``v2``) hold
+the same shapes as Malevich v3 and Surrealist XL (``v3``) but read their sequence
+differently. The release's file name says it (``pytorch_model_v2.bin``,
+``pytorch_model_v3.bin``), Kandinsky's width does (v3 only); any other file must say
+``--param layout_version=v2|v3``, since guessing wrong converts cleanly and generates noise.
 """
 
 from __future__ import annotations
@@ -21,6 +27,8 @@ from dalle_framework import UsageError
 from dalle_framework.convert import read_released, write_converted
 
 HEADS_BY_WIDTH = {2048: 16, 3840: 60, 768: 12}  # rudalle 1.1.3's MODELS table
+V3_ONLY_WIDTHS = {3840}  # Kandinsky
+_VERSION_IN_NAME = re.compile(r"_(v[23])\b")
 MASK_BUFFERS = ("transformer.row_mask", "transformer.col_mask", "transformer.conv_mask")
 _LAYER = re.compile(r"transformer\.layers\.(\d+)\.")
 
@@ -48,7 +56,23 @@ def inferred(state: dict[str, torch.Tensor], overrides: dict[str, Any], path: Pa
     if heads is None:
         raise UsageError(f"{path}: width {width} is not a released ruDALL-E shape, so its head count is unknown; pass --param heads=N")
     sandwich = "transformer.layers.0.before_first_addition_layernorm.weight" in state
-    return {"dim": int(width), "depth": depth, "heads": heads, "sandwich_norm": sandwich}, runtime
+    version = layout_version(path, int(width), overrides)
+    return {"dim": int(width), "depth": depth, "heads": heads, "sandwich_norm": sandwich, "layout_version": version}, runtime
+
+
+def layout_version(path: Path, width: int, overrides: dict[str, Any]) -> str:
+    """v2 or v3, from ``--param layout_version``, the release's file name or its width; else refused."""
+    if "layout_version" in overrides:
+        return str(overrides["layout_version"])
+    named = _VERSION_IN_NAME.search(path.stem)
+    if named:
+        return named.group(1)
+    if width in V3_ONLY_WIDTHS:
+        return "v3"
+    raise UsageError(
+        f"{path}: ruDALL-E's v2 and v3 releases hold the same tensors and the file name does not say which this is; "
+        "pass --param layout_version=v3 (Malevich v3, Surrealist XL) or --param layout_version=v2 (Malevich v2, Emojich)"
+    )
 
 
 def convert_rudalle_prior(cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
@@ -59,6 +83,6 @@ def convert_rudalle_prior(cls, files: list[Path], out_dir: Path, *, trust_pickle
     params, runtime = inferred(state, dict(overrides or {}), path)
     return write_converted(
         cls, out_dir, kind="prior", params=params, state=state, runtime=runtime, sources=[path], overrides=overrides,
-        notes={"released_format": "rudalle 1.1.3 DalleModel state dict (v3 layout)",
+        notes={"released_format": f"rudalle 1.1.3 DalleModel state dict ({params['layout_version']} layout)",
                "needs": "tokenizer rudalle-bpe (text_len as runtime.text_len) and a codec with runtime.image_vocab_size codes on runtime.grid"},
     )

@@ -1,8 +1,11 @@
 """ruDALL-E's prior (Malevich and its siblings): a decoder-only transformer over ``[text | image]``.
 
-The network of ``rudalle`` 1.1.3's ``DalleModel`` (its ``v3`` layout: Malevich v3,
-Surrealist XL, Kandinsky), written with the same module names so converted
-checkpoints load as they are:
+The network of ``rudalle`` 1.1.3's ``DalleModel``, written with the same module names
+so converted checkpoints load as they are. Its ``v3`` layout (Malevich v3, Surrealist XL,
+Kandinsky) is described here; ``layout_version: v2`` (Malevich v2, Emojich) differs in
+two ways: a BOS id is read before the caption, so the image starts one position later
+while the masks are still built for ``text_len`` (they see every image token one place
+late), and the last layer's 11x11 window wraps around the grid's edges.
 
 1. Embed. Text ids get ``text_embeddings`` plus ``text_pos_embeddings``; a padded
    position (id 0) reads instead the id ``text_vocab + position`` (one learned padding
@@ -54,11 +57,16 @@ from .params import RudalleParams
 FP16_MAX = 65504.0
 
 
-def layer_pattern(layer: int, depth: int) -> str:
+V2_PREFIX_ID = 2  # the id rudalle's v2 forward puts before every caption (its BOS)
+
+
+def layer_pattern(layer: int, depth: int, version: str = "v3") -> str:
     """ruDALL-E's choice of mask per layer (``DalleTransformer._get_layer_mask``)."""
     if (layer - 1) % 4 == 0:
         return "rudalle-column"
-    return "row" if layer != depth - 1 else "rudalle-conv"
+    if layer != depth - 1:
+        return "row"
+    return "rudalle-conv-wrapped" if version == "v2" else "rudalle-conv"
 
 
 class SelfAttention(nn.Module):
@@ -116,7 +124,7 @@ class Layer(nn.Module):
 class Transformer(nn.Module):
     def __init__(self, p: RudalleParams, layout: Layout) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(Layer(p, layout, layer_pattern(i, p.depth)) for i in range(p.depth))
+        self.layers = nn.ModuleList(Layer(p, layout, layer_pattern(i, p.depth, p.layout_version)) for i in range(p.depth))
         self.final_layernorm = nn.LayerNorm(p.dim)
 
 
@@ -129,18 +137,23 @@ class RudallePrior(Prior):
     """
 
     Params = RudalleParams
+    bound_params = ("heads", "layout_version")
 
     def __init__(self, params: RudalleParams, *, text_vocab_size: int, text_len: int, image_vocab_size: int, grid: tuple[int, int]):
         super().__init__()
         p = self.params = params
         assert p.dim % p.heads == 0, f"dim ({p.dim}) must be divisible by heads ({p.heads})"
-        self.layout = Layout(text_len, (int(grid[0]), int(grid[1])))
+        self.layout = Layout(text_len, (int(grid[0]), int(grid[1])))  # the masks' view of the sequence
         self.text_len, self.grid = text_len, self.layout.grid
+        # Where the image starts in the sequence the layers read. v2 puts a BOS before the caption but
+        # builds its masks for text_len, so the masks see each image token one position late.
+        self.prefix = 1 if p.layout_version == "v2" else 0
+        self.image_start = text_len + self.prefix
         self.text_vocab_size, self.image_vocab_size = text_vocab_size, image_vocab_size
         self.text_ids = text_vocab_size + text_len  # the text ids, then one padding token per position
         self.text_embeddings = nn.Embedding(self.text_ids, p.dim)
         self.image_embeddings = nn.Embedding(image_vocab_size, p.dim)
-        self.text_pos_embeddings = nn.Embedding(text_len + 1, p.dim)  # ruDALL-E keeps one row more than it reads
+        self.text_pos_embeddings = nn.Embedding(text_len + 1, p.dim)  # v3 reads text_len rows of these, v2 all (its BOS)
         self.image_row_embeddings = nn.Embedding(self.grid[0], p.dim)
         self.image_col_embeddings = nn.Embedding(self.grid[1], p.dim)
         self.transformer = Transformer(p, self.layout)
@@ -154,9 +167,16 @@ class RudallePrior(Prior):
         pads = torch.arange(self.text_len, device=text.device) + self.text_vocab_size
         return torch.where(text == PAD_ID, pads, text)
 
+    def sequence(self, ids: Tensor, image: Tensor) -> Tensor:
+        """Mapped caption ids ``[B, T]`` and image codes ``[B, n]`` -> the tokens the layers read (v2: BOS first)."""
+        parts = [ids, image]
+        if self.prefix:
+            parts.insert(0, ids.new_full((ids.shape[0], self.prefix), V2_PREFIX_ID))
+        return torch.cat(parts, dim=1)
+
     def embed(self, tokens: Tensor, start: Position = 0) -> Tensor:
-        """Tokens ``[B, n]`` at positions ``start..`` (text ids mapped by :meth:`text_ids_of`) -> ``[B, n, dim]``."""
-        T, w = self.text_len, self.grid[1]
+        """Tokens ``[B, n]`` of :meth:`sequence` at positions ``start..`` -> ``[B, n, dim]``."""
+        T, w = self.image_start, self.grid[1]
         if not isinstance(start, int):  # a decode step: one image token at a device position
             idx = positions(start - T, tokens.shape[1], tokens.device)
             out = self.image_embeddings(tokens) + self.image_row_embeddings(idx // w) + self.image_col_embeddings(idx % w)
@@ -175,7 +195,7 @@ class RudallePrior(Prior):
         return out * scale + out.detach() * (1 - scale)  # CogView: the embeddings learn at a tenth of the rate
 
     def hidden(self, tokens: Tensor, start: Position = 0, caches: Optional[list[KVCache]] = None) -> Tensor:
-        """Tokens ``[B, n]`` (text ids already mapped) at positions ``start..`` -> normed states ``[B, n, dim]``."""
+        """Tokens ``[B, n]`` of :meth:`sequence` at positions ``start..`` -> normed states ``[B, n, dim]``."""
         x = self.embed(tokens, start)
         for i, layer in enumerate(self.transformer.layers):
             cache = caches[i] if caches is not None else None
@@ -200,12 +220,12 @@ class RudallePrior(Prior):
         B, T, N = text.shape[0], self.text_len, self.layout.image_len
         assert text.shape == (B, T), f"text must be [B, {T}], got {tuple(text.shape)}"
         assert image_tokens.shape == (B, N), f"image_tokens must be [B, {N}], got {tuple(image_tokens.shape)}"
-        ids = self.text_ids_of(text)
-        states = self.hidden(torch.cat([ids, image_tokens], dim=1)[:, :-1])
-        image_logits = self.image_logits(states[:, T - 1 :])
+        ids, start = self.text_ids_of(text), self.image_start
+        states = self.hidden(self.sequence(ids, image_tokens)[:, :-1])
+        image_logits = self.image_logits(states[:, start - 1 :])
         image_loss = F.cross_entropy(image_logits.float().reshape(-1, self.image_vocab_size), image_tokens.reshape(-1))
         with torch.set_grad_enabled(torch.is_grad_enabled() and self.params.text_loss_weight > 0):
-            text_loss = self._text_loss(self.text_logits(states[:, : T - 1]), text, ids)
+            text_loss = self._text_loss(self.text_logits(states[:, start - T : start - 1]), text, ids)
         loss = self.params.text_loss_weight * text_loss + self.params.image_loss_weight * image_loss
         return {"loss": loss, "text_loss": text_loss.detach(), "image_loss": image_loss.detach()}
 
@@ -233,16 +253,16 @@ class RudallePrior(Prior):
     unconditional_text = staticmethod(all_padding)
 
     def next_logits(self, text: Tensor, image: Tensor) -> Tensor:
-        return self.image_logits(self.hidden(torch.cat([self.text_ids_of(text), image], dim=1))[:, -1])
+        return self.image_logits(self.hidden(self.sequence(self.text_ids_of(text), image))[:, -1])
 
     def prefill(self, text: Tensor, image: Tensor) -> tuple[Tensor, list[KVCache]]:
         caches = [KVCache(text.shape[0], self.params.heads, self.layout.seq_len, self.params.dim // self.params.heads)
                   for _ in self.transformer.layers]
-        states = self.hidden(torch.cat([self.text_ids_of(text), image], dim=1), 0, caches)
+        states = self.hidden(self.sequence(self.text_ids_of(text), image), 0, caches)
         return self.image_logits(states[:, -1]), caches
 
     def decode_step(self, caches: list[KVCache], token: Tensor, index: Tensor) -> Tensor:
-        return self.image_logits(self.hidden(token[:, None], index + self.text_len, caches)[:, -1])
+        return self.image_logits(self.hidden(token[:, None], index + self.image_start, caches)[:, -1])
 
     # -- statistics for `dalle inspect` ------------------------------------------------------------
 

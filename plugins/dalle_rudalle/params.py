@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -14,6 +14,9 @@ class RudalleParams(Params):
     depth: int = Field(24, ge=1, le=1024, description="layers (Malevich: 24, Kandinsky: 64)")
     heads: int = Field(16, ge=1, le=1024, description="attention heads (Malevich: 16, Kandinsky: 60)")
     sandwich_norm: bool = Field(True, description="CogView's LayerNorms on each branch output before its residual addition")
+    layout_version: Literal["v3", "v2"] = Field(
+        "v3", description="rudalle's layout: v3 (Malevich v3, Surrealist XL, Kandinsky); v2 (Malevich v2, Emojich) reads "
+                          "a BOS before the caption, which shifts the image one position against its masks, and its 11x11 window wraps")
     attention_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on attention weights in training (ruDALL-E: 0.1)")
     output_dropout: float = Field(0.1, ge=0, lt=1, description="dropout on each branch output in training (ruDALL-E: 0.1)")
     embedding_grad_scale: float = Field(0.1, gt=0, le=1, description="gradient scale of the input embeddings (CogView, ruDALL-E: 0.1)")
