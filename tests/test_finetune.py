@@ -181,3 +181,38 @@ def test_fine_tuning_under_deepspeed_zero2_keeps_what_it_should(rudalle_setup, h
         assert moved and all(k.endswith(("query_key_value.weight", "attention.dense.weight")) for k in moved)
     else:
         assert moved and not any(k.startswith(("text_embeddings.", "transformer.layers.0.")) for k in moved)
+
+
+@pytest.mark.slow
+def test_the_zero_recipes_fine_tune_on_two_ranks(rudalle_setup):
+    """The -zero recipes' settings as two real processes: ZeRO-2 with frozen layers, and LoRA under ZeRO-3
+    (each rank holds a shard of the base weights and of the adapters; rank 0 gathers and writes them)."""
+    from test_distributed import torchrun
+
+    directory, release, images = rudalle_setup
+    base = load_file(release["prior"]["weights"])
+    runs = {}
+    for name, tuning, stage in (("ru-2r-freeze", {"freeze": ["text_embeddings.*", "transformer.layers.0.*"]}, 2),
+                                ("ru-2r-lora", {"lora": LORA}, 3)):
+        path = releases.recipe(directory, release, images, name=name, prior=tuning, steps=4)
+        body = yaml.safe_load(path.read_text())
+        body["prior"]["train"].update(precision="bf16", engine={"name": "deepspeed", "params": {"zero_stage": stage}}, batch_size=2)
+        path.write_text(yaml.safe_dump(body, allow_unicode=True))
+        trained = torchrun("train", str(path), "--quiet")
+        assert trained.returncode == 0, trained.stderr[-3000:]
+        runs[name] = directory / "runs" / name
+        meta = json.loads((runs[name] / "prior" / "meta.json").read_text())
+        assert meta["world_size"] == 2 and meta["step"] == 4, meta
+    frozen_run = Pipeline.load(runs["ru-2r-freeze"], device="cpu").prior.state_dict()
+    moved = {k for k in base if not torch.equal(base[k], frozen_run[k])}
+    assert moved and not any(k.startswith(("text_embeddings.", "transformer.layers.0.")) for k in moved)
+    with safe_open(str(runs["ru-2r-lora"] / "prior" / "model.safetensors"), "pt") as f:
+        about, keys = f.metadata(), list(f.keys())
+    assert about["base_sha256"] == hashlib.sha256(Path(release["prior"]["weights"]).read_bytes()).hexdigest()
+    assert keys and all(".lora_" in k for k in keys)  # the adapter alone, gathered from both ranks' shards
+    adapted = Pipeline.load(runs["ru-2r-lora"], device="cpu").prior.state_dict()
+    moved = {k for k in base if not torch.allclose(base[k], adapted[k])}
+    assert moved and all(k.endswith(("query_key_value.weight", "attention.dense.weight")) for k in moved)
+    generated = run_cli("generate", str(runs["ru-2r-lora"]), "красный квадрат слева", "-n", "2", "--keep", "1",
+                        "--out", str(directory / "two-ranks.png"), "--quiet")
+    assert generated.returncode == 0, generated.stderr[-3000:]
