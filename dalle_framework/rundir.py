@@ -280,7 +280,9 @@ def _check_bound_params(module: torch.nn.Module, path: str | Path) -> None:
     try:
         bound = json.loads(recorded)
     except ValueError:
-        raise UsageError(f"{path}: damaged metadata ({BOUND_PARAMS_KEY} is not JSON); convert the released file again") from None
+        bound = None
+    if not isinstance(bound, dict):
+        raise UsageError(f"{path}: damaged metadata ({BOUND_PARAMS_KEY} is not a JSON object); convert the released file again")
     differ = [f"{key}: {bound[key]!r} (the block says {getattr(params, key)!r})"
               for key in sorted(bound) if hasattr(params, key) and getattr(params, key) != bound[key]]
     if differ:

@@ -524,3 +524,9 @@ def test_weights_converted_for_another_layout_or_head_count_are_refused(rudalle_
         (key,) = change
         assert block["weights"] in str(refused.value) and f"{key}: {block['params'][key]!r}" in str(refused.value)
     assert build_block("prior", {**block, "params": {**block["params"], "output_dropout": 0.0}}, **runtime) is not None  # a free param
+    from safetensors.torch import load_file, save_file
+
+    for recorded in ("[1]", "{not json"):  # a stranger's file with damaged metadata
+        save_file(load_file(block["weights"]), str(tmp_path / "odd.safetensors"), metadata={"bound_params": recorded})
+        with pytest.raises(UsageError, match="damaged metadata"):
+            build_block("prior", {**block, "weights": str(tmp_path / "odd.safetensors")}, **runtime)
