@@ -12,8 +12,9 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Optional, Sequence
+from typing import NoReturn, Optional, Sequence
 
+from . import distributed
 from .errors import DalleError, UsageError, os_error
 
 OUT_OF_MEMORY = "out of memory; use smaller batches (train.batch_size, --batch-size) or a smaller model"
@@ -145,5 +146,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 130
 
 
+def run() -> NoReturn:
+    """The ``dalle`` command and ``python -m dalle_framework``: :func:`main`, then exit with its code.
+
+    A process of a multi-rank job ends with ``os._exit`` once its output is flushed. Its work is
+    done and written by then (checkpoints atomically, event files closed), and the interpreter's
+    teardown of gloo's threads could abort it ("terminate called without an active exception",
+    SIGABRT), turning a finished run or a clear usage error into a crash without its exit code."""
+    code = main()
+    if distributed.is_initialized() and distributed.world_size() > 1:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):  # a closed pipe has nothing left to flush
+                stream.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run()

@@ -8,8 +8,6 @@ A job is described by the environment variables that ``torchrun`` and the
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import datetime
 import os
 import socket
@@ -137,18 +135,7 @@ def init_distributed(
                 extra["device_id"] = default_device()
             minutes = _timeout_minutes if timeout_minutes is None else timeout_minutes
             dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=minutes), **extra)
-            atexit.register(_leave_group)
     return rank(), world_size(), local_rank()
-
-
-def _leave_group() -> None:
-    """Destroy the process group while the interpreter is still whole. Left to the interpreter's
-    teardown, gloo's threads can outlive it and the process dies of SIGABRT, losing its exit code
-    (one exit in ten when a peer has already left)."""
-    dist = _group()
-    if dist is not None:
-        with contextlib.suppress(Exception):  # a group already broken by a lost peer has nothing left to free
-            dist.destroy_process_group()
 
 
 def _multi_rank_group():
