@@ -515,6 +515,8 @@ def test_rudalle_malevich_at_its_released_shape_matches_the_reference(tmp_path):
 
 def test_weights_converted_for_another_layout_or_head_count_are_refused(rudalle_files, tmp_path):
     """Neither the layout nor the head count shows in a shape: a block that differs from the conversion is exit 2."""
+    from safetensors.torch import load_file, save_file
+
     ref, block, runtime = rudalle_files
     other = {"v2": "v3", "v3": "v2"}[block["params"]["layout_version"]]
     for change in ({"layout_version": other}, {"heads": 2}):
@@ -524,8 +526,6 @@ def test_weights_converted_for_another_layout_or_head_count_are_refused(rudalle_
         (key,) = change
         assert block["weights"] in str(refused.value) and f"{key}: {block['params'][key]!r}" in str(refused.value)
     assert build_block("prior", {**block, "params": {**block["params"], "output_dropout": 0.0}}, **runtime) is not None  # a free param
-    from safetensors.torch import load_file, save_file
-
     for recorded in ("[1]", "{not json"):  # a stranger's file with damaged metadata
         save_file(load_file(block["weights"]), str(tmp_path / "odd.safetensors"), metadata={"bound_params": recorded})
         with pytest.raises(UsageError, match="damaged metadata"):
