@@ -117,7 +117,7 @@ def save_trained(path: Path, weights: dict[str, torch.Tensor], block: Any, metad
 
 def load_trained(module: nn.Module, path: Path, *, base: Optional[str]) -> None:
     """Load a stage's published weights into the plain component: whole, or base ``weights`` plus an adapter."""
-    about = _metadata(path)
+    about = rundir.weights_metadata(path)
     if about.get("adapter") != ADAPTER_KIND:
         rundir.load_into(module, path)
         return
@@ -142,17 +142,6 @@ def apply_adapter(module: nn.Module, adapter: dict[str, torch.Tensor], *, scale:
         if delta.shape != weight.shape:
             raise UsageError(f"{source}: the adapter of {layer!r} is {tuple(delta.shape)}, the weight {tuple(weight.shape)}")
         weight.add_((scale * delta).to(weight.device, weight.dtype))
-
-
-def _metadata(path: Path) -> dict[str, str]:
-    """A safetensors file's metadata, read without loading its tensors ({} when unreadable: load_into says why)."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            return f.metadata() or {}
-    except (SafetensorError, OSError, ValueError):
-        return {}
 
 
 _SHA_CACHE: dict[tuple[str, int, int], str] = {}

@@ -247,6 +247,17 @@ def load_weights(path: str | Path, device: str | torch.device = "cpu") -> dict[s
         raise UsageError(f"{path}: damaged weights file ({exc}); restore it or retrain the stage with --force") from None
 
 
+def weights_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata, read without loading its tensors ({} when unreadable: load_weights says why)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
+
+
 def load_into(module: torch.nn.Module, path: str | Path) -> None:
     """Load safetensors weights into ``module``, naming any key or shape mismatch."""
     state = load_weights(path)
@@ -270,10 +281,7 @@ BOUND_PARAMS_KEY = "bound_params"  # safetensors metadata: the params a conversi
 
 def _check_bound_params(module: torch.nn.Module, path: str | Path) -> None:
     """Refuse weights converted under other values of the module's ``bound_params``."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        recorded = (f.metadata() or {}).get(BOUND_PARAMS_KEY)
+    recorded = weights_metadata(path).get(BOUND_PARAMS_KEY)
     params = getattr(module, "params", None)
     if recorded is None or params is None:
         return
