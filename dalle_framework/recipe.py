@@ -311,23 +311,26 @@ def validate(data: dict, source: str = "<recipe>") -> Recipe:
     return recipe
 
 
+def _named_params(registry, name: str, params: Any, path: str) -> tuple[Any, list[str]]:
+    """A block's ``params`` checked against the class its ``name`` picks: (the Params object, []) or (None, problems)."""
+    if name not in registry:
+        return None, [f"{path}.name: {registry.unknown_message(name)}"]
+    if not isinstance(params, dict):
+        return None, [f"{path}.params: must be a mapping, got {type(params).__name__}"]
+    try:
+        return registry.validate_params(name, params), []
+    except ValidationError as exc:
+        return None, problem_lines(exc, f"{path}.params", model=registry.params(name))
+    except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
+        return None, [f"{path}.params: {exc}"]
+
+
 def _check_params(registry, raw: dict, path: str, recipe: Optional[Any]) -> list[str]:
     """Validate ``raw['params']`` against the named class; store the Params object in ``recipe``."""
-    name = raw["name"]
-    if name not in registry:
-        return [f"{path}.name: {registry.unknown_message(name)}"]
-    params = raw.get("params") or {}
-    if not isinstance(params, dict):
-        return [f"{path}.params: must be a mapping, got {type(params).__name__}"]
-    try:
-        model = registry.validate_params(name, params)
-    except ValidationError as exc:
-        return problem_lines(exc, f"{path}.params", model=registry.params(name))
-    except (ValueError, TypeError) as exc:  # a Params validator that raised outside pydantic
-        return [f"{path}.params: {exc}"]
-    if recipe is not None:
+    model, problems = _named_params(registry, raw["name"], raw.get("params") or {}, path)
+    if recipe is not None and model is not None:
         getattr(recipe, path).params = model
-    return []
+    return problems
 
 
 def _check_listed(manager, recipe: "Recipe") -> list[str]:
@@ -339,19 +342,10 @@ def _check_listed(manager, recipe: "Recipe") -> list[str]:
     blocks += [(f"generate.sampling.filters.{i}", "filter", block) for i, block in enumerate(recipe.generate.sampling.filters)]
     problems: list[str] = []
     for path, kind, block in blocks:
-        registry = manager.registry(kind)
-        if block.name not in registry:
-            problems.append(f"{path}.name: {registry.unknown_message(block.name)}")
-            continue
-        if not isinstance(block.params, dict):
-            problems.append(f"{path}.params: must be a mapping, got {type(block.params).__name__}")
-            continue
-        try:
-            block.params = registry.validate_params(block.name, block.params)
-        except ValidationError as exc:
-            problems += problem_lines(exc, f"{path}.params", model=registry.params(block.name))
-        except (ValueError, TypeError) as exc:
-            problems.append(f"{path}.params: {exc}")
+        model, found = _named_params(manager.registry(kind), block.name, block.params, path)
+        if model is not None:
+            block.params = model
+        problems += found
     return problems
 
 
@@ -362,19 +356,9 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         block = StageBlock.model_validate(raw)
     except ValidationError as exc:
         return None, problem_lines(exc, name, model=StageBlock)
-    problems: list[str] = []
-    registry = manager.registry(cls.kind)
-    if block.name not in registry:
-        problems.append(f"{name}.name: {registry.unknown_message(block.name)}")
-    elif not isinstance(block.params, dict):
-        problems.append(f"{name}.params: must be a mapping, got {type(block.params).__name__}")
-    else:
-        try:
-            block.params = registry.validate_params(block.name, block.params)
-        except ValidationError as exc:
-            problems += problem_lines(exc, f"{name}.params", model=registry.params(block.name))
-        except (ValueError, TypeError) as exc:
-            problems.append(f"{name}.params: {exc}")
+    params, problems = _named_params(manager.registry(cls.kind), block.name, block.params, name)
+    if params is not None:
+        block.params = params
     train_raw = block.train if isinstance(block.train, dict) else None
     if train_raw is None:
         problems.append(f"{name}.train: must be a mapping, got {type(block.train).__name__}")
@@ -383,16 +367,10 @@ def _check_stage(manager, cls, raw: Any, name: str) -> tuple[Optional[StageBlock
         train: TrainConfig = cls.Params.model_validate(train_raw)
     except ValidationError as exc:
         return None, problems + problem_lines(exc, f"{name}.train", model=cls.Params)
-    engines = manager.registry("engine")
-    if train.engine.name not in engines:
-        problems.append(f"{name}.train.engine.name: {engines.unknown_message(train.engine.name)}")
-    elif not isinstance(train.engine.params, dict):
-        problems.append(f"{name}.train.engine.params: must be a mapping, got {type(train.engine.params).__name__}")
-    else:
-        try:
-            train.engine.params = engines.validate_params(train.engine.name, train.engine.params)
-        except ValidationError as exc:
-            problems += problem_lines(exc, f"{name}.train.engine.params", model=engines.params(train.engine.name))
+    engine_params, found = _named_params(manager.registry("engine"), train.engine.name, train.engine.params, f"{name}.train.engine")
+    if engine_params is not None:
+        train.engine.params = engine_params
+    problems += found
     block.train = train
     return (None if problems else block), problems
 
