@@ -133,7 +133,7 @@ def bart_files(directory: Path, words: list[str] = BART_WORDS) -> tuple[Path, Pa
 
 def mega_release(directory: Path) -> dict[str, dict]:
     """DALL-E Mega's files at a tiny shape (BART BPE, min-dalle's encoder.pt / decoder.pt, a VQGAN f2 at 32px
-    whose decoder is saved as detoker.pt and its encoder beside it), converted."""
+    whose decoder is saved as detoker.pt and the whole of it as a taming checkpoint beside it), converted."""
     from references import MIN_DALLE_RELEASE, run_min_dalle
 
     reference("taming.modules.diffusionmodules.model")
@@ -149,11 +149,13 @@ def mega_release(directory: Path) -> dict[str, dict]:
     codebook, quant_conv, post_quant_conv = torch.nn.Embedding(16384, 32), torch.nn.Conv2d(32, 32, 1), torch.nn.Conv2d(32, 32, 1)
     detoker = {"embedding.weight": codebook.weight, **_prefixed("post_quant_conv", post_quant_conv), **_prefixed("decoder", decoder)}
     torch.save(detoker, directory / "detoker.pt")  # min-dalle's layout: the decoder side only
-    torch.save({**_prefixed("encoder", encoder), **_prefixed("quant_conv", quant_conv)}, directory / "vqgan-encoder.pt")
+    whole = {**_prefixed("encoder", encoder), **_prefixed("quant_conv", quant_conv), **_prefixed("quantize.embedding", codebook),
+             **_prefixed("post_quant_conv", post_quant_conv), **_prefixed("decoder", decoder)}
+    torch.save({"global_step": 1, "state_dict": whole}, directory / "vqgan-last.ckpt")  # the same VQGAN's taming checkpoint
     out = directory / "converted"
     return {
         "tokenizer": convert("min-dalle-bpe", vocab, merges, out=out / "tokenizer", kind="tokenizer"),
-        "codec": _with(convert("min-dalle-vqgan", directory / "detoker.pt", directory / "vqgan-encoder.pt", out=out / "codec", kind="codec"),
+        "codec": _with(convert("min-dalle-vqgan", directory / "detoker.pt", directory / "vqgan-last.ckpt", out=out / "codec", kind="codec"),
                        image_size=32),
         "prior": convert("min-dalle", directory / "encoder.pt", directory / "decoder.pt", out=out / "prior", kind="prior",
                          params={"heads": MEGA_TINY["heads"]}),

@@ -248,16 +248,27 @@ class TamingModel(torch.nn.Module):
         self.kind = kind
 
     @torch.no_grad()
-    def reference(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """taming's own path: tokens of images in [0, 1], and the images decoded from them."""
-        h = self.quant_conv(self.encoder(images * 2 - 1))
+    def spread_codebook(self, side: int, signed: bool = True) -> None:
+        """A trained codebook lies among the encoder's outputs: draw it from them, so that many codes are used."""
+        images = torch.rand(2, 3, side, side)
+        h = self.quant_conv(self.encoder(images * 2 - 1 if signed else images))
+        vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        picked = vectors[torch.randint(len(vectors), (self.quantize.embedding.num_embeddings,))]
+        self.quantize.embedding.weight.copy_(picked + 0.1 * picked.std() * torch.randn_like(picked))
+
+    @torch.no_grad()
+    def reference(self, images: torch.Tensor, signed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """taming's own path: tokens of images in [0, 1], and the images decoded from them. ``signed=False`` is
+        dalle-mini's use of the same network: images go in and come out in [0, 1] as they are."""
+        h = self.quant_conv(self.encoder(images * 2 - 1 if signed else images))
         if self.kind == "vq":
             codes = self.quantize(h)[2][2].view(len(images), -1)
         else:  # taming's Gumbel quantiser samples even in eval mode; the deterministic code is the logits' argmax
             codes = self.quantize.proj(h).argmax(dim=1).flatten(1)
         side = h.shape[-1]
         z = self.quantize.get_codebook_entry(codes.flatten(), (len(images), side, side, h.shape[1]))
-        pixels = (self.decoder(self.post_quant_conv(z)).clamp(-1, 1) + 1) / 2
+        decoded = self.decoder(self.post_quant_conv(z))
+        pixels = (decoded.clamp(-1, 1) + 1) / 2 if signed else decoded.clamp(0, 1)
         return codes, pixels
 
 
@@ -270,12 +281,8 @@ def save_taming(directory: Path, kind: str, *, ddconfig=None, n_embed: int = 512
     for name, param in model.named_parameters():
         if name.endswith("bias") and not name.startswith("loss"):
             param.data.normal_(0, 0.05)
-    if kind == "vq":  # a trained codebook lies among the encoder's outputs: draw it from them
-        with torch.no_grad():
-            h = model.quant_conv(model.encoder(torch.rand(2, 3, 64, 64) * 2 - 1))
-            vectors = h.permute(0, 2, 3, 1).reshape(-1, embed_dim)
-            picked = vectors[torch.randint(len(vectors), (n_embed,))]
-            model.quantize.embedding.weight.copy_(picked + 0.1 * picked.std() * torch.randn_like(picked))
+    if kind == "vq":
+        model.spread_codebook(64)
     checkpoint = {
         "epoch": 7,
         "global_step": 1000,

@@ -441,6 +441,69 @@ print(json.dumps({"pixels": (detoker.forward(False, tokens) / 255).tolist()}))
         codec.encode(torch.rand(1, 3, 256, 256))
 
 
+# A VQGAN f2 at 32px with Mega's 16,384 codes: the taming layout min-dalle's detoker.pt also uses.
+MEGA_VQGAN_TINY = dict(double_z=False, z_channels=32, resolution=32, in_channels=3, out_ch=3, ch=32, ch_mult=[1, 2],
+                       num_res_blocks=1, attn_resolutions=[16], dropout=0.0)  # fmt: skip
+
+
+@pytest.mark.debian_data("emoji")
+def test_mega_codec_takes_its_encoder_from_the_taming_checkpoint_its_decoder_came_from(tmp_path):
+    """Fine-tuning Mega needs its VQGAN's encoder, which min-dalle does not ship: it comes from that VQGAN's
+    taming checkpoint. Codes equal taming's for images in [0, 1] (as dalle-mini encoded its data), decoding at
+    taming's GroupNorm eps equals taming's decoder, and a checkpoint of another VQGAN, or one without a codebook,
+    is refused."""
+    from test_pretrained_codecs import TamingModel, real_images
+
+    reference("taming.modules.diffusionmodules.model")
+
+    def release(seed: int) -> TamingModel:
+        torch.manual_seed(seed)
+        model = TamingModel("vq", MEGA_VQGAN_TINY, n_embed=16384, embed_dim=32).eval()
+        model.spread_codebook(32, signed=False)
+        torch.save({"epoch": 1, "global_step": 10, "state_dict": model.state_dict()}, tmp_path / f"last-{seed}.ckpt")
+        return model
+
+    model, _ = release(0), release(1)
+    state = model.state_dict()
+    detoker = {"embedding.weight": state["quantize.embedding.weight"]}
+    detoker |= {k: v for k, v in state.items() if k.startswith(("decoder.", "post_quant_conv."))}
+    torch.save(detoker, tmp_path / "detoker.pt")
+    block = convert("min-dalle-vqgan", tmp_path / "detoker.pt", tmp_path / "last-0.ckpt", out=tmp_path / "codec", kind="codec")
+    assert block["params"] == {**block["params"], "encoder": True, "pixels": "unit", "n_embed": 16384, "ch_mult": [1, 2]}
+    record = json.loads((Path(block["weights"]).parent / "conversion.json").read_text())
+    assert record["tensors_matched_with_the_encoder_file"] == len(detoker)
+    def codec_with(**params):
+        return build_block("codec", {**block, "params": {**block["params"], "image_size": 32, **params}})
+
+    codec, images = codec_with(), real_images("emoji", 32, 6)
+    codes, pixels = model.reference(images, signed=False)
+    with torch.no_grad():
+        features = model.quant_conv(model.encoder(images))
+        # the encoder is dalle-mini's, at taming's GroupNorm eps: min-dalle's 1e-5 would move every feature
+        assert torch.allclose(codec.pre_quant(images), features, atol=1e-5, rtol=0)
+        assert not torch.allclose(codec_with(encoder_norm_eps=1e-5).pre_quant(images), features, atol=1e-5, rtol=0)
+    tokens = codec.encode(images)
+    assert len(codes.unique()) > 32, "many codes are used: the comparison is not trivial"
+    # 16,384 codes in 32 dimensions hold near-ties that float32 rounding may break either way: a code may differ
+    # only where it is as near as taming's to 1e-4, and rarely.
+    distances = torch.cdist(features.permute(0, 2, 3, 1).reshape(-1, 32).double(), model.quantize.embedding.weight.detach().double())
+    ours, theirs = distances.gather(1, tokens.view(-1, 1)), distances.gather(1, codes.view(-1, 1))
+    assert torch.all(ours <= theirs * (1 + 1e-4)) and (tokens != codes).float().mean() < 0.01
+    # The decoder is min-dalle's port (GroupNorm eps 1e-5, matched to min-dalle above); at taming's 1e-6, which
+    # dalle-mini's own decoder uses, it decodes as taming does.
+    decoded = codec_with(norm_eps=1e-6).decode(codes)
+    assert torch.allclose(decoded, pixels, atol=1e-4, rtol=0), float((decoded - pixels).abs().max())
+    assert not torch.allclose(codec.decode(codes), pixels, atol=1e-4, rtol=0)
+
+    other = run_cli("convert", "min-dalle-vqgan", str(tmp_path / "detoker.pt"), str(tmp_path / "last-1.ckpt"), str(tmp_path / "other"))
+    assert other.returncode == 2 and "last-1.ckpt: not the VQGAN detoker.pt decodes" in other.stderr, other.stderr
+    assert "quantize.embedding.weight" in other.stderr and not (tmp_path / "other").exists()
+    encoder_only = {k: v for k, v in state.items() if k.startswith(("encoder.", "quant_conv."))}
+    torch.save(encoder_only, tmp_path / "encoder.pt")
+    bare = run_cli("convert", "min-dalle-vqgan", str(tmp_path / "detoker.pt"), str(tmp_path / "encoder.pt"), str(tmp_path / "bare"))
+    assert bare.returncode == 2 and "encoder.pt: holds no codebook" in bare.stderr, bare.stderr
+
+
 # ----------------------------------------------------------------------------- the released shapes, on the meta device
 
 

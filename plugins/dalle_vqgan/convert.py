@@ -171,21 +171,47 @@ def convert_rudalle_files(codec_cls, files: list[Path], out_dir: Path, *, trust_
 
 
 def convert_min_dalle_files(codec_cls, files: list[Path], out_dir: Path, *, trust_pickle: bool, overrides=None) -> dict:
-    """min-dalle's ``detoker.pt`` (the decoder), optionally with the same VQGAN's encoder in taming's layout."""
+    """min-dalle's ``detoker.pt`` (the decoder), optionally with the taming checkpoint of the same VQGAN for its encoder."""
     if not 1 <= len(files) <= 2:
-        raise UsageError(f"{codec_cls.name}: give detoker.pt (and optionally the VQGAN's encoder weights), then OUT: "
-                         f"dalle convert {codec_cls.name} detoker.pt [encoder.pt] OUT")
+        raise UsageError(f"{codec_cls.name}: give detoker.pt (and, to encode images, the same VQGAN's taming checkpoint), then OUT: "
+                         f"dalle convert {codec_cls.name} detoker.pt [last.ckpt] OUT")
     paths = [Path(f) for f in files]
     decoder = _checkpoint_state(paths[0], trust_pickle=trust_pickle)
     if "embedding.weight" not in decoder or "decoder.conv_in.weight" not in decoder:
         raise UsageError(f"{paths[0]}: not min-dalle's detoker.pt (expected embedding.weight and decoder.*)")
     state = {("quantize.embedding.weight" if k == "embedding.weight" else k): v for k, v in decoder.items()}
+    notes = {"released_format": "min-dalle 0.4.11 VQGanDetokenizer state dict (decoder of dalle-mini's VQGAN f16)"}
     if len(paths) == 2:
-        encoder = _checkpoint_state(paths[1], trust_pickle=trust_pickle)
-        wanted = {k: v for k, v in encoder.items() if k.startswith(("encoder.", "quant_conv."))}
+        taming = _checkpoint_state(paths[1], trust_pickle=trust_pickle)
+        wanted = {k: v for k, v in taming.items() if k.startswith(("encoder.", "quant_conv."))}
         if not wanted:
             raise UsageError(f"{paths[1]}: holds no encoder.* / quant_conv.* weights (taming's layout)")
+        notes["tensors_matched_with_the_encoder_file"] = check_same_vqgan(state, taming, paths[0], paths[1])
         state.update(wanted)
     params = {**params_from_state(state, paths[0]), "pixels": "unit"}
-    return write_converted(codec_cls, out_dir, kind="codec", params=params, state=state, sources=paths, overrides=overrides,
-                           notes={"released_format": "min-dalle 0.4.11 VQGanDetokenizer state dict (decoder of dalle-mini's VQGAN f16)"})
+    return write_converted(codec_cls, out_dir, kind="codec", params=params, state=state, sources=paths, overrides=overrides, notes=notes)
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to a half-precision rounding (a copy saved in fp16); another VQGAN's weights differ far more."""
+    if a.shape != b.shape:
+        return False
+    a, b = a.double(), b.double()
+    return bool((a - b).abs().max() <= 1e-3 * max(float(b.abs().max()), 1e-12))
+
+
+def check_same_vqgan(decoder: dict[str, Any], taming: dict[str, Any], decoder_path: Path, taming_path: Path) -> int:
+    """The encoder must be of the VQGAN whose decoder ``detoker.pt`` is: an encoder of another one turns images
+    into codes the prior never saw, and nothing downstream would notice. Every tensor both files hold (the
+    codebook at least, the decoder too in a whole checkpoint) must match; returns how many were compared."""
+    if "quantize.embedding.weight" not in taming:
+        raise UsageError(f"{taming_path}: holds no codebook (quantize.embedding.weight), so nothing shows it is the VQGAN "
+                         f"{decoder_path.name} decodes; give the whole taming checkpoint the encoder comes from (its last.ckpt)")
+    shared = sorted(set(decoder) & set(taming), key=lambda k: (k != "quantize.embedding.weight", k))  # the codebook first
+    differing = [k for k in shared if not _same_tensor(taming[k], decoder[k])]
+    if differing:
+        listed = ", ".join(differing[:3]) + (f" and {len(differing) - 3} more" if len(differing) > 3 else "")
+        raise UsageError(f"{taming_path}: not the VQGAN {decoder_path.name} decodes ({listed} differ of the {len(shared)} tensors "
+                         "both hold); its encoder would give codes the prior was not trained on. For DALL-E Mega / Mini the "
+                         "encoder is that of dalle-mini's vqgan_imagenet_f16_16384 (docs/pretrained-priors.md)")
+    return len(shared)

@@ -31,8 +31,9 @@ Two released variants change the ends of the network:
   channels, the four Haar wavelet subbands of each colour, and an inverse Haar
   transform turns them into an image of twice the side: 32x32 tokens decode to 512px.
 - ``pixels: unit`` (dalle-mini's VQGAN as min-dalle decodes it, ``min-dalle-vqgan``):
-  the network sees and returns pixels in [0, 1] instead of [-1, 1]. min-dalle ships only
-  the decoder (``encoder: false``); encoding needs the encoder of the same VQGAN.
+  the network sees and returns pixels in [0, 1] instead of [-1, 1], as dalle-mini encoded its
+  training images. min-dalle ships only the decoder (``encoder: false``); encoding needs the
+  encoder of the same VQGAN, from its taming checkpoint.
 
 Training the VQGAN (perceptual + adversarial losses) is not supported: the
 codec is for converted checkpoints (``dalle convert vqgan model.ckpt config.yaml OUT``).
@@ -157,22 +158,23 @@ class Encoder(nn.Module):
 
     def __init__(self, p: "VQGAN.Params") -> None:
         super().__init__()
+        eps = p.norm_eps if p.encoder_norm_eps is None else p.encoder_norm_eps
         self.conv_in = _conv3(p.in_channels, p.ch)
         self.down = nn.ModuleList()
         n_in, res = p.ch, p.resolution
         for level, mult in enumerate(p.ch_mult):
             stage = Level()
             for _ in range(p.num_res_blocks):
-                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout, p.norm_eps))
+                stage.block.append(ResnetBlock(n_in, p.ch * mult, p.dropout, eps))
                 n_in = p.ch * mult
                 if res in p.attn_resolutions:
-                    stage.attn.append(AttnBlock(n_in, p.norm_eps))
+                    stage.attn.append(AttnBlock(n_in, eps))
             if level < len(p.ch_mult) - 1:
                 stage.downsample = Downsample(n_in, p.resamp_with_conv)
                 res //= 2
             self.down.append(stage)
-        self.mid = Middle(n_in, p.dropout, p.norm_eps)
-        self.norm_out = _norm(n_in, p.norm_eps)
+        self.mid = Middle(n_in, p.dropout, eps)
+        self.norm_out = _norm(n_in, eps)
         self.conv_out = _conv3(n_in, 2 * p.z_channels if p.double_z else p.z_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -313,7 +315,7 @@ class VQGAN(ImageCodec):
         if not self.params.encoder:
             raise UsageError(
                 f"codec {self.name or 'vqgan'!r} holds only a decoder (min-dalle ships no encoder), so it cannot encode images; "
-                "convert it together with the encoder of the same VQGAN (see docs/pretrained-priors.md)"
+                "convert it together with the taming checkpoint of the same VQGAN (see docs/pretrained-priors.md)"
             )
         return self.quant_conv(self.encoder(images * 2 - 1 if self.params.pixels == "signed" else images))
 
@@ -365,7 +367,8 @@ class MinDalleVQGAN(VQGAN):
     """dalle-mini's VQGAN f16 (16,384 codes, pixels in [0, 1]) as min-dalle ships it: the decoder alone.
 
     Convert ``detoker.pt`` with ``dalle convert min-dalle-vqgan detoker.pt OUT``; to encode
-    images (fine-tuning) add the same VQGAN's encoder weights as a second file.
+    images (fine-tuning) add the taming checkpoint of the same VQGAN as a second file: its
+    encoder is taken once every tensor both files hold matches.
     """
 
     Params = MinDalleVQGANParams

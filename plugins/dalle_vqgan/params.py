@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field, model_validator
 
@@ -33,6 +33,7 @@ class VQGANParams(Params):
     pixels: Literal["signed", "unit"] = Field("signed", description="pixel range the network works in: signed [-1, 1] (taming) or unit [0, 1] (dalle-mini)")
     encoder: bool = Field(True, description="false: decoder only (min-dalle's detoker.pt); encoding is refused")
     norm_eps: float = Field(1e-6, gt=0, lt=1, description="GroupNorm epsilon (taming: 1e-6; min-dalle's port: PyTorch's default 1e-5)")
+    encoder_norm_eps: Optional[float] = Field(None, gt=0, lt=1, description="the encoder's GroupNorm epsilon where it differs from norm_eps")
     # this framework
     image_size: int = Field(256, gt=0, description="side of the images this codec encodes; a multiple of 2**(levels-1)")
 
@@ -66,3 +67,6 @@ class MinDalleVQGANParams(VQGANParams):
     pixels: Literal["signed", "unit"] = Field("unit", description="dalle-mini's VQGAN works in [0, 1]")
     encoder: bool = Field(False, description="min-dalle's detoker.pt has no encoder")
     norm_eps: float = Field(1e-5, gt=0, lt=1, description="GroupNorm epsilon (min-dalle: PyTorch's default 1e-5)")
+    encoder_norm_eps: Optional[float] = Field(
+        1e-6, gt=0, lt=1, description="the encoder's: dalle-mini's (taming's 1e-6), which encoded the images the prior was trained on"
+    )
