@@ -29,6 +29,10 @@ limit, so one that fails or hangs records its error and the rest still run):
 - ``train_1b``: the ~1.3B prior trained with DeepSpeed ZeRO-2 in bf16 on one GPU at
   1280 tokens, sparse (paper layers) and dense side by side: tokens/s, MFU against the
   measured bf16 matmul rate, and which attention kernels ran.
+- ``released_priors``: the converted ruDALL-E Malevich (1.3B, fp16) and DALL-E Mega (2.6B,
+  bf16, guidance 16) at their released shapes with random weights: ms per decode step and
+  image tokens/s at batch 1 and 64, then training steps of the -zero recipes (their layers
+  frozen) in the same precision: step time, tokens/s, peak memory, finite losses.
 - ``train_1b_compiled``: the sparse one again with ``compile_blocks`` (torch.compile).
 """
 
@@ -36,7 +40,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fnmatch
 import gc
+import importlib
 import json
 import math
 import multiprocessing
@@ -85,6 +91,13 @@ SHAPES: dict[str, dict[str, Any]] = {
         candidates=64, train_batch=8, decode_steps=256, train_steps=(2, 4),
         equiv=dict(layout=Layout(16, (8, 8)), dim=64, heads=4, depth=3, text_vocab=64, image_vocab=32),
         matmul=8192, copy_bytes=2**31,
+        released=dict(  # the converted priors at their released shapes (random weights), as the -zero recipes train them
+            malevich=dict(name="rudalle", params={"grad_checkpointing": True}, text_vocab=16384, text_len=128, image_vocab=8192, grid=(32, 32),
+                          dtype="fp16", guidance=1.0, train_batch=8),
+            mega=dict(name="min-dalle", params={"grad_checkpointing": True}, text_vocab=50273, text_len=64, image_vocab=16384, grid=(16, 16),
+                      dtype="bf16", guidance=16.0, train_batch=8),
+        ),
+        released_steps=128,
     ),
     "quick": dict(
         layout=Layout(8, (4, 4)), text_vocab=64, image_vocab=32,
@@ -94,10 +107,24 @@ SHAPES: dict[str, dict[str, Any]] = {
         candidates=4, train_batch=2, decode_steps=8, train_steps=(1, 2),
         equiv=dict(layout=Layout(6, (4, 4)), dim=32, heads=4, depth=2, text_vocab=24, image_vocab=16),
         matmul=256, copy_bytes=2**22,
+        released=dict(
+            malevich=dict(name="rudalle", params=dict(dim=64, depth=2, heads=4), text_vocab=64, text_len=8, image_vocab=32,
+                          grid=(4, 4), dtype="fp16", guidance=1.0, train_batch=2),
+            mega=dict(name="min-dalle", params=dict(dim=32, layers=2, heads=4, glu_dim=48, text_vocab=300), text_vocab=301,
+                      text_len=8, image_vocab=16384, grid=(4, 4), dtype="bf16", guidance=16.0, train_batch=2),
+        ),
+        released_steps=8,
     ),
 }
 # seconds each section may run; the run's --budget caps the total
-LIMITS = {"peak": 60, "kernels": 150, "sampling": 120, "equivalence": 90, "decode_1b": 120, "train_1b": 240, "train_1b_compiled": 150}
+LIMITS = {"peak": 60, "kernels": 150, "sampling": 120, "equivalence": 90, "decode_1b": 120, "train_1b": 240, "released_priors": 150,
+          "train_1b_compiled": 150}
+# what the released priors' -zero recipes freeze (tests/test_gpu_check.py holds these and the shapes to the recipes)
+RELEASED_FREEZE = {
+    "malevich": ["text_embeddings.*", "image_embeddings.*", "text_pos_embeddings.*", "image_row_embeddings.*", "image_col_embeddings.*"],
+    "mega": ["encoder.*", "decoder.embed_tokens.*", "decoder.embed_positions.*"],
+}
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 SLOW_ON_CPU = {"train_1b_compiled"}  # inductor compiles for minutes on a small CPU: --quick runs it only when named
 TARGETS = {"sampling_b1": 1000.0, "sampling_batch": 30000.0, "bandwidth_share": 0.5, "mfu": 0.4, "sparse_speedup": 1.5}
 
@@ -164,15 +191,11 @@ def registry(kind: str):
     """A registry of the built-in plugins; added from the source tree when the project is
     not installed (no entry points), as on a bare GPU machine."""
     manager = get_plugin_manager()
-    reg = manager.registry(kind)
-    if kind == "prior" and "sparse-transformer" not in reg:
-        import dalle_transformer
-
-        manager.add_plugin(dalle_transformer, name="transformer")
-    if kind == "engine" and "deepspeed" not in reg:
-        import dalle_engines
-
-        manager.add_plugin(dalle_engines, name="engines")
+    wanted = {"prior": {"sparse-transformer": "dalle_transformer", "rudalle": "dalle_rudalle", "min-dalle": "dalle_mindalle"},
+              "engine": {"deepspeed": "dalle_engines"}}.get(kind, {})
+    for component, module in wanted.items():
+        if component not in manager.registry(kind):
+            manager.add_plugin(importlib.import_module(module), name=module.removeprefix("dalle_"))
     return manager.registry(kind)
 
 
@@ -211,6 +234,24 @@ def decode_weight_bytes(prior: torch.nn.Module) -> int:
     head; embedding tables are looked up one row at a time and the text head is unused."""
     skip = {"text_emb", "text_pad_emb", "text_pos", "image_emb", "image_row", "image_col", "text_head"}
     return sum(p.numel() * p.element_size() for name, p in prior.named_parameters() if name.split(".")[0] not in skip)
+
+
+def decode_step_ms(ctx: Context, prior, text: torch.Tensor, image: torch.Tensor, steps: int, sampling: Sampling) -> float:
+    """Milliseconds per decode step over the last ``steps - 1`` image positions: the first ones are primed
+    from ``image``, and the clock starts once the prefill's token is drawn (a step costs the same at
+    every position). A first, shorter call pays the first-use costs."""
+    n = image.shape[1]
+    prior.generate(text, sampling, prime=image[:, : n - 4], generator=torch.Generator().manual_seed(1))
+    marks: dict[str, float] = {}
+
+    def after_prefill(done: int, total: int) -> None:
+        if done == n - steps + 1:
+            ctx.sync()
+            marks["start"] = time.perf_counter()
+
+    prior.generate(text, sampling, prime=image[:, : n - steps], generator=torch.Generator().manual_seed(0), on_step=after_prefill)
+    ctx.sync()
+    return (time.perf_counter() - marks["start"]) / (steps - 1) * 1000
 
 
 def kv_bytes_needed(prior, rows: int, first: int, last: int) -> float:
@@ -422,20 +463,8 @@ def section_decode_1b(ctx: Context) -> None:
         out.setdefault("weight_bytes", weights)
         for rows in (1, C):
             text, image = tokens(ctx, rows)
-            prime = image[:, : N - steps]
-            sampling = Sampling(top_k=64)
-            prior.generate(text, sampling, prime=image[:, : N - 4], generator=torch.Generator().manual_seed(1))
-            marks: dict[str, float] = {}
-
-            def after_prefill(done: int, total: int) -> None:  # the clock starts once the prefill's token is drawn
-                if done == N - steps + 1:
-                    ctx.sync()
-                    marks["start"] = time.perf_counter()
-
             reset_kernel_calls()
-            prior.generate(text, sampling, prime=prime, generator=torch.Generator().manual_seed(0), on_step=after_prefill)
-            ctx.sync()
-            ms = (time.perf_counter() - marks["start"]) / (steps - 1) * 1000
+            ms = decode_step_ms(ctx, prior, text, image, steps, Sampling(top_k=64))
             kv = kv_bytes_needed(prior, rows, N - steps + 1, N)
             entry = {"prior": kind, "rows": rows, "ms_per_step": round(ms, 4), "image_tokens_per_s": round(rows / ms * 1000, 1),
                      "kv_bytes_needed_per_step": round(kv), "ran": dict(prior.last_decode), "attention_kernels": kernel_calls()}
@@ -452,15 +481,12 @@ def section_decode_1b(ctx: Context) -> None:
             torch.cuda.empty_cache()
 
 
-def _train(ctx: Context, kind: str, *, compile_blocks: bool = False) -> dict[str, Any]:
+def time_training(ctx: Context, prior, text: torch.Tensor, image: torch.Tensor, *, precision: str, entry: dict[str, Any]):
+    """A few training steps of ``prior`` on one batch through the run's engine (DeepSpeed ZeRO-2 unless
+    ``--engine torch``), the last ones timed; fills ``entry`` and returns the run and the tokens/s."""
     from dalle_framework import TrainConfig
 
-    shape = ctx.shape
-    layout: Layout = shape["layout"]
-    size = shape["big"]
-    prior = build_prior(kind, ctx, size, dtype=None, compile_blocks=compile_blocks)  # fp32 master weights: the engine casts
     engine = ctx.engine
-    entry: dict[str, Any] = {"prior": kind, "compile_blocks": compile_blocks, "params": n_params(prior)}
     if engine == "deepspeed":
         try:
             import deepspeed  # noqa: F401
@@ -468,7 +494,7 @@ def _train(ctx: Context, kind: str, *, compile_blocks: bool = False) -> dict[str
             entry["engine_fallback"] = f"deepspeed not importable ({exc}); the torch engine ran"
             engine = "torch"
     params = {"zero_stage": 2} if engine == "deepspeed" else {}
-    config = TrainConfig(steps=100, lr=1e-4, batch_size=shape["train_batch"], precision="bf16", grad_clip=1.0,
+    config = TrainConfig(steps=100, lr=1e-4, batch_size=len(text), precision=precision, grad_clip=1.0,
                          warmup_steps=0, engine={"name": engine, "params": params})
     run = registry("engine").build(config.engine).prepare(prior, config)
     entry["engine"] = f"{engine} (ZeRO-2)" if engine == "deepspeed" else engine
@@ -476,32 +502,40 @@ def _train(ctx: Context, kind: str, *, compile_blocks: bool = False) -> dict[str
     inner = getattr(optimizer, "optimizer", optimizer)
     if inner is not None and hasattr(inner, "defaults"):
         entry["optimizer"] = f"{type(inner).__name__}(fused={inner.defaults.get('fused')})"
-    text, image = tokens(ctx, shape["train_batch"])
-    warm, timed = shape["train_steps"]
+    warm, timed = ctx.shape["train_steps"]
     losses = [run.step(text, image)["loss"] for _ in range(warm)]  # compiles the flex kernels
     reset_kernel_calls()
     ctx.sync()
     start = time.perf_counter()
     losses += [run.step(text, image)["loss"] for _ in range(timed)]  # each step returns floats: synchronised
     seconds = (time.perf_counter() - start) / timed
-    entry["kernels_ran"] = kernel_calls()
-    flops = run.module.flops_per_token()  # the prior's own count: each layer's attention over the keys its mask allows
-    tok_s = shape["train_batch"] * layout.seq_len / seconds
-    entry.update(
-        step_ms=round(seconds * 1000, 2), tokens_per_s=round(tok_s, 1), losses=[round(x, 4) for x in losses],
-        finite=all(math.isfinite(x) for x in losses), train_flops_per_token=flops["train"],
-        flops_formula=flops["formula"] + " (sparse layers counted by the keys they attend to)",
-    )
-    peak = ctx.peaks.get("matmul", {}).get("tflops")
-    if peak:
-        entry["mfu"] = round(flops["train"] * tok_s / (peak * 1e12), 3)
+    tok_s = len(text) * (text.shape[1] + image.shape[1]) / seconds
+    entry.update(kernels_ran=kernel_calls(), step_ms=round(seconds * 1000, 2), tokens_per_s=round(tok_s, 1),
+                 losses=[round(x, 4) for x in losses], finite=all(math.isfinite(x) for x in losses))
     if ctx.on_gpu:
         entry["max_memory_gib"] = round(torch.cuda.max_memory_allocated(ctx.device) / 2**30, 1)
-    del run, prior
+    return run, tok_s
+
+
+def free(ctx: Context) -> None:
     gc.collect()
     if ctx.on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(ctx.device)
+
+
+def _train(ctx: Context, kind: str, *, compile_blocks: bool = False) -> dict[str, Any]:
+    prior = build_prior(kind, ctx, ctx.shape["big"], dtype=None, compile_blocks=compile_blocks)  # fp32 master weights: the engine casts
+    entry: dict[str, Any] = {"prior": kind, "compile_blocks": compile_blocks, "params": n_params(prior)}
+    text, image = tokens(ctx, ctx.shape["train_batch"])
+    run, tok_s = time_training(ctx, prior, text, image, precision="bf16", entry=entry)
+    flops = run.module.flops_per_token()  # the prior's own count: each layer's attention over the keys its mask allows
+    entry.update(train_flops_per_token=flops["train"], flops_formula=flops["formula"] + " (sparse layers counted by the keys they attend to)")
+    peak = ctx.peaks.get("matmul", {}).get("tflops")
+    if peak:
+        entry["mfu"] = round(flops["train"] * tok_s / (peak * 1e12), 3)
+    del run, prior
+    free(ctx)
     return entry
 
 
@@ -518,6 +552,67 @@ def section_train_1b(ctx: Context) -> None:
         ctx.publish()
 
 
+def build_released(ctx: Context, spec: dict[str, Any], dtype: Optional[torch.dtype]):
+    """A converted prior's plugin at its released shape (``spec``), random weights, built on the device."""
+    torch.manual_seed(0)
+    with torch.device(ctx.device):
+        prior = registry("prior").build({"name": spec["name"], "params": spec["params"]}, text_vocab_size=spec["text_vocab"],
+                                        text_len=spec["text_len"], image_vocab_size=spec["image_vocab"], grid=spec["grid"])
+    return prior.to(dtype) if dtype is not None else prior
+
+
+def released_tokens(ctx: Context, spec: dict[str, Any], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    text = torch.randint(1, spec["text_vocab"], (rows, spec["text_len"]), generator=g)
+    text[:, max(2, spec["text_len"] // 4):] = 0  # a short caption, as most are
+    image = torch.randint(0, spec["image_vocab"], (rows, spec["grid"][0] * spec["grid"][1]), generator=g)
+    return text.to(ctx.device), image.to(ctx.device)
+
+
+def section_released_priors(ctx: Context) -> None:
+    """ruDALL-E Malevich (1.3B, fp16 as released) and DALL-E Mega (2.6B, bf16, guidance 16 as min-dalle samples)
+    at their released shapes: cached sampling at batch 1 and with the candidates in one batch, and the -zero
+    recipes' fine-tuning (their layers frozen) in the same precision."""
+    out, C, steps = ctx.out, ctx.shape["candidates"], ctx.shape["released_steps"]
+    for name, spec in ctx.shape["released"].items():
+        entry: dict[str, Any] = {"dtype": spec["dtype"], "shape": {"text_len": spec["text_len"], "grid": list(spec["grid"])}}
+        out[name] = entry
+        if ctx.near_end(40):
+            entry["skipped"] = "section time limit near"
+            continue
+        prior = build_released(ctx, spec, DTYPES[spec["dtype"]]).eval()
+        entry["params"] = n_params(prior)
+        sampling = Sampling(top_k=256, guidance_scale=spec["guidance"])
+        runs = entry.setdefault("sampling", {})
+        for rows in (1, C):
+            if ctx.near_end(20):
+                runs[f"batch{rows}"] = {"skipped": "section time limit near"}
+                continue
+            text, image = released_tokens(ctx, spec, rows)
+            ms = decode_step_ms(ctx, prior, text, image, steps, sampling)
+            runs[f"batch{rows}"] = {"ms_per_step": round(ms, 4), "image_tokens_per_s": round(rows / ms * 1000, 1),
+                                    "guidance_scale": spec["guidance"], "ran": dict(prior.last_decode)}
+            ctx.publish()
+        del prior
+        free(ctx)
+        if ctx.near_end(40):
+            entry["training"] = {"skipped": "section time limit near"}
+            continue
+        prior = build_released(ctx, spec, None)  # fp32 master weights: the engine casts
+        for param_name, param in prior.named_parameters():
+            if any(fnmatch.fnmatchcase(param_name, glob) for glob in RELEASED_FREEZE[name]):
+                param.requires_grad_(False)
+        precision = spec["dtype"] if ctx.on_gpu else "bf16"  # fp16 loss scaling needs CUDA
+        training = {"freeze": RELEASED_FREEZE[name], "trainable": sum(p.numel() for p in prior.parameters() if p.requires_grad),
+                    "precision": precision}
+        entry["training"] = training
+        text, image = released_tokens(ctx, spec, spec["train_batch"])
+        run, _ = time_training(ctx, prior.train(), text, image, precision=precision, entry=training)
+        del run, prior
+        free(ctx)
+        ctx.publish()
+
+
 def section_train_1b_compiled(ctx: Context) -> None:
     ctx.out["runs"] = [_train(ctx, "sparse", compile_blocks=True)]
 
@@ -529,6 +624,7 @@ SECTIONS: dict[str, Callable[[Context], None]] = {
     "equivalence": section_equivalence,
     "decode_1b": section_decode_1b,
     "train_1b": section_train_1b,
+    "released_priors": section_released_priors,
     "train_1b_compiled": section_train_1b_compiled,
 }
 

@@ -67,9 +67,29 @@ def test_quick_mode_runs_every_section_on_the_cpu(tmp_path):
     assert train["dense"]["kernels_ran"] == {"dense": {"sdpa-causal": 4}}
     assert report["kernels_ran_in_training"]["sparse"] == train["sparse"]["kernels_ran"]
 
+    released = sections["released_priors"]
+    for name in ("malevich", "mega"):
+        entry = released[name]
+        assert set(entry["sampling"]) == {"batch1", "batch4"} and all(r["image_tokens_per_s"] > 0 for r in entry["sampling"].values())
+        assert entry["training"]["finite"] and 0 < entry["training"]["trainable"] < entry["params"]
+    assert released["mega"]["sampling"]["batch4"]["guidance_scale"] == 16.0 and released["malevich"]["dtype"] == "fp16"
+
     targets = {t["what"]: t for t in report["targets"]}
     assert len(targets) == 10 and all({"value", "target", "met"} <= set(t) for t in targets.values())
     assert targets["cached == recomputed on the device, token for token"]["met"] is True
+
+
+def test_the_released_priors_section_trains_as_the_zero_recipes_do():
+    """Its shapes and frozen layers are the shipped recipes' (the GPU run measures what a user would run)."""
+    from dalle_framework.recipe import load_recipe
+
+    for name, recipe in (("malevich", "rudalle-malevich-zero"), ("mega", "dalle-mega-zero")):
+        block = load_recipe(recipe).stages["prior"]
+        spec = gpu_check.SHAPES["gpu"]["released"][name]
+        assert gpu_check.RELEASED_FREEZE[name] == block.freeze and spec["name"] == block.name
+        assert block.params.model_dump() == {**block.params.model_dump(), **spec["params"]}
+        # the recipe's other params are the defaults the section builds with: the released shape
+        assert type(block.params)().model_dump() == {**block.params.model_dump(), "grad_checkpointing": False}
 
 
 def test_a_failing_or_hanging_section_is_recorded_and_isolated(monkeypatch):
